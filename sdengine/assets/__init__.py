@@ -1,0 +1,1 @@
+"""Data files shipped with sdengine (tokenizer vocabularies and their licenses)."""

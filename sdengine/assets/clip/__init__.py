@@ -1,0 +1,1 @@
+"""OpenAI CLIP's BPE vocabulary in Hugging Face's vocab.json / merges.txt layout."""

@@ -1,0 +1,164 @@
+"""The `sdengine` command line: generate, tiny-model. argparse lives here only."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import InvalidInputError, SDEngineError
+
+MAX_STEPS = 1000
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="text to image with the PyTorch reference")
+    p.add_argument("prompt")
+    p.add_argument("--model", help="diffusers folder or single-file .safetensors checkpoint")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (1-1000, default 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random)")
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--num-images", type=int, default=1, help="images for the prompt (1-16)")
+    p.add_argument("--out", default="image.png", help="output PNG; several images get -0, -1 ... suffixes")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="override for single-file SD 2.x 768-v checkpoints (not visible in the weights)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdengine", description="Stable Diffusion inference engine")
+    parser.add_argument("--version", action="version", version=f"sdengine {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    tiny = sub.add_parser("tiny-model", help="write a small random-weight model folder for trying things out")
+    tiny.add_argument("out", help="folder to create")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--force", action="store_true", help="replace the folder if it exists")
+    return parser
+
+
+def _output_paths(out: str, count: int) -> list[Path]:
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise InvalidInputError(f"--out must name a .png file, got {out!r}")
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"the folder of --out, {path.parent}, does not exist")
+    return [path] if count == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Check the cheap parameters before any model is loaded."""
+    from .pipeline import MAX_IMAGES_PER_PROMPT, check_guidance, check_size
+
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            check_size(name, getattr(args, name), 8)
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise InvalidInputError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
+    check_guidance(args.guidance)
+    if not math.isfinite(args.eta) or args.eta < 0:
+        raise InvalidInputError(f"--eta must be a finite number >= 0, got {args.eta}")
+    if not 1 <= args.num_images <= MAX_IMAGES_PER_PROMPT:
+        raise InvalidInputError(f"--num-images must be between 1 and {MAX_IMAGES_PER_PROMPT}, got {args.num_images}")
+    if args.seed is not None and args.seed < 0:
+        raise InvalidInputError(f"--seed must be >= 0, got {args.seed}")
+    if args.model is None:
+        raise InvalidInputError("no --model given: pass a diffusers folder or a .safetensors checkpoint "
+                                "(`sdengine tiny-model DIR` writes a small random-weight one)")
+
+
+def _png_info(args: argparse.Namespace, seed: int, width: int, height: int):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "steps": args.steps,
+              "guidance_scale": args.guidance, "eta": args.eta, "seed": seed, "width": width, "height": height,
+              "sampler": "DDIM", "model": str(args.model), "software": f"sdengine {__version__}"}
+    for key, value in fields.items():
+        info.add_itxt(key, str(value))
+    info.add_itxt("parameters", ", ".join(f"{k}: {v}" for k, v in fields.items()))
+    return info
+
+
+def _save_png(image, path: Path, info) -> None:
+    """Write to a temporary file beside `path`, then rename: no partial PNG is ever left."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _progress(total_label: str):
+    """A tqdm callback on a terminal, None otherwise."""
+    if not sys.stderr.isatty():
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(desc=total_label, unit="step", leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return update, bar
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _validate(args)
+    paths = _output_paths(args.out, args.num_images)
+    from .pipeline import load_pipeline
+
+    pipe = load_pipeline(args.model, backend="torch", device=args.device, prediction_type=args.prediction_type)
+    callback, bar = _progress("denoising")
+    try:
+        result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, eta=args.eta, seed=args.seed, height=args.height,
+                      width=args.width, num_images_per_prompt=args.num_images, callback=callback)
+    finally:
+        if bar is not None:
+            bar.close()
+    for image, seed, path in zip(result.images, result.seeds, paths):
+        _save_png(image, path, _png_info(args, seed, *image.size))
+        print(f"{path} (seed {seed})")
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from .models.saving import write_random_model
+
+    out = write_random_model(args.out, seed=args.seed, overwrite=args.force)
+    print(f"wrote a random-weight tiny model to {out}; try: sdengine generate \"a cat\" --model {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"generate": cmd_generate, "tiny-model": cmd_tiny_model}
+    try:
+        return commands[args.command](args)
+    except SDEngineError as exc:
+        print(f"sdengine: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sdengine: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sdengine: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

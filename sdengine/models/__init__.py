@@ -1,0 +1,1 @@
+"""PyTorch reference networks of Stable Diffusion and the pure functions that map checkpoint layouts onto them."""

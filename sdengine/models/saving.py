@@ -1,0 +1,99 @@
+"""Write the reference networks as a diffusers folder (safetensors, configs, tokenizer files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import InvalidInputError
+from .loading import Components
+from .text_encoder import TextEncoder
+from .unet import UNet
+from .vae import AutoencoderKL
+
+_CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "clip"
+
+
+def model_index() -> dict:
+    """model_index.json of a StableDiffusionPipeline folder without safety checker."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None],
+        "safety_checker": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _tokenizer_files(folder: Path) -> None:
+    """The shipped CLIP vocabulary with the tokenizer configs transformers reads."""
+    folder.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(_CLIP_DIR / name, folder / name)
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    _write_json(folder / "special_tokens_map.json", special)
+    _write_json(folder / "tokenizer_config.json", {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+                                                   "do_lower_case": True, **special})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def save_diffusers_folder(out: str | Path, config: ModelConfig, unet: UNet, vae: AutoencoderKL,
+                          text_encoder: TextEncoder, dtype: torch.dtype = torch.float32,
+                          overwrite: bool = False) -> Path:
+    """Write all parts into a temporary folder beside `out`, then rename it into place."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InvalidInputError(f"{out} exists; choose another folder or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_json(tmp / "model_index.json", model_index())
+        parts = {"unet": (unet, config.unet.to_diffusers(), "diffusion_pytorch_model"),
+                 "vae": (vae, config.vae.to_diffusers(), "diffusion_pytorch_model"),
+                 "text_encoder": (text_encoder, config.text_encoder.to_diffusers(), "model")}
+        for name, (module, cfg, stem) in parts.items():
+            (tmp / name).mkdir()
+            _write_json(tmp / name / "config.json", cfg)
+            state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
+            save_file(state, str(tmp / name / f"{stem}.safetensors"), metadata={"format": "pt"})
+        (tmp / "scheduler").mkdir()
+        _write_json(tmp / "scheduler" / "scheduler_config.json", config.scheduler.to_diffusers())
+        _tokenizer_files(tmp / "tokenizer")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_components(out: str | Path, c: Components, **kwargs) -> Path:
+    """save_diffusers_folder for loaded Components."""
+    return save_diffusers_folder(out, c.config, c.unet, c.vae, c.text_encoder, **kwargs)
+
+
+def write_random_model(out: str | Path, config: ModelConfig | None = None, seed: int = 0,
+                       overwrite: bool = False) -> Path:
+    """A diffusers folder of randomly initialised networks (default: the tiny config), for tests and trials."""
+    config = config or ModelConfig.tiny()
+    torch.manual_seed(seed)
+    return save_diffusers_folder(out, config, UNet(config.unet), AutoencoderKL(config.vae),
+                                 TextEncoder(config.text_encoder), overwrite=overwrite)

@@ -1,0 +1,189 @@
+"""The SD 1.x/2.x conditional U-Net eps_theta(z_t, t, tau(y)) (Rombach et al. 2022, sec. 3.3).
+
+Attribute names follow diffusers' UNet2DConditionModel, so its checkpoints load by a strict match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import UNetConfig
+from .layers import Attention, Downsample, ResnetBlock, Upsample
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, shift: float) -> torch.Tensor:
+    """Sinusoidal embedding of the timestep (Vaswani et al. 2017, sec. 3.5; DDPM's time input)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([args.sin(), args.cos()], dim=-1)
+    return torch.cat([emb[:, half:], emb[:, :half]], dim=-1) if flip_sin_to_cos else emb
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): proj to 2x width, x * gelu(gate)."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with 4x inner width (keys net.0.proj, net.2)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text, feed-forward (LDM's BasicTransformerBlock)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim=context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, project in, transformer blocks over the H*W tokens, project out, residual."""
+
+    def __init__(self, ch: int, heads: int, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.linear = cfg.use_linear_projection
+        self.norm = nn.GroupNorm(cfg.norm_num_groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(ch, heads, cfg.cross_attention_dim, cfg.upcast_attention)])
+        self.proj_out = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.norm(x)
+        if not self.linear:
+            t = self.proj_in(t)
+        t = t.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        if self.linear:
+            t = self.proj_in(t)
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        if self.linear:
+            t = self.proj_out(t)
+        t = t.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if not self.linear:
+            t = self.proj_out(t)
+        return x + t
+
+
+class UNetBlock(nn.Module):
+    """One down or up level: resnets, each optionally followed by a spatial transformer, then a resampler."""
+
+    def __init__(self, in_chs: list[int], out_ch: int, heads: int, cfg: UNetConfig, attention: bool,
+                 resample: str | None) -> None:
+        super().__init__()
+        groups, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
+        self.resnets = nn.ModuleList([ResnetBlock(c, out_ch, groups, eps, temb) for c in in_chs])
+        self.attentions = nn.ModuleList(
+            [SpatialTransformer(out_ch, heads, cfg) for _ in in_chs] if attention else [])
+        if resample == "down":
+            self.downsamplers = nn.ModuleList([Downsample(out_ch)])
+        elif resample == "up":
+            self.upsamplers = nn.ModuleList([Upsample(out_ch)])
+
+    def layer(self, i: int, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[i](x, temb)
+        return self.attentions[i](x, context) if len(self.attentions) else x
+
+
+class MidBlock(nn.Module):
+    """Resnet, spatial transformer, resnet at the lowest resolution."""
+
+    def __init__(self, ch: int, heads: int, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(ch, ch, cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim) for _ in range(2)])
+        self.attentions = nn.ModuleList([SpatialTransformer(ch, heads, cfg)])
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        return self.resnets[1](self.attentions[0](x, context), temb)
+
+
+class TimestepEmbedding(nn.Module):
+    """Two linear layers with SiLU on the sinusoidal timestep features (keys linear_1, linear_2)."""
+
+    def __init__(self, dim: int, out: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, out)
+        self.linear_2 = nn.Linear(out, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class UNet(nn.Module):
+    """eps_theta(latent [B,C,h,w], timestep [B] or scalar, text [B,77,D]) -> eps or v [B,C,h,w]."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        chs, n, layers = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
+        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chs[0], cfg.time_embed_dim)
+        self.down_blocks = nn.ModuleList()
+        for i in range(n):
+            in_ch = chs[max(i - 1, 0)]
+            self.down_blocks.append(UNetBlock([in_ch] + [chs[i]] * (layers - 1), chs[i], cfg.num_heads[i], cfg,
+                                              cfg.attention[i], "down" if i < n - 1 else None))
+        self.mid_block = MidBlock(chs[-1], cfg.num_heads[-1], cfg)
+        self.up_blocks = nn.ModuleList()
+        rev, rev_heads, rev_attn = chs[::-1], cfg.num_heads[::-1], cfg.attention[::-1]
+        for i in range(n):
+            prev, out, skip_in = rev[max(i - 1, 0)], rev[i], rev[min(i + 1, n - 1)]
+            in_chs = [(prev if j == 0 else out) + (skip_in if j == layers else out) for j in range(layers + 1)]
+            self.up_blocks.append(UNetBlock(in_chs, out, rev_heads[i], cfg, rev_attn[i],
+                                            "up" if i < n - 1 else None))
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
+        t = timestep_embedding(timestep, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
+                               self.cfg.freq_shift)
+        temb = self.time_embedding(t.to(sample.dtype))
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            for i in range(len(block.resnets)):
+                x = block.layer(i, x, temb, context)
+                skips.append(x)
+            if hasattr(block, "downsamplers"):
+                x = block.downsamplers[0](x)
+                skips.append(x)
+        x = self.mid_block(x, temb, context)
+        for block in self.up_blocks:
+            for i in range(len(block.resnets)):
+                x = block.layer(i, torch.cat([x, skips.pop()], dim=1), temb, context)
+            if hasattr(block, "upsamplers"):
+                x = block.upsamplers[0](x, size=tuple(skips[-1].shape[-2:]))
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -1,0 +1,90 @@
+"""Safetensors reading and strict state-dict loading. Pickle checkpoints are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError, PickleCheckpointError, WeightsMismatchError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save zip archive, raw pickle protocol >= 2
+_SHOWN = 20  # keys listed per category in a mismatch report
+
+
+def refuse_pickle(path: Path) -> None:
+    """Raise PickleCheckpointError, with the conversion command, if `path` is a pickle checkpoint."""
+    head = b""
+    if path.is_file():
+        with path.open("rb") as f:
+            head = f.read(4)
+    if path.suffix.lower() in PICKLE_SUFFIXES or head.startswith(_PICKLE_MAGIC):
+        out = path.with_suffix(".safetensors")
+        raise PickleCheckpointError(
+            f"{path} is a pickle checkpoint; sdengine loads safetensors only, since unpickling can run "
+            f"arbitrary code. Convert it once, on a machine where you trust the file: "
+            f"python -c \"import torch; from safetensors.torch import save_file; "
+            f"sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
+            f"save_file({{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, '{out}')\" "
+            f"then pass {out}"
+        )
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors file (or a sharded set via its .index.json), on the CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    refuse_pickle(path)
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} is missing")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or "
+                             f"corrupt: download or convert it again") from None
+
+
+def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a sharded checkpoint listed by `weight_map` in its index file."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{index} is not a valid safetensors index ({exc})") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = (index.parent / shard).resolve()
+        if index.parent.resolve() not in shard_path.parents:
+            raise ModelLoadError(f"{index} names shard {shard!r} outside its folder; refusing to read it")
+        state.update(read_safetensors(shard_path))
+    return state
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOWN]) + (f" ... (+{len(items) - _SHOWN} more)" if len(items) > _SHOWN else "")
+    return f"{len(items)} {title}: {shown}"
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Copy `state` into `module`, cast to its dtype; any missing, unexpected or mis-shaped key is an error."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+                       for k, v in expected.items() if k in state and state[k].shape != v.shape)
+    if missing or unexpected or misshaped:
+        parts = [_listing(t, i) for t, i in (("missing", missing), ("unexpected", unexpected),
+                                             ("mis-shaped", misshaped)) if i]
+        raise WeightsMismatchError(f"{what} does not match its config: " + "; ".join(parts) +
+                                   ". Check that the checkpoint and its config are of the same model.")
+    bad = [k for k, v in state.items() if not v.is_floating_point()]
+    if bad:
+        raise WeightsMismatchError(f"{what}: tensors {bad[:_SHOWN]} are not floating point")
+    module.load_state_dict(state, strict=True)
