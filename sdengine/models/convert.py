@@ -31,6 +31,7 @@ _VAE_LINEAR = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")  
 _LEGACY_VAE = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _OPENCLIP_LAYER = (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
                    ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj"))
+_IN_PROJ = re.compile(re.escape(OPENCLIP) + r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)")
 _QKV = re.compile(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
 # Architectures that share a prefix with SD 1.x/2.x, as (key fragment, what it is).
 _OTHER_FAMILIES = (("conditioner.embedders.", "SDXL (conditioner.embedders.*)"),
@@ -129,12 +130,15 @@ def _tables(config: ModelConfig, family: str) -> dict[str, dict[str, str]]:
     return {part: {prefix + o: d for o, d in pairs} for part, (prefix, pairs) in maps.items()}
 
 
-def _mismatch(keys: list[str], what: str) -> WeightsMismatchError:
-    """The strict-load error listing up to 20 offending keys and the count."""
+_FIX_FILE = ("the checkpoint and the config disagree: derive the config from the file with infer_config, "
+             "or check that the file is an SD 1.x/2.x txt2img checkpoint")
+_FIX_PARTS = "the state dicts do not match the config: build them from the same ModelConfig"
+
+
+def _mismatch(keys: list[str], what: str, fix: str = _FIX_FILE) -> WeightsMismatchError:
+    """The strict-load error listing up to 20 offending keys, the count, and what to do."""
     shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
-    return WeightsMismatchError(
-        f"{len(keys)} {what}: {shown}. The checkpoint and the config disagree: derive the config "
-        "from the file with infer_config, or check that the file is an SD 1.x/2.x txt2img checkpoint")
+    return WeightsMismatchError(f"{len(keys)} {what}: {shown}. Fix: {fix}")
 
 
 def _refuse(what: str) -> UnsupportedModelError:
@@ -143,7 +147,7 @@ def _refuse(what: str) -> UnsupportedModelError:
 
 
 def detect_family(state: Mapping[str, Any]) -> str:
-    """"sd1" (HF CLIP text encoder) or "sd2" (OpenCLIP) for a single-file checkpoint; refuse other models."""
+    """The family of a single-file checkpoint: "sd1" (HF CLIP) or "sd2" (OpenCLIP); refuse other models."""
     keys = list(state)
     for fragment, what in _OTHER_FAMILIES:
         found = next((k for k in keys if fragment in k), None)
@@ -172,7 +176,7 @@ def detect_family(state: Mapping[str, Any]) -> str:
 
 def _openclip_qkv(key: str, value: Any, out: dict, layers: int) -> bool:
     """Split an OpenCLIP `attn.in_proj_*` (q, k, v stacked on dim 0) into HF CLIP q/k/v_proj; False if not one."""
-    m = re.fullmatch(re.escape(OPENCLIP) + r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key)
+    m = _IN_PROJ.fullmatch(key)
     if m is None or int(m[1]) >= layers:
         return False
     width = value.shape[0] // 3
@@ -239,7 +243,7 @@ def _merge_qkv(te: Mapping[str, Any], out: dict) -> None:
     for (layer, kind), qkv in groups.items():
         if len(qkv) != 3:
             raise _mismatch([f"text_model.encoder.layers.{layer}.self_attn.{c}_proj.{kind}"
-                             for c in "qkv" if c not in qkv], "text encoder keys are missing")
+                             for c in "qkv" if c not in qkv], "text encoder keys are missing", _FIX_PARTS)
         out[f"{OPENCLIP}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = _concat([qkv[c] for c in "qkv"])
 
 
@@ -266,7 +270,7 @@ def diffusers_to_original(parts: Mapping[str, Mapping[str, Any]], config: ModelC
     if family == "sd2":
         _merge_qkv(parts.get("text_encoder", {}), out)
     if unmapped:
-        raise _mismatch(unmapped, "diffusers keys have no place in the original layout")
+        raise _mismatch(unmapped, "diffusers keys have no place in the original layout", _FIX_PARTS)
     return out
 
 

@@ -1,0 +1,1 @@
+"""The lean runtime: ONNX Runtime and TensorRT execution over device buffers. Never imports torch."""

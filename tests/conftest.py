@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny random models written as diffusers folders."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdengine.config import ModelConfig
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A diffusers folder holding the tiny random-weight model."""
+    from sdengine.models.saving import write_random_model
+
+    return write_random_model(tmp_path_factory.mktemp("models") / "tiny", ModelConfig.tiny(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model_dir):
+    import sdengine
+
+    return sdengine.load_pipeline(tiny_model_dir)
