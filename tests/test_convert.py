@@ -102,7 +102,7 @@ def tiny_file(request, tmp_path_factory):
 
 def test_round_trip_through_a_file(tiny_file):
     family, cfg, parts, orig = tiny_file
-    assert detect_family(orig) == family
+    assert detect_family(orig) == detect_family(orig.keys()) == detect_family(list(orig)) == family
     back = original_to_diffusers(orig, cfg)
     for name in PARTS:
         assert_same(back[name], parts[name], name)
@@ -258,6 +258,9 @@ T = torch.empty(1)
 def test_other_families_are_refused(state, match):
     with pytest.raises(UnsupportedModelError, match=match):
         detect_family(state)
+    if "input channels" not in match and "depth" not in match:  # keys alone carry no shapes
+        with pytest.raises(UnsupportedModelError, match=match):
+            detect_family(state.keys())
     with pytest.raises(UnsupportedModelError, match=match):
         original_to_diffusers(state, ModelConfig.tiny())
 

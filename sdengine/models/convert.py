@@ -146,9 +146,12 @@ def _refuse(what: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"{what}: sdengine implements Stable Diffusion 1.x/2.x txt2img models only")
 
 
-def detect_family(state: Mapping[str, Any]) -> str:
-    """The family of a single-file checkpoint: "sd1" (HF CLIP) or "sd2" (OpenCLIP); refuse other models."""
-    keys = list(state)
+def detect_family(state: Mapping[str, Any] | Iterable[str]) -> str:
+    """The family of a single-file checkpoint: "sd1" (HF CLIP) or "sd2" (OpenCLIP); refuse other models.
+
+    Given only keys (not a Mapping), the checks that need shapes (U-Net input channels) are skipped.
+    """
+    keys, shapes = list(state), state if isinstance(state, Mapping) else {}
     for fragment, what in _OTHER_FAMILIES:
         found = next((k for k in keys if fragment in k), None)
         if found is not None:
@@ -160,7 +163,7 @@ def detect_family(state: Mapping[str, Any]) -> str:
                 if any(k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.")) for k in keys) else "")
         raise UnsupportedModelError(f"not a Stable Diffusion checkpoint (no {UNET}*, {VAE}* or {TEXT}* keys): "
                                     f"found keys like {', '.join(sorted(keys)[:5])}{hint}")
-    conv_in = state.get(UNET + "input_blocks.0.0.weight")
+    conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != 4:
         c = int(conv_in.shape[1])
         raise _refuse(f"the U-Net takes {c} input channels ({_IN_CHANNELS.get(c, 'not a txt2img model')}); "
@@ -170,7 +173,7 @@ def detect_family(state: Mapping[str, Any]) -> str:
         raise _refuse(f"the checkpoint holds two text encoders ({CLIP}* and {OPENCLIP}*)")
     if clip or openclip:
         return "sd1" if clip else "sd2"
-    to_k = state.get(UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight")
+    to_k = shapes.get(UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight")
     return "sd2" if to_k is not None and to_k.shape[1] == 1024 else "sd1"  # no text encoder in the file
 
 

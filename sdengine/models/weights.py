@@ -21,8 +21,10 @@ def refuse_pickle(path: Path) -> None:
     head = b""
     if path.is_file():
         with path.open("rb") as f:
-            head = f.read(4)
-    if path.suffix.lower() in PICKLE_SUFFIXES or head.startswith(_PICKLE_MAGIC):
+            head = f.read(9)
+    # A safetensors file is an 8-byte header length then a JSON object; its length bytes may look like pickle.
+    looks_pickled = head.startswith(_PICKLE_MAGIC) and head[8:9] != b"{"
+    if path.suffix.lower() in PICKLE_SUFFIXES or looks_pickled:
         out = path.with_suffix(".safetensors")
         raise PickleCheckpointError(
             f"{path} is a pickle checkpoint; sdengine loads safetensors only, since unpickling can run "

@@ -1,0 +1,36 @@
+"""The runtime side of sdengine imports and tokenizes with torch made unimportable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BLOCK_TORCH = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def test_runtime_imports_without_torch():
+    code = BLOCK_TORCH + """
+import sdengine, sdengine.runtime, sdengine.config, sdengine.schedulers, sdengine.tokenizer, sdengine.errors
+from sdengine.config import ModelConfig
+from sdengine.schedulers import ddim_schedule
+from sdengine.tokenizer import ClipTokenizer
+assert ClipTokenizer.default()("a photo of a cat")[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+assert ddim_schedule(ModelConfig().scheduler, 20).num_steps == 20
+try:
+    import torch
+except ImportError:
+    pass
+else:
+    raise SystemExit("the blocker did not work")
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
