@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from sdengine.config import ModelConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built here; never reach for a hub
 
 
 @pytest.fixture(scope="session")
