@@ -1,0 +1,1 @@
+"""The embedded demo model: a captioned-shapes data set, its checker, and the training recipe."""
