@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out", help="folder to create")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--force", action="store_true", help="replace the folder if it exists")
+    train = sub.add_parser("train-demo", help="train the embedded demo model on captioned shapes (CPU, ~1 hour)")
+    train.add_argument("out", help="folder to write the trained model to (diffusers layout)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--vae-steps", type=int, default=None)
+    train.add_argument("--unet-steps", type=int, default=None)
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    train.add_argument("--force", action="store_true", help="replace the folder if it exists")
     return parser
 
 
@@ -144,9 +151,23 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .demo.train import Recipe, train
+
+    given = {"seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "threads": args.threads}
+    recipe = dataclasses.replace(Recipe(), **{k: v for k, v in given.items() if v is not None})
+    if Path(args.out).exists() and not args.force:
+        raise InvalidInputError(f"{args.out} exists; pass --force to replace it")
+    out = train(args.out, recipe, overwrite=args.force)
+    print(f"wrote the trained demo model to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"generate": cmd_generate, "tiny-model": cmd_tiny_model}
+    commands = {"generate": cmd_generate, "tiny-model": cmd_tiny_model, "train-demo": cmd_train_demo}
     try:
         return commands[args.command](args)
     except SDEngineError as exc:
