@@ -321,6 +321,27 @@ class ModelConfig:
     def tiny(cls) -> "ModelConfig":
         return cls(unet=UNetConfig.tiny(), vae=VAEConfig.tiny(), text_encoder=TextEncoderConfig.tiny())
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field (for manifests and exported folders)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Inverse of to_dict; a ModelLoadError names any unknown or missing field."""
+        parts = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig,
+                 "scheduler": SchedulerConfig}
+        try:
+            kwargs = {}
+            for name, kind in parts.items():
+                values = dict(d[name])
+                for f in dataclasses.fields(kind):
+                    if isinstance(values.get(f.name), list):
+                        values[f.name] = tuple(values[f.name])
+                kwargs[name] = kind(**values)
+        except (KeyError, TypeError) as exc:
+            raise ModelLoadError(f"model config is incomplete or of another sdengine version ({exc})") from None
+        return cls(**kwargs)
+
     @classmethod
     def from_diffusers_folder(cls, root: str | Path) -> "ModelConfig":
         """Read the config files of a diffusers folder (unet/, vae/, text_encoder/, scheduler/)."""

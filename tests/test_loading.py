@@ -166,3 +166,14 @@ def test_single_file_checkpoint_gives_the_folder_weights(tiny_model_dir, tmp_pat
         assert all(torch.equal(got[k], v.half().float()) for k, v in state.items())
     result = sdengine.load_pipeline(single)("a cat", num_inference_steps=2, seed=5, height=64, width=64)
     assert result.images[0].size == (64, 64)
+
+
+def test_model_config_dict_round_trip():
+    import json
+
+    from sdengine.config import ModelConfig
+
+    for cfg in (ModelConfig.tiny(), ModelConfig.sd15(), ModelConfig.sd21()):
+        assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ModelLoadError, match="incomplete"):
+        ModelConfig.from_dict({"unet": {}})

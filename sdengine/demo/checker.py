@@ -7,10 +7,14 @@ Method, step by step:
    colour in CIELAB with lightness down-weighted (hue and chroma matter more than brightness);
 3. the final mask = pixels more than half-way from the background colour to the foreground colour (the
    50% coverage contour, so blur does not grow or shrink the shape), largest connected component;
-4. shape = nearest prototype in (fill ratio against the bounding box, taper = mean width of the top third
-   of rows / mean width of the bottom third): square (1, 1), circle (pi/4, 1), triangle (1/2, 1/5).
-   Both features survive blur: rounding corners changes the fill ratio a little and the taper hardly at all.
-   The corner count of the simplified convex hull (3 / 4 / many) is reported alongside as a cross-check.
+4. shape = nearest prototype in a weighted space of three mask features:
+   - fill ratio = area / bounding-box area: square 1, circle pi/4, triangle 1/2;
+   - taper = mean width of the top third of rows / mean width of the bottom third: triangle 1/5 (its width
+     grows linearly from the apex), circle and square 1 (symmetric);
+   - corners of the convex hull after dropping near-straight vertices and collapsing short edges (the
+     corners that blur cut off, replaced by where their neighbouring sides meet): 3, 4, circle "many" (6).
+   Blur rounds a square's corners (its fill ratio falls towards a circle's) and eats a triangle's apex, but
+   the taper and the corner count hardly move, so the three together stay right where one alone would not.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ MIN_AREA_FRACTION = 0.005  # a foreground smaller than this is treated as "no sh
 LIGHTNESS_WEIGHT = 0.5  # weight of CIELAB L against a and b in the colour distance
 # Shape prototypes as (fill ratio, taper, corners); a circle's hull keeps "many" corners, counted as 6.
 PROTOTYPES = {"square": (1.0, 1.0, 4), "circle": (np.pi / 4, 1.0, 6), "triangle": (0.5, 0.2, 3)}
-FEATURE_WEIGHTS = (1.0, 0.5, 0.1)  # fill spans 0.5 .. 1, taper 0.2 .. 1, corners 3 .. 6: bring them to one scale
+FEATURE_WEIGHTS = (1.0, 0.5, 0.1)  # fill spans 0.5 .. 1, taper 0.2 .. 1, corners 3 .. 6: bring to one scale
 COLLINEAR_TOLERANCE = 0.03  # a hull vertex this close (x perimeter) to its neighbours' chord lies on a side
 SHORT_EDGE = 0.1  # a hull edge shorter than this fraction of the perimeter is a corner cut off by blur
 
@@ -85,7 +89,7 @@ def border_median(a: np.ndarray) -> np.ndarray:
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected component of a boolean mask (breadth-first labelling on the flat, padded grid)."""
+    """The largest 4-connected component of a boolean mask (breadth-first search on the flat, padded grid)."""
     h, w = mask.shape
     free = np.pad(mask, 1).ravel().tolist()  # plain lists: far faster than indexing numpy scalars
     stride, best = w + 2, []
@@ -132,24 +136,21 @@ def convex_hull(points: np.ndarray) -> np.ndarray:
 
 
 def corner_count(mask: np.ndarray) -> int:
-    """Corners of the mask's simplified convex hull: near-straight vertices dropped, short edges collapsed.
-
-    A vertex within COLLINEAR_TOLERANCE * perimeter of its neighbours' chord lies on a (digitised) side; an edge
-    shorter than SHORT_EDGE * perimeter is a corner cut off by blur, replaced by where its neighbours meet.
-    """
+    """Corners of the mask's convex hull once near-straight vertices are dropped and short edges collapsed."""
     ys = np.nonzero(mask.any(1))[0]
-    left, right = mask[ys].argmax(1), mask.shape[1] - mask[ys, ::-1].argmax(1)  # pixel-edge x of each row's ends
+    left, right = mask[ys].argmax(1), mask.shape[1] - mask[ys, ::-1].argmax(1)  # pixel-edge x of row ends
     hull = convex_hull(np.concatenate([np.stack([x, ys + dy], 1) for x in (left, right) for dy in (0, 1)]))
     perimeter = np.linalg.norm(np.roll(hull, -1, 0) - hull, axis=1).sum()
     while len(hull) > 3:
         prev, nxt = np.roll(hull, 1, 0), np.roll(hull, -1, 0)
         chord, to_vertex = nxt - prev, hull - prev
-        offset = np.abs(chord[:, 0] * to_vertex[:, 1] - chord[:, 1] * to_vertex[:, 0]) / np.linalg.norm(chord, axis=1)
+        cross = chord[:, 0] * to_vertex[:, 1] - chord[:, 1] * to_vertex[:, 0]
+        offset = np.abs(cross) / np.linalg.norm(chord, axis=1)  # each vertex's distance from its neighbours' chord
         lengths = np.linalg.norm(nxt - hull, axis=1)
         i, j = int(np.argmin(offset)), int(np.argmin(lengths))
-        if offset[i] < COLLINEAR_TOLERANCE * perimeter:
+        if offset[i] < COLLINEAR_TOLERANCE * perimeter:  # a step of a digitised straight side
             hull = np.delete(hull, i, 0)
-        elif lengths[j] < SHORT_EDGE * perimeter:
+        elif lengths[j] < SHORT_EDGE * perimeter:  # a corner that blur cut off
             hull = collapse_edge(hull, j)
         else:
             break
@@ -163,7 +164,9 @@ def collapse_edge(hull: np.ndarray, i: int) -> np.ndarray:
     d1, d2 = b - a, d - c
     den = d1[0] * d2[1] - d1[1] * d2[0]
     hull = hull.copy()
-    hull[i] = a + ((c - a)[0] * d2[1] - (c - a)[1] * d2[0]) / den * d1 if abs(den) > 1e-9 else (b + c) / 2
+    t = ((c - a)[0] * d2[1] - (c - a)[1] * d2[0]) / den if abs(den) > 1e-9 else np.inf
+    reach = (t - 1) * np.linalg.norm(d1)  # how far beyond b the two sides meet
+    hull[i] = a + t * d1 if 0 <= reach <= 2 * np.linalg.norm(c - b) else (b + c) / 2
     return np.delete(hull, (i + 1) % n, 0)
 
 
@@ -190,7 +193,7 @@ def check(image) -> Verdict:
     bg = border_median(a)
     bg_t = tuple(float(v) for v in bg)
     rough = largest_component(np.linalg.norm(a - bg, axis=-1) > ROUGH_THRESHOLD)
-    if rough.sum() < MIN_AREA_FRACTION * rough.size:
+    if rough.sum() < MIN_AREA_FRACTION * rough.size:  # nothing but background (foreground_rgb = background's)
         return Verdict(nearest_background(bg), "none", "none", bg_t, bg_t, 0.0, 0, float(rough.mean()))
     core = erode(rough) if erode(rough).any() else rough
     fg = np.median(a[core], axis=0)
