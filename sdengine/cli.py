@@ -19,7 +19,8 @@ MAX_STEPS = 1000
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="text to image with the PyTorch reference")
     p.add_argument("prompt")
-    p.add_argument("--model", help="diffusers folder or single-file .safetensors checkpoint")
+    p.add_argument("--model", help="diffusers folder or single-file .safetensors checkpoint "
+                   "(default: the embedded demo model)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (1-1000, default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -78,9 +79,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--num-images must be between 1 and {MAX_IMAGES_PER_PROMPT}, got {args.num_images}")
     if args.seed is not None and args.seed < 0:
         raise InvalidInputError(f"--seed must be >= 0, got {args.seed}")
-    if args.model is None:
-        raise InvalidInputError("no --model given: pass a diffusers folder or a .safetensors checkpoint "
-                                "(`sdengine tiny-model DIR` writes a small random-weight one)")
 
 
 def _png_info(args: argparse.Namespace, seed: int, width: int, height: int):
@@ -89,7 +87,7 @@ def _png_info(args: argparse.Namespace, seed: int, width: int, height: int):
     info = PngInfo()
     fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "steps": args.steps,
               "guidance_scale": args.guidance, "eta": args.eta, "seed": seed, "width": width, "height": height,
-              "sampler": "DDIM", "model": str(args.model), "software": f"sdengine {__version__}"}
+              "sampler": "DDIM", "model": str(args.model or "embedded demo model"), "software": f"sdengine {__version__}"}
     for key, value in fields.items():
         info.add_itxt(key, str(value))
     info.add_itxt("parameters", ", ".join(f"{k}: {v}" for k, v in fields.items()))

@@ -137,8 +137,12 @@ class Pipeline:
 
 
 def load_pipeline(path: str | None = None, backend: str = "torch", device: str = "cpu", **options: Any) -> Pipeline:
-    """A txt2img pipeline over the model at `path` (a diffusers folder or a single .safetensors file)."""
+    """A txt2img pipeline over the model at `path` (a diffusers folder or a single .safetensors file).
+
+    With no path, the embedded demo model (64x64 pictures of coloured shapes) is used.
+    """
     if path is None:
-        raise InvalidInputError("give a model path: a diffusers folder or a single-file .safetensors checkpoint "
-                                "(`sdengine tiny-model DIR` writes a small random one for trying things out)")
+        from .demo import embedded_model_path
+
+        path = embedded_model_path()
     return Pipeline(load_backend(path, backend=backend, device=device, **options))
