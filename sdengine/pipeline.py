@@ -55,13 +55,21 @@ def _prompt_list(prompt: str | Sequence[str], what: str) -> list[str]:
     return prompts
 
 
-def image_seeds(seed: int | None, count: int) -> list[int]:
-    """Per-image seeds seed, seed+1, ...; a random base seed when none is given."""
+def _check_seed(seed: Any, top: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= top:
+        raise InvalidInputError(f"seed must be an integer in [0, {top}], got {seed!r}")
+    return int(seed)
+
+
+def image_seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
+    """Per-image seeds: seed, seed+1, ... (a random base when None), or one given seed per image."""
     if seed is None:
         seed = secrets.randbelow(2**32)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED - count:
-        raise InvalidInputError(f"seed must be an integer in [0, {MAX_SEED - count}], got {seed!r}")
-    return [int(seed) + i for i in range(count)]
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        if len(seed) != count:
+            raise InvalidInputError(f"{len(seed)} seeds given for {count} images; give one per image or one in all")
+        return [_check_seed(s, MAX_SEED) for s in seed]
+    return [_check_seed(seed, MAX_SEED - count) + i for i in range(count)]
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...], schedule: Schedule) -> tuple[np.ndarray, np.ndarray | None]:
@@ -90,7 +98,7 @@ class Pipeline:
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
-                 seed: int | None = None, height: int | None = None, width: int | None = None,
+                 seed: int | Sequence[int] | None = None, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, latents: np.ndarray | None = None,
                  callback: StepCallback | None = None) -> PipelineResult:
         """Generate images; parameters as in diffusers' StableDiffusionPipeline."""

@@ -16,6 +16,8 @@ from sdengine.demo.checker import Verdict, check, matches, parse_caption
 SEED = 12345  # not the training seed (0)
 COUNT = 600
 FIELDS = ("background", "colour", "shape")
+# (fill ratio range, corner count) of clean pictures; a circle's hull keeps 5 or more corners
+PROTOTYPE_RANGES = {"square": (0.95, 1.01, 4), "circle": (0.72, 0.85, None), "triangle": (0.45, 0.6, 3)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,7 +41,7 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def vae_like(image: np.ndarray, rng: np.random.Generator, sigma: float = 1.2, noise: float = 6.0) -> np.ndarray:
+def vae_like(image: np.ndarray, rng: np.random.Generator, sigma: float = 1.2, noise: float = 6.0):
     """The picture blurred and noised roughly the way a small VAE's decoder would leave it."""
     degraded = gaussian_blur(image, sigma) + rng.normal(0.0, noise, image.shape)
     return np.clip(degraded, 0, 255).round().astype(np.uint8)
@@ -48,7 +50,8 @@ def vae_like(image: np.ndarray, rng: np.random.Generator, sigma: float = 1.2, no
 def accuracies(images, truths) -> dict[str, float]:
     """Fraction of pictures whose background, colour and shape the checker gets right."""
     verdicts = [check(im) for im in images]
-    return {f: float(np.mean([getattr(v, f) == getattr(t, f) for v, t in zip(verdicts, truths)])) for f in FIELDS}
+    right = {f: [getattr(v, f) == getattr(t, f) for v, t in zip(verdicts, truths)] for f in FIELDS}
+    return {f: float(np.mean(r)) for f, r in right.items()}
 
 
 def test_accuracy_on_generator_images():
@@ -64,11 +67,23 @@ def test_robust_to_vae_like_blur_and_noise():
     assert acc["colour"] >= 0.90 and acc["shape"] >= 0.90, acc
 
 
+def test_robust_to_colour_cast_and_uneven_background():
+    rng = np.random.default_rng(3)
+    ramp = np.linspace(-15, 15, 64)[None, :, None]  # a left-to-right brightness ramp over the whole picture
+    images = []
+    for s in samples()[:150]:
+        shifted = vae_like(s.image, rng, sigma=1.5) + ramp + rng.uniform(-15, 15, 3)  # plus a colour cast
+        images.append(np.clip(shifted, 0, 255).astype(np.uint8))
+    acc = accuracies(images, samples()[:150])
+    print(f"\nblur 1.5 px + noise + colour cast +-15 + ramp +-15 accuracy over 150 samples: {acc}")
+    assert all(a >= 0.95 for a in acc.values()), acc
+
+
 def test_shape_statistics_match_their_prototypes():
     for s in samples()[:60]:
         v = check(s.image)
         assert isinstance(v, Verdict) and 0.05 < v.area_fraction < 0.6
-        expected = {"square": (0.95, 1.01, 4), "circle": (0.72, 0.85, None), "triangle": (0.45, 0.6, 3)}[s.shape]
+        expected = PROTOTYPE_RANGES[s.shape]
         assert expected[0] <= v.fill_ratio <= expected[1], (s.shape, v)
         assert v.corners == expected[2] if expected[2] else v.corners >= 5, (s.shape, v)
         assert np.abs(np.subtract(v.foreground_rgb, shapes.COLOURS[s.colour])).max() <= shapes.JITTER + 1

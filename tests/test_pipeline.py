@@ -120,3 +120,13 @@ def test_cuda_fp16_close_to_cpu_fp32(tiny_model_dir, tiny_pipeline):
     a = pixels(gpu("a cat", num_inference_steps=10, seed=3))
     b = pixels(tiny_pipeline("a cat", num_inference_steps=10, seed=3))
     assert np.abs(a - b).mean() < 3
+
+
+def test_seed_per_image(tiny_pipeline):
+    """A list of seeds (one per image) reproduces the images those seeds give alone."""
+    both = tiny_pipeline(["a cat", "a dog"], num_inference_steps=3, seed=[5, 9])
+    dog = tiny_pipeline("a dog", num_inference_steps=3, seed=9)
+    assert both.seeds == [5, 9]
+    assert np.array_equal(pixels(both)[1], pixels(dog)[0])
+    with pytest.raises(InvalidInputError, match="2 seeds given for 1 images"):
+        tiny_pipeline("a cat", seed=[1, 2])

@@ -11,8 +11,9 @@ Method, step by step:
    - fill ratio = area / bounding-box area: square 1, circle pi/4, triangle 1/2;
    - taper = mean width of the top third of rows / mean width of the bottom third: triangle 1/5 (its width
      grows linearly from the apex), circle and square 1 (symmetric);
-   - corners of the convex hull after dropping near-straight vertices and collapsing short edges (the
-     corners that blur cut off, replaced by where their neighbouring sides meet): 3, 4, circle "many" (6).
+   - corners of the convex hull after dropping near-straight vertices and collapsing edges much shorter than
+     their neighbours (corners that blur cut off, replaced by where the sides either side meet): triangle 3,
+     square 4, circle "many" (5 to 9, counted as 6).
    Blur rounds a square's corners (its fill ratio falls towards a circle's) and eats a triangle's apex, but
    the taper and the corner count hardly move, so the three together stay right where one alone would not.
 """
@@ -33,7 +34,8 @@ LIGHTNESS_WEIGHT = 0.5  # weight of CIELAB L against a and b in the colour dista
 PROTOTYPES = {"square": (1.0, 1.0, 4), "circle": (np.pi / 4, 1.0, 6), "triangle": (0.5, 0.2, 3)}
 FEATURE_WEIGHTS = (1.0, 0.5, 0.1)  # fill spans 0.5 .. 1, taper 0.2 .. 1, corners 3 .. 6: bring to one scale
 COLLINEAR_TOLERANCE = 0.03  # a hull vertex this close (x perimeter) to its neighbours' chord lies on a side
-SHORT_EDGE = 0.1  # a hull edge shorter than this fraction of the perimeter is a corner cut off by blur
+SHORT_EDGE = 0.1  # a hull edge shorter than this fraction of the perimeter ...
+CUT_RATIO = 0.5  # ... and than this fraction of its longer neighbour is a corner cut off by blur
 
 
 @dataclass(frozen=True)
@@ -145,12 +147,14 @@ def corner_count(mask: np.ndarray) -> int:
         prev, nxt = np.roll(hull, 1, 0), np.roll(hull, -1, 0)
         chord, to_vertex = nxt - prev, hull - prev
         cross = chord[:, 0] * to_vertex[:, 1] - chord[:, 1] * to_vertex[:, 0]
-        offset = np.abs(cross) / np.linalg.norm(chord, axis=1)  # each vertex's distance from its neighbours' chord
+        offset = np.abs(cross) / np.linalg.norm(chord, axis=1)  # distance from the neighbours' chord
         lengths = np.linalg.norm(nxt - hull, axis=1)
-        i, j = int(np.argmin(offset)), int(np.argmin(lengths))
+        relative = lengths / np.maximum(np.roll(lengths, 1), np.roll(lengths, -1))  # ~1 all round a circle
+        relative[lengths >= SHORT_EDGE * perimeter] = np.inf
+        i, j = int(np.argmin(offset)), int(np.argmin(relative))
         if offset[i] < COLLINEAR_TOLERANCE * perimeter:  # a step of a digitised straight side
             hull = np.delete(hull, i, 0)
-        elif lengths[j] < SHORT_EDGE * perimeter:  # a corner that blur cut off
+        elif relative[j] < CUT_RATIO:  # a corner that blur cut off
             hull = collapse_edge(hull, j)
         else:
             break
