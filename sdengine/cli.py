@@ -1,4 +1,4 @@
-"""The `sdengine` command line: generate, tiny-model. argparse lives here only."""
+"""The `sdengine` command line: generate, export, tiny-model, train-demo. argparse lives here only."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ MAX_STEPS = 1000
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="text to image with the PyTorch reference")
+    p = sub.add_parser("generate", help="text to image (PyTorch reference or ONNX Runtime)")
     p.add_argument("prompt")
     p.add_argument("--model", help="diffusers folder or single-file .safetensors checkpoint "
-                   "(default: the embedded demo model)")
+                   "(default: the embedded demo model); with --backend onnxruntime, a folder from sdengine export")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch (the reference, default) or onnxruntime (an exported folder; no torch needed)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (1-1000, default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -35,11 +37,27 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="override for single-file SD 2.x 768-v checkpoints (not visible in the weights)")
 
 
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export the networks to validated ONNX graphs (for --backend onnxruntime)")
+    p.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors checkpoint")
+    p.add_argument("--out", required=True, help="folder to write the graphs, manifest and report to")
+    p.add_argument("--fp16", action="store_true", help="fp16 network bodies; inputs, outputs and the update stay fp32")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17-20, default 17)")
+    p.add_argument("--batch", default=None, help="images per call: N, MIN:MAX or MIN:OPT:MAX (default 1:4)")
+    p.add_argument("--height", default=None, help="pixels: N, MIN:MAX or MIN:OPT:MAX (default: half to twice "
+                                                  "the model's size)")
+    p.add_argument("--width", default=None, help="pixels, as --height")
+    p.add_argument("--static", action="store_true", help="fixed shapes: one value each (default: the model's "
+                                                         "size, 1 image)")
+    p.add_argument("--force", action="store_true", help="re-export graphs that are up to date")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdengine", description="Stable Diffusion inference engine")
     parser.add_argument("--version", action="version", version=f"sdengine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _export_parser(sub)
     tiny = sub.add_parser("tiny-model", help="write a small random-weight model folder for trying things out")
     tiny.add_argument("out", help="folder to create")
     tiny.add_argument("--seed", type=int, default=0)
@@ -79,6 +97,20 @@ def _validate(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--num-images must be between 1 and {MAX_IMAGES_PER_PROMPT}, got {args.num_images}")
     if args.seed is not None and args.seed < 0:
         raise InvalidInputError(f"--seed must be >= 0, got {args.seed}")
+    if args.backend == "onnxruntime":
+        _validate_onnx(args)
+
+
+def _validate_onnx(args: argparse.Namespace) -> None:
+    """Check the request against the export folder's manifest before any session is created."""
+    from .manifest import Manifest
+
+    if args.model is None:
+        raise InvalidInputError("--backend onnxruntime needs --model: a folder written by sdengine export "
+                                "(sdengine export --model MODEL --out DIR)")
+    manifest = Manifest.read(args.model)
+    size = manifest.config.default_size
+    manifest.ranges.check(args.num_images, args.height or size, args.width or size)
 
 
 def _png_info(args: argparse.Namespace, seed: int, width: int, height: int):
@@ -126,7 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = _output_paths(args.out, args.num_images)
     from .pipeline import load_pipeline
 
-    pipe = load_pipeline(args.model, backend="torch", device=args.device, prediction_type=args.prediction_type)
+    pipe = load_pipeline(args.model, backend=args.backend, device=args.device, prediction_type=args.prediction_type)
     callback, bar = _progress("denoising")
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
@@ -138,6 +170,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for image, seed, path in zip(result.images, result.seeds, paths):
         _save_png(image, path, _png_info(args, seed, *image.size))
         print(f"{path} (seed {seed})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.settings import ExportSettings, parse_range
+
+    ranges = {name: None if getattr(args, name) is None else parse_range(getattr(args, name), name)
+              for name in ("batch", "height", "width")}
+    settings = ExportSettings(precision="fp16" if args.fp16 else "fp32", opset=args.opset, static=args.static,
+                              force=args.force, **ranges)
+    if not Path(args.model).exists():
+        raise InvalidInputError(f"--model {args.model} does not exist: give a diffusers folder or a .safetensors file")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InvalidInputError(f"--out {args.out} is a file; give a folder")
+    from .export import export_model
+
+    results = export_model(args.model, args.out, settings)
+    written = sum(r.status == "passed" for r in results)
+    print(f"{args.out}: {written} graph(s) written, {len(results) - written} up to date; "
+          f"try: sdengine generate \"a cat\" --backend onnxruntime --model {args.out}")
     return 0
 
 
@@ -165,7 +217,8 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"generate": cmd_generate, "tiny-model": cmd_tiny_model, "train-demo": cmd_train_demo}
+    commands = {"generate": cmd_generate, "export": cmd_export, "tiny-model": cmd_tiny_model,
+                "train-demo": cmd_train_demo}
     try:
         return commands[args.command](args)
     except SDEngineError as exc:

@@ -16,7 +16,7 @@ from ..schedulers import Schedule
 from ..tokenizer import ClipTokenizer
 
 StepCallback = Callable[[int, int], None]
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime")
 
 
 class Backend(Protocol):
@@ -37,9 +37,13 @@ class Backend(Protocol):
 
 
 def load_backend(path: str | None, backend: str = "torch", device: str = "cpu", **options: Any) -> Backend:
-    """The named backend over the model at `path`."""
+    """The named backend over the model at `path` (torch: a model; onnxruntime: an ONNX export folder)."""
     if backend == "torch":
         from .torch_backend import TorchBackend
 
         return TorchBackend.load(path, device=device, **options)
+    if backend == "onnxruntime":  # an export folder (sdengine export); imports no torch
+        from .onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend.load(path, device=device, **options)
     raise InvalidInputError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")

@@ -1,0 +1,186 @@
+"""The ONNX Runtime backend over an exported folder (sdengine export): no torch anywhere on this path.
+
+The denoise loop runs the denoise-step graph N times through IO binding: the latent ping-pongs between
+two buffers allocated once per shape, and each step binds its own row of the timestep, coefficient
+and noise arrays, uploaded once per call. Nothing crosses back to the host inside the loop.
+
+Guidance 1 (the pipeline then sends only the B conditional rows): the rows are duplicated into the
+same step graph; m_u = m_c makes m = m_u + 1 (m_c - m_u) = m_c. One graph and one code path for
+every export (static ones included), no host round trip, at the cost of a second U-Net pass; a loop
+of your own can run the plain `unet` graph instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import InvalidInputError, ModelLoadError
+from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_DIR, Manifest
+from ..runtime.onnxruntime import CUDA, TENSORRT, Buffer, Graph, check_dim, resolve_providers, tensorrt_options
+from ..schedulers import Schedule
+from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, Precision, dim_ranges, profile
+from ..tokenizer import ClipTokenizer
+from . import StepCallback
+
+_SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs; every graph is verified
+_REEXPORT = "re-export with sdengine export --batch/--height/--width MIN:MAX covering it"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEmbeddings:
+    """Text encoder output on the device: `rows` valid rows of `buffer`."""
+
+    buffer: Buffer
+    rows: int
+
+
+class OnnxRuntimeBackend:
+    """encode_text / denoise / decode over ONNX Runtime sessions created once."""
+
+    def __init__(self, manifest: Manifest, device: str, providers: Sequence[str], threads: int | None,
+                 prediction_type: str | None = None) -> None:
+        self.manifest, self.device, self.providers = manifest, device, list(providers)
+        config = manifest.config
+        if prediction_type:  # only the scheduler's coefficients change: the graphs stay valid
+            config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
+                                                                               prediction_type=prediction_type))
+        self.config = config
+        self.ranges, self.dims = manifest.ranges, dim_ranges(config, manifest.ranges)
+        self.tokenizer = ClipTokenizer.from_folder(manifest.folder / TOKENIZER_DIR)
+        paths = {name: manifest.graph_path(name) for name in GRAPHS}  # all present and matching
+        self.graphs = {name: self._session(name, paths[name], threads) for name in _SESSIONS}
+        self._buffers: dict[tuple, Buffer] = {}
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", providers: Sequence[str] | None = None,
+             threads: int | None = None, prediction_type: str | None = None) -> "OnnxRuntimeBackend":
+        """Verify the export folder at `path` (manifest, graph hashes, external data) and open its sessions."""
+        if path is None:
+            raise InvalidInputError("the onnxruntime backend needs --model: a folder written by sdengine export")
+        chosen = resolve_providers(device, providers)
+        return cls(Manifest.read(path), device, chosen, threads, prediction_type)
+
+    def _session(self, name: str, path: Path, threads: int | None) -> Graph:
+        options = {}
+        if TENSORRT in self.providers:
+            options[TENSORRT] = tensorrt_options(profile(GRAPHS[name], self.config, self.ranges),
+                                                 self.manifest.precision is Precision.FP16,
+                                                 self.manifest.folder / "trt-cache")
+        graph = Graph(path, GRAPHS[name], self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
+                      options)
+        meta = graph.metadata()
+        if meta.get(META_GRAPH) != name or meta.get(META_SOURCE) != self.manifest.source_sha256:
+            raise ModelLoadError(f"{path} is not the {name} graph of the model this folder's manifest describes; "
+                                 f"re-export the folder with sdengine export --force")
+        return graph
+
+    @property
+    def _where(self) -> str:
+        return "cuda" if self.device == "cuda" else "cpu"
+
+    def _buffer(self, role: str, shape: tuple[int, ...], dtype: Any = np.float32) -> Buffer:
+        """The buffer for `role` at `shape`, allocated on first use and reused after."""
+        key = (role, shape, np.dtype(dtype).str)
+        if key not in self._buffers:
+            self._buffers[key] = Buffer(shape, dtype, self._where)
+        return self._buffers[key]
+
+    def encode_text(self, input_ids: np.ndarray) -> TextEmbeddings:
+        """Token ids [R, 77] -> embeddings [R, 77, D] on the device."""
+        ids = np.asarray(input_ids)
+        rows, run_rows = ids.shape[0], ids.shape[0]
+        r = self.dims["rows"]
+        if self.ranges.static and rows * 2 == r.max:  # a static graph takes 2B rows: run the B rows twice
+            ids, run_rows = np.concatenate([ids, ids]), 2 * rows
+        check_dim(run_rows, r, "text rows (images, times 2 with guidance)", _REEXPORT)
+        te = self.graphs[TEXT_ENCODER]
+        shp = {t.name: self._shape(t.dims, rows=run_rows) for t in te.spec.inputs + te.spec.outputs}
+        ids_buf = self._buffer("input_ids", shp["input_ids"], np.int32)
+        ids_buf.write(ids.astype(np.int32))
+        te.bind_buffer("input_ids", ids_buf)
+        out = Buffer(shp["last_hidden_state"], np.float32, self._where)  # per call: the caller keeps it
+        te.bind_output("last_hidden_state", out)
+        te.bind_output("pooled_output", self._buffer("pooled_output", shp["pooled_output"]))
+        te.run()
+        return TextEmbeddings(out, rows)
+
+    def _shape(self, dims: tuple, rows: int = 0, batch: int = 0, lh: int = 0, lw: int = 0) -> tuple[int, ...]:
+        f = self.config.vae.downscale
+        values = {"rows": rows, "batch": batch, "batch_x2": 2 * batch, "latent_height": lh, "latent_width": lw,
+                  "height": lh * f, "width": lw * f, "sequence": self.config.text_encoder.max_position_embeddings,
+                  "hidden": self.config.text_encoder.hidden_size, "channels": self.config.unet.in_channels}
+        return tuple(d if isinstance(d, int) else values[d] for d in dims)
+
+    def _check_latents(self, shape: tuple[int, ...]) -> None:
+        b, c, lh, lw = shape
+        f = self.config.vae.downscale
+        if c != self.config.unet.in_channels:
+            raise InvalidInputError(f"latents have {c} channels; this model's have {self.config.unet.in_channels}")
+        check_dim(b, self.dims["batch"], "images", _REEXPORT)
+        check_dim(lh * f, self.dims["height"], "height", _REEXPORT)
+        check_dim(lw * f, self.dims["width"], "width", _REEXPORT)
+
+    def _guided_context(self, context: TextEmbeddings, batch: int) -> Buffer:
+        """[2B, 77, D] embeddings for the step graph; B rows (guidance 1) are duplicated."""
+        if context.rows == 2 * batch and context.buffer.shape[0] == 2 * batch:
+            return context.buffer
+        if context.rows != batch:
+            raise InvalidInputError(f"{context.rows} text rows for {batch} latents: give B or 2B rows")
+        rows = context.buffer.read()[:batch]
+        buf = self._buffer("context_x2", (2 * batch, *rows.shape[1:]))
+        buf.write(np.concatenate([rows, rows]))
+        return buf
+
+    def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
+                noise: np.ndarray | None, callback: StepCallback | None = None) -> Buffer:
+        """Every step of `schedule` through the step graph; returns the final latent buffer."""
+        latents = np.ascontiguousarray(latents, dtype=np.float32)
+        self._check_latents(latents.shape)
+        b, n = latents.shape[0], schedule.num_steps
+        step = self.graphs[DENOISE_STEP]
+        ping, pong = self._buffer("latent_a", latents.shape), self._buffer("latent_b", latents.shape)
+        ping.write(latents)
+        timesteps = Buffer.holding(schedule.timesteps.astype(np.float32).reshape(n, 1), self._where)
+        rows = Buffer.holding(schedule.coefficients.astype(np.float32).reshape(n, 3), self._where)
+        steps_noise = None if noise is None else Buffer.holding(np.asarray(noise, np.float32), self._where)
+        zeros = self._buffer("zeros", latents.shape)  # c = 0 without noise; never written
+        scale = Buffer.holding(np.array([guidance_scale], np.float32), self._where)
+        step.bind_buffer("text_embeddings", self._guided_context(context, b))
+        step.bind_buffer("guidance_scale", scale)
+        for i in range(n):
+            step.bind("latent", ping.ptr, ping.shape)
+            step.bind("timestep", timesteps.row(i), (1,))
+            step.bind("coefficients", rows.row(i), (3,))
+            step.bind("noise", zeros.ptr if steps_noise is None else steps_noise.row(i), ping.shape)
+            step.bind_output("next_latent", pong)
+            step.run()
+            ping, pong = pong, ping
+            if callback is not None:
+                callback(i + 1, n)
+        return ping
+
+    def decode(self, latents: Buffer | np.ndarray) -> np.ndarray:
+        """Scaled latents -> float32 images [B, 3, H, W] on the host (the graph divides by scaling_factor)."""
+        if not isinstance(latents, Buffer):
+            array = np.ascontiguousarray(latents, dtype=np.float32)
+            self._check_latents(array.shape)
+            latents = Buffer.holding(array, self._where)
+        vae = self.graphs[VAE_DECODER]
+        b, _, lh, lw = latents.shape
+        image = self._buffer("image", self._shape(vae.spec.outputs[0].dims, batch=b, lh=lh, lw=lw))
+        vae.bind_buffer("latent", latents)
+        vae.bind_output("image", image)
+        vae.run()
+        return image.read()
+
+
+def providers_in_use(backend: OnnxRuntimeBackend) -> dict[str, list[str]]:
+    """The execution providers each session runs on (what ONNX Runtime accepted)."""
+    return {name: list(g.session.get_providers()) for name, g in backend.graphs.items()}
+
+
+__all__ = ["OnnxRuntimeBackend", "TextEmbeddings", "providers_in_use", "CUDA", "TENSORRT"]

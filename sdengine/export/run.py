@@ -1,0 +1,195 @@
+"""`export_model`: every graph traced, converted, validated and only then written, with its manifest entry.
+
+Each graph is built in a temporary folder inside the output folder and renamed into place after it
+passes; a graph that fails is not written. A rerun skips graphs whose key (weights hash and export
+settings) and file hashes are unchanged. The report is printed and saved as export-report.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import __version__
+from ..errors import SDEngineError
+from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_KEY, META_SOURCE, REPORT, \
+    sha256_file, write_json_atomic
+from ..models.loading import Components, load_components
+from ..specs import GRAPHS, ShapeRanges, profile, validation_points
+from .settings import GRAPH_ORDER, ExportSettings
+from .tokenizer_files import write_tokenizer
+from .validate import GraphResult, compare, format_table, structural_checks
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the tools that shape the graphs (part of each graph's key)."""
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "transformers": transformers.__version__}
+
+
+def state_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _old_manifest(out: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("graphs"), dict)
+    return data if ok else None
+
+
+def _files_match(out: Path, entry: dict[str, Any]) -> bool:
+    files = {entry.get("file", ""): entry.get("sha256"), **(entry.get("external_data") or {})}
+    return all((out / f).is_file() and sha256_file(out / f) == digest for f, digest in files.items())
+
+
+def _up_to_date(old: dict[str, Any] | None, out: Path, name: str, key: str) -> bool:
+    entry = (old or {}).get("graphs", {}).get(name)
+    return bool(entry) and entry.get("key") == key and _files_match(out, entry)
+
+
+def _previous_results(out: Path) -> dict[str, dict[str, Any]]:
+    """The last report's record of each graph (an up-to-date graph keeps its figures)."""
+    try:
+        graphs = json.loads((out / REPORT).read_text(encoding="utf-8"))["graphs"]
+        return {g["graph"]: g for g in graphs if isinstance(g, dict) and "graph" in g}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _up_to_date_result(record: dict[str, Any] | None, name: str, settings: ExportSettings) -> GraphResult:
+    result = GraphResult(name, settings.precision.value, file=GRAPHS[name].file)
+    for key, value in (record or {}).items():
+        if hasattr(result, key) and key not in ("graph", "precision", "seconds", "error"):
+            setattr(result, key, value)
+    result.status, result.seconds = "up to date", 0.0
+    return result
+
+
+def _remove_stale(out: Path, old: dict[str, Any] | None, name: str) -> None:
+    """Delete a graph (and its external data) that an earlier export wrote with other settings."""
+    entry = (old or {}).get("graphs", {}).get(name) or {}
+    for f in [entry.get("file"), *(entry.get("external_data") or {})]:
+        if f and Path(f).name == f:
+            (out / f).unlink(missing_ok=True)
+
+
+def _install(tmp: Path, out: Path, file: str, location: str | None, key: str) -> dict[str, Any]:
+    """Move a validated graph (external data first) into `out`; its manifest entry."""
+    external = {location: sha256_file(tmp / location)} if location else {}
+    entry = {"file": file, "sha256": sha256_file(tmp / file), "external_data": external, "key": key}
+    if location:
+        (tmp / location).replace(out / location)
+    (tmp / file).replace(out / file)
+    return entry
+
+
+def _export_graph(name: str, c: Components, settings: ExportSettings, ranges: ShapeRanges, out: Path,
+                  source: str, key: str, seed: int) -> tuple[GraphResult, dict[str, Any] | None]:
+    """Trace, convert, validate and install one graph; failures are reported, not raised."""
+    from .fp16 import to_fp16
+    from .onnx_io import save, set_metadata, trace
+    from .wrappers import build
+
+    start, entry = time.perf_counter(), None
+    result = GraphResult(name, settings.precision.value, file=GRAPHS[name].file)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+    try:
+        gm = build(name, c)
+        model = trace(gm, validation_points(c.config, ranges)[0], settings.opset, ranges.static)
+        if settings.precision.value == "fp16":
+            model = to_fp16(model, gm.spec, gm.body, gm.fp32_attention)
+        set_metadata(model, {META_GRAPH: name, META_SOURCE: source, META_KEY: key,
+                             "sdengine.precision": settings.precision.value, "sdengine.version": __version__})
+        location = save(model, tmp / gm.spec.file)
+        del model
+        result.checks = structural_checks(tmp / gm.spec.file, gm.spec, c.config, ranges)
+        compare(tmp / gm.spec.file, gm, c.config, ranges, settings.precision, seed, result)
+        if result.status == "passed":
+            entry = _install(tmp, out, gm.spec.file, location, key)
+    except Exception as exc:  # any failure of one graph is reported, and the others still export
+        result.status = "failed"
+        result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        result.seconds = time.perf_counter() - start
+    return result, entry
+
+
+def export_model(model: str | Path, out: str | Path, settings: ExportSettings,
+                 log: Callable[[str], None] = print, seed: int = 0) -> list[GraphResult]:
+    """Export the graphs of `settings` for the model at `model` into folder `out` (see module docstring)."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SDEngineError(f"--out {out} is a file; give a folder")
+    c = load_components(model)
+    ranges = settings.ranges(c.config)
+    tools = tool_versions()
+    weights = {"text_encoder": state_sha256(c.text_encoder), "unet": state_sha256(c.unet),
+               "vae": state_sha256(c.vae)}
+    source = hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()
+    out.mkdir(parents=True, exist_ok=True)
+    old, previous = _old_manifest(out), _previous_results(out)
+    entries: dict[str, Any] = {}
+    results: list[GraphResult] = []
+    for name in GRAPH_ORDER:
+        key = settings.key(name, ranges, weights[GRAPHS[name].component], tools)
+        wanted, current = name in settings.graphs, _up_to_date(old, out, name, key)
+        if current and not (settings.force and wanted):
+            entries[name] = old["graphs"][name]
+            if wanted:
+                results.append(_up_to_date_result(previous.get(name), name, settings))
+            continue
+        if not current:
+            _remove_stale(out, old, name)
+        if wanted:
+            log(f"exporting {name} ({settings.precision.value}) ...")
+            result, entry = _export_graph(name, c, settings, ranges, out, source, key, seed)
+            results.append(result)
+            if entry is not None or current:  # a forced re-export that fails leaves the valid graph
+                entries[name] = entry or old["graphs"][name]
+    write_tokenizer(out, c)
+    write_json_atomic(out / MANIFEST, _manifest(c, settings, ranges, tools, weights, source, entries))
+    report = {"sdengine_version": __version__, "model": str(c.source), "tools": tools,
+              "graphs": [r.to_dict() for r in results]}
+    write_json_atomic(out / REPORT, report)
+    log(format_table(results))
+    failed = [r.graph for r in results if r.status == "failed"]
+    if failed:
+        raise SDEngineError(f"{len(failed)} graph(s) failed validation and were not written: {', '.join(failed)}; "
+                            f"see {out / REPORT}")
+    return results
+
+
+def _manifest(c: Components, settings: ExportSettings, ranges: ShapeRanges, tools: dict[str, str],
+              weights: dict[str, str], source: str, entries: dict[str, Any]) -> dict[str, Any]:
+    """The manifest.json contents (sdengine.manifest reads it)."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "sdengine_version": __version__,
+        "model_config": c.config.to_dict(), "precision": settings.precision.value, "opset": settings.opset,
+        "shapes": ranges.to_dict(),
+        "profiles": {name: {k: [list(s) for s in v] for k, v in profile(GRAPHS[name], c.config, ranges).items()}
+                     for name in entries},
+        "source": {"path": str(c.source), "sha256": source, "weights_sha256": weights},
+        "tools": tools, "exporter": "torch.onnx TorchScript (dynamo=False)",
+        "graphs": {name: entries[name] for name in GRAPH_ORDER if name in entries},
+    }

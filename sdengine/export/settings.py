@@ -1,0 +1,90 @@
+"""Export settings: precision, opset, shape ranges, graph selection. No torch: the CLI parses these first."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from .. import __version__
+from ..config import ModelConfig
+from ..errors import InvalidInputError
+from ..specs import GRAPHS, MAX_BATCH, Precision, Range, ShapeRanges
+
+DEFAULT_OPSET = 17
+OPSETS = range(17, 21)  # LayerNormalization needs 17; the TorchScript exporter stops at 20
+GRAPH_ORDER = tuple(GRAPHS)
+
+
+def parse_range(text: str, what: str) -> tuple[int, ...]:
+    """'N', 'MIN:MAX' or 'MIN:OPT:MAX' as a tuple of ints."""
+    parts = str(text).split(":")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise InvalidInputError(f"--{what} takes N, MIN:MAX or MIN:OPT:MAX (integers), got {text!r}") from None
+    if not 1 <= len(values) <= 3 or any(v <= 0 for v in values) or list(values) != sorted(values):
+        raise InvalidInputError(f"--{what} takes N, MIN:MAX or MIN:OPT:MAX with 0 < MIN <= MAX, got {text!r}")
+    return values
+
+
+def _range(values: tuple[int, ...] | None, default: Range, what: str) -> Range:
+    """A Range from parsed values; the opt point is the default's, clipped into [min, max]."""
+    if values is None:
+        return default
+    if len(values) == 3:
+        return Range(*values)
+    lo, hi = values[0], values[-1]
+    opt = lo if what == "batch" else min(max(default.opt, lo), hi)
+    return Range(lo, opt, hi)
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What `sdengine export` was asked for; shape ranges default to the model's (ShapeRanges.default)."""
+
+    precision: Precision = Precision.FP32
+    opset: int = DEFAULT_OPSET
+    batch: tuple[int, ...] | None = None
+    height: tuple[int, ...] | None = None
+    width: tuple[int, ...] | None = None
+    static: bool = False
+    force: bool = False
+    graphs: tuple[str, ...] = field(default=GRAPH_ORDER)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", Precision(self.precision))
+        if self.opset not in OPSETS:
+            raise InvalidInputError(f"--opset must be between {OPSETS.start} and {OPSETS.stop - 1}, got {self.opset}")
+        unknown = [g for g in self.graphs if g not in GRAPHS]
+        if unknown or not self.graphs:
+            raise InvalidInputError(f"unknown graphs {unknown}; choose from {', '.join(GRAPHS)}")
+        if self.batch is not None and self.batch[-1] > MAX_BATCH:
+            raise InvalidInputError(f"--batch must be at most {MAX_BATCH}, got {self.batch[-1]}")
+        for name in ("height", "width"):
+            values = getattr(self, name)
+            if values is not None and any(v % 8 for v in values):
+                raise InvalidInputError(f"--{name} values must be multiples of 8 pixels, got {values}")
+        if self.static and any(v is not None and len(set(v)) > 1 for v in (self.batch, self.height, self.width)):
+            raise InvalidInputError("--static takes one value for --batch, --height and --width, not a range")
+
+    def ranges(self, config: ModelConfig) -> ShapeRanges:
+        """The shape ranges for `config`, checked against its latent factor."""
+        default = ShapeRanges.default(config, self.static)
+        if self.static:
+            b, h, w = (default_value if given is None else given[0] for given, default_value in
+                       ((self.batch, default.batch.opt), (self.height, default.height.opt),
+                        (self.width, default.width.opt)))
+            ranges = ShapeRanges(Range(b, b, b), Range(h, h, h), Range(w, w, w), static=True)
+        else:
+            ranges = ShapeRanges(_range(self.batch, default.batch, "batch"),
+                                 _range(self.height, default.height, "height"),
+                                 _range(self.width, default.width, "width"))
+        ranges.check_sides(config.vae.downscale)
+        return ranges
+
+    def key(self, graph: str, ranges: ShapeRanges, weights_sha256: str, tools: dict[str, str]) -> str:
+        """sha256 of everything a graph depends on: it is up to date when this key is unchanged."""
+        stamp = {"graph": graph, "precision": self.precision.value, "opset": self.opset,
+                 "shapes": ranges.to_dict(), "weights": weights_sha256, "sdengine": __version__, "tools": tools}
+        return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()

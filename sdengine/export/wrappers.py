@@ -1,0 +1,115 @@
+"""The torch modules each graph is traced from, with the inputs and outputs of sdengine.specs.
+
+Each `GraphModule` says which of its children are the network body (fp16 in an fp16 export); the
+ops outside them (guidance, the scheduler update, latent scaling) stay fp32. `reference` runs the
+same computation the torch backend runs, to validate the graph against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.loading import Components
+from ..models.step import DenoiseStep
+from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, GraphSpec
+
+
+class TextEncoderGraph(nn.Module):
+    """input_ids [R,77] int32 -> (last_hidden_state [R,77,D], pooled_output [R,D])."""
+
+    def __init__(self, text_model: nn.Module) -> None:
+        super().__init__()
+        self.net = text_model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(input_ids=input_ids.long())
+        return out.last_hidden_state, out.pooler_output
+
+
+class VaeDecoderGraph(nn.Module):
+    """Scaled latent -> image: D(z / scaling_factor) (Rombach et al. 2022, sec. 3.1)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder
+        self.scaling_factor = vae.cfg.scaling_factor
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(latent / self.scaling_factor))
+
+
+class VaeEncoderGraph(nn.Module):
+    """Image -> scaled mean and std of q(z|x), log-variance clamped to [-30, 20] as in LDM."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+        self.scale, self.channels = vae.cfg.scaling_factor, vae.cfg.latent_channels
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        moments = self.quant_conv(self.encoder(image))  # sliced by a constant: static channel dims
+        mean, logvar = moments[:, :self.channels], moments[:, self.channels:]
+        return mean * self.scale, torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * self.scale
+
+
+@dataclass(frozen=True)
+class GraphModule:
+    """A module to trace, the children that form its body, and whether its attention stays fp32."""
+
+    spec: GraphSpec
+    module: nn.Module
+    body: tuple[str, ...] | None    # child names of the fp16 body; None: the whole module
+    fp32_attention: bool            # the reference upcasts attention (VAE, SD 2.x U-Net)
+    reference: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def build(name: str, c: Components) -> GraphModule:
+    """The GraphModule of graph `name` over loaded components (fp32, CPU)."""
+    spec = GRAPHS[name]
+    if name == TEXT_ENCODER:
+        module = TextEncoderGraph(c.text_encoder.text_model)
+        return GraphModule(spec, module, ("net",), False, _runner(spec, module))
+    if name == DENOISE_STEP:
+        module = DenoiseStep(c.unet)
+        return GraphModule(spec, module, ("unet",), c.config.unet.upcast_attention, _runner(spec, module))
+    if name == UNET:
+        return GraphModule(spec, c.unet, None, c.config.unet.upcast_attention, _runner(spec, c.unet))
+    if name == VAE_DECODER:
+        module = VaeDecoderGraph(c.vae)
+        return GraphModule(spec, module, ("post_quant_conv", "decoder"), True, _runner(spec, module))
+    if name == VAE_ENCODER:
+        module = VaeEncoderGraph(c.vae)
+        return GraphModule(spec, module, ("encoder", "quant_conv"), True, _runner(spec, module))
+    raise KeyError(name)
+
+
+def _runner(spec: GraphSpec, module: nn.Module) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """numpy inputs by name -> numpy outputs by name, through the fp32 torch module."""
+
+    @torch.inference_mode()
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = module(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in spec.input_names))
+        out = out if isinstance(out, tuple) else (out,)
+        return {n: t.float().numpy() for n, t in zip(spec.output_names, out)}
+
+    return run
+
+
+@contextlib.contextmanager
+def export_mode(module: nn.Module) -> Iterator[None]:
+    """Trace-friendly settings: eager (explicit-mask) attention in transformers' CLIP while exporting."""
+    configs = [m.config for m in module.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+    saved = [cfg._attn_implementation for cfg in configs]
+    try:
+        for cfg in configs:
+            cfg._attn_implementation = "eager"
+        yield
+    finally:
+        for cfg, value in zip(configs, saved):
+            cfg._attn_implementation = value

@@ -1,0 +1,135 @@
+"""The manifest of an exported ONNX folder, and the checks a folder passes before any graph is loaded.
+
+`manifest.json` stamps the folder with what makes it stale (DESIGN.md, rules of thumb): the sdengine
+version, the model config, precision, opset, shape ranges, the source weights' hash and the sha256
+of every graph and external-data file. No torch here: the runtime reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+from .errors import ModelLoadError, UnsupportedModelError
+from .specs import GRAPHS, Precision, ShapeRanges
+
+FORMAT, FORMAT_VERSION = "sdengine-onnx", 1
+MANIFEST, REPORT, TOKENIZER_DIR = "manifest.json", "export-report.json", "tokenizer"
+META_GRAPH, META_SOURCE, META_KEY = "sdengine.graph", "sdengine.source_sha256", "sdengine.export_key"
+_CHUNK = 1 << 22
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def umask_mode(mode: int) -> int:
+    """`mode` less the process umask (what open() would have given; mkstemp/mkdtemp use 0o600/0o700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside `path`, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, umask_mode(0o666))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Manifest:
+    """A parsed manifest.json: the model, the export settings and one entry per graph."""
+
+    def __init__(self, folder: Path, data: dict[str, Any]) -> None:
+        self.folder = folder
+        self.data = data
+        try:
+            self.config = ModelConfig.from_dict(data["model_config"])
+            self.precision = Precision(data["precision"])
+            self.ranges = ShapeRanges.from_dict(data["shapes"])
+            self.graphs: dict[str, dict[str, Any]] = dict(data["graphs"])
+            self.source_sha256: str = data["source"]["sha256"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{folder / MANIFEST} is incomplete ({exc!r}); re-export the folder with "
+                                 f"sdengine export --force") from None
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "Manifest":
+        """Parse a folder's manifest, refusing anything that is not an sdengine ONNX export."""
+        folder = Path(folder).expanduser()
+        path = folder / MANIFEST
+        if not folder.is_dir():
+            raise ModelLoadError(f"ONNX model folder {folder} does not exist: export one with "
+                                 f"sdengine export --model MODEL --out {folder}")
+        if not path.is_file():
+            hint = (" (it is a diffusers model folder: export it first)" if (folder / "model_index.json").is_file()
+                    else "")
+            raise ModelLoadError(f"{folder} has no {MANIFEST}, so it is not an sdengine ONNX export{hint}; run "
+                                 f"sdengine export --model MODEL --out DIR and pass DIR")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{path} is not valid JSON ({exc}); re-export the folder") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ModelLoadError(f"{path} is not an sdengine ONNX manifest; re-export the folder")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise UnsupportedModelError(f"{path} has format version {data.get('format_version')!r}; this sdengine "
+                                        f"reads version {FORMAT_VERSION}: re-export with this version")
+        return cls(folder, data)
+
+    def graph_path(self, name: str) -> Path:
+        """The verified path of graph `name`: listed, present, sha256 as recorded, external data inside."""
+        entry = self.graphs.get(name)
+        if entry is None:
+            raise ModelLoadError(f"{self.folder} has no {name} graph in its manifest (its export may have failed "
+                                 f"validation: see {REPORT}); re-export with sdengine export --force")
+        path = self.folder / GRAPHS[name].file
+        if entry.get("file") != path.name:
+            raise ModelLoadError(f"{self.folder / MANIFEST} names {entry.get('file')!r} for {name}; expected "
+                                 f"{path.name}: re-export the folder")
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing from the ONNX export folder; re-export with "
+                                 f"sdengine export --force")
+        if sha256_file(path) != entry.get("sha256"):
+            raise ModelLoadError(self._mismatch(name, path))
+        from .runtime.onnx_files import check_external_data
+
+        files = check_external_data(path, self.folder)
+        expected = entry.get("external_data") or {}
+        if sorted(files) != sorted(expected):
+            raise ModelLoadError(f"{path} refers to external data {sorted(files)}, the manifest lists "
+                                 f"{sorted(expected)}: re-export the folder")
+        for rel, digest in expected.items():
+            if sha256_file(self.folder / rel) != digest:
+                raise ModelLoadError(f"{self.folder / rel} (external data of {path.name}) differs from the one "
+                                     f"exported (sha256 mismatch); re-export the folder")
+        return path
+
+    def _mismatch(self, name: str, path: Path) -> str:
+        """Why a graph's sha256 differs: another model's graph, or a changed/corrupt file."""
+        from .runtime.onnx_files import read_metadata
+
+        meta = read_metadata(path)
+        if meta is not None and meta.get(META_SOURCE) not in (None, self.source_sha256):
+            return (f"{path} was exported from another model (source {meta[META_SOURCE][:12]}, this folder's "
+                    f"manifest: {self.source_sha256[:12]}); do not mix export folders: re-export with "
+                    f"sdengine export --model MODEL --out {self.folder} --force")
+        return (f"{path} differs from the graph recorded in {MANIFEST} (sha256 mismatch): it was changed, "
+                f"truncated or corrupted after export; re-export with sdengine export --force")

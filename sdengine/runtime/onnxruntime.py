@@ -1,0 +1,151 @@
+"""ONNX Runtime sessions with IO binding over buffers at fixed addresses. No torch here.
+
+The CPU execution provider always; CUDA and TensorRT when onnxruntime-gpu provides them. A `Buffer`
+is a numpy array on the CPU and an OrtValue in GPU memory; graphs read and write buffers in place
+through IO binding, so a loop binds addresses and never copies through the host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InvalidInputError, ModelLoadError
+from ..specs import GraphSpec, Range
+
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+DEVICE_PROVIDERS = {"cpu": (CPU,), "cuda": (CUDA, CPU)}
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int32": "tensor(int32)",
+              "int64": "tensor(int64)"}
+
+
+def import_ort() -> Any:
+    """The onnxruntime module, or a ModelLoadError that says how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelLoadError("onnxruntime is not installed: pip install 'sdengine[onnx]' "
+                             "(onnxruntime-gpu for the CUDA and TensorRT execution providers)") from None
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    return list(import_ort().get_available_providers())
+
+
+def resolve_providers(device: str, providers: Sequence[str] | None) -> list[str]:
+    """Execution providers for `device` (or as given), each checked against this onnxruntime install."""
+    if device not in DEVICE_PROVIDERS:
+        raise InvalidInputError(f"unknown device {device!r} for the onnxruntime backend; use cpu or cuda")
+    wanted = list(providers) if providers else list(DEVICE_PROVIDERS[device])
+    have = available_providers()
+    missing = [p for p in wanted if p not in have]
+    if missing:
+        raise InvalidInputError(f"ONNX Runtime here lacks {', '.join(missing)} (available: {', '.join(have)}); "
+                                f"install onnxruntime-gpu for CUDA/TensorRT, or use --device cpu")
+    if device == "cuda" and CUDA not in wanted and TENSORRT not in wanted:
+        raise InvalidInputError("device 'cuda' needs the CUDA or TensorRT execution provider")
+    return wanted
+
+
+def tensorrt_options(profile: Mapping[str, tuple[tuple[int, ...], ...]], fp16: bool, cache: Path) -> dict[str, Any]:
+    """TensorRT EP options: the spec's min/opt/max profile, fp16, and an engine cache beside the graphs."""
+    def fmt(which: int) -> str:
+        return ",".join(f"{name}:{'x'.join(map(str, shapes[which]))}" for name, shapes in profile.items())
+
+    return {"trt_fp16_enable": fp16, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+            "trt_profile_min_shapes": fmt(0), "trt_profile_opt_shapes": fmt(1), "trt_profile_max_shapes": fmt(2)}
+
+
+class Buffer:
+    """A tensor at a fixed address: numpy on the CPU, an OrtValue on the GPU (`device` 'cpu' or 'cuda')."""
+
+    def __init__(self, shape: Sequence[int], dtype: Any, device: str = "cpu", array: np.ndarray | None = None):
+        self.shape, self.dtype, self.device = tuple(int(s) for s in shape), np.dtype(dtype), device
+        if device == "cpu":
+            self.array = np.zeros(self.shape, self.dtype) if array is None else array
+            self.value = None
+        else:
+            ort = import_ort()
+            self.array = None
+            self.value = ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.dtype, "cuda", 0)
+            self.write(np.zeros(self.shape, self.dtype) if array is None else array)
+
+    @classmethod
+    def holding(cls, array: np.ndarray, device: str) -> "Buffer":
+        """A buffer with `array`'s contents (on the CPU, the array itself: no copy)."""
+        array = np.ascontiguousarray(array)
+        return cls(array.shape, array.dtype, device, array)
+
+    @property
+    def ptr(self) -> int:
+        return int(self.array.ctypes.data) if self.value is None else int(self.value.data_ptr())
+
+    def row(self, i: int) -> int:
+        """Address of row i along the first axis."""
+        return self.ptr + i * int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def write(self, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array, dtype=self.dtype).reshape(self.shape)
+        if self.value is None:
+            np.copyto(self.array, array)
+        else:
+            self.value.update_inplace(array)
+
+    def read(self) -> np.ndarray:
+        """A host copy of the contents."""
+        return self.array.copy() if self.value is None else self.value.numpy()
+
+
+class Graph:
+    """One session, created once, with an IO binding whose addresses the caller sets per run."""
+
+    def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[str], device: str, threads: int | None,
+                 provider_options: Mapping[str, dict[str, Any]] | None = None) -> None:
+        ort = import_ort()
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        opts = [dict((provider_options or {}).get(p, {})) for p in providers]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers), provider_options=opts)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelLoadError(f"ONNX Runtime cannot load {path} ({str(exc).strip().splitlines()[0][:300]}); "
+                                 f"re-export it with sdengine export --force") from None
+        self.spec, self.device, self.path = spec, device, path
+        self._check_io()
+        self.binding = self.session.io_binding()
+
+    def _check_io(self) -> None:
+        """The session's inputs and outputs are the spec's (names, element types, ranks)."""
+        for kind, declared, wanted in (("inputs", self.session.get_inputs(), self.spec.inputs),
+                                       ("outputs", self.session.get_outputs(), self.spec.outputs)):
+            got = [(d.name, d.type, len(d.shape)) for d in declared]
+            want = [(t.name, _ORT_TYPES[t.dtype], len(t.dims)) for t in wanted]
+            if got != want:
+                raise ModelLoadError(f"{self.path} has {kind} {got}; this sdengine expects {want}: it was exported "
+                                     f"by another sdengine version: re-export it")
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def bind(self, name: str, ptr: int, shape: Sequence[int], dtype: Any = np.float32) -> None:
+        """Bind input `name` to the tensor at `ptr`."""
+        self.binding.bind_input(name, self.device, 0, np.dtype(dtype), list(shape), ptr)
+
+    def bind_buffer(self, name: str, buf: Buffer) -> None:
+        self.bind(name, buf.ptr, buf.shape, buf.dtype)
+
+    def bind_output(self, name: str, buf: Buffer) -> None:
+        self.binding.bind_output(name, self.device, 0, buf.dtype, list(buf.shape), buf.ptr)
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+
+def check_dim(value: int, r: Range, what: str, hint: str) -> None:
+    """InvalidInputError unless `value` lies within the exported range `r`."""
+    if value not in r:
+        raise InvalidInputError(f"{what} {value} is outside this ONNX export's range {r.text()}; {hint}")

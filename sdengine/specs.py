@@ -1,0 +1,304 @@
+"""IO contracts of the exported graphs: the only place tensor names are spelled (DESIGN.md, layout).
+
+One `GraphSpec` per graph: names, dtypes, symbolic dimensions, min/opt/max shape profiles, a
+sample-input builder and tolerances. Export, validation, the ONNX Runtime backend and (later) the
+TensorRT engine build all read it. numpy and the standard library only: the runtime imports this.
+
+Conventions every graph shares:
+- inputs and outputs are float32 at every precision (fp16 graphs cast at their edges); token ids
+  are int32 (TensorRT's native index type; ids < 2**31);
+- `timestep` is float32 [1]: the U-Net only ever reads it as a float (its sinusoidal embedding),
+  every training step 0..999 is exact in float32, and TensorRT and ONNX Runtime both take it as is;
+- latents are the scaled latents of the diffusion (`scaling_factor * z`): the VAE graphs apply the
+  scaling inside, so a loop never touches it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import InvalidInputError
+from .schedulers import ddim_schedule
+
+MIN_SIDE, MAX_SIDE, MAX_BATCH = 64, 2048, 16
+TEXT_ENCODER, DENOISE_STEP, UNET, VAE_DECODER, VAE_ENCODER = (
+    "text_encoder", "denoise_step", "unet", "vae_decoder", "vae_encoder")
+
+
+class Precision(str, enum.Enum):
+    """Precision of the network bodies; graph inputs, outputs and the scheduler update stay fp32."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
+# Relative L2 error allowed against the fp32 PyTorch reference, and the decoded-image PSNR floor.
+TOLERANCE = {Precision.FP32: 1e-4, Precision.FP16: 5e-3}
+MIN_PSNR_DB = {Precision.FP32: 35.0, Precision.FP16: 35.0}
+
+
+@dataclass(frozen=True)
+class Range:
+    """min / opt / max of one dimension (a TensorRT optimisation profile entry)."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min <= self.opt <= self.max:
+            raise InvalidInputError(f"a shape range needs 0 < min <= opt <= max, got {self}")
+
+    def scaled(self, k: int) -> "Range":
+        return Range(self.min * k, self.opt * k, self.max * k)
+
+    def divided(self, k: int) -> "Range":
+        return Range(self.min // k, self.opt // k, self.max // k)
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, (int, np.integer)) and self.min <= value <= self.max
+
+    def text(self) -> str:
+        return str(self.min) if self.min == self.max else f"{self.min}..{self.max}"
+
+
+@dataclass(frozen=True)
+class ShapeRanges:
+    """Images per prompt batch and image sides in pixels that an export accepts."""
+
+    batch: Range
+    height: Range
+    width: Range
+    static: bool = False
+
+    @classmethod
+    def default(cls, config: ModelConfig, static: bool = False) -> "ShapeRanges":
+        """1..4 images; sides from half to twice the training size (clipped to 64..2048); opt at training size."""
+        size, f = config.default_size, config.vae.downscale
+        lo = max(MIN_SIDE, _round_up(size // 2, f))
+        hi = min(MAX_SIDE, size * 2)
+        side = Range(size, size, size) if static else Range(lo, size, hi)
+        batch = Range(1, 1, 1) if static else Range(1, 1, 4)
+        return cls(batch, side, side, static)
+
+    def check_sides(self, factor: int) -> None:
+        """Sides must be multiples of the latent factor within 64..2048; static means one value each."""
+        for name in ("height", "width"):
+            r = getattr(self, name)
+            if r.min < MIN_SIDE or r.max > MAX_SIDE or any(v % factor for v in (r.min, r.opt, r.max)):
+                raise InvalidInputError(f"{name} range {r.text()} must be multiples of {factor} within "
+                                        f"{MIN_SIDE}..{MAX_SIDE}")
+        if not 1 <= self.batch.min <= self.batch.max <= MAX_BATCH:
+            raise InvalidInputError(f"batch range {self.batch.text()} must lie within 1..{MAX_BATCH}")
+        if self.static and any(r.min != r.max for r in (self.batch, self.height, self.width)):
+            raise InvalidInputError("a static export takes one value for batch, height and width, not a range")
+
+    def check(self, batch: int, height: int, width: int) -> None:
+        """InvalidInputError unless the request lies inside the exported ranges."""
+        for name, value, r in (("images", batch, self.batch), ("height", height, self.height),
+                               ("width", width, self.width)):
+            if value not in r:
+                raise InvalidInputError(
+                    f"{name} {value} is outside this ONNX export's range {r.text()}; re-export with "
+                    f"sdengine export --{'batch' if name == 'images' else name} MIN:MAX covering it")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch": _range_list(self.batch), "height": _range_list(self.height),
+                "width": _range_list(self.width), "static": self.static}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ShapeRanges":
+        return cls(Range(*d["batch"]), Range(*d["height"]), Range(*d["width"]), bool(d["static"]))
+
+
+def _range_list(r: Range) -> list[int]:
+    return [r.min, r.opt, r.max]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype name, dimensions (symbols or ints), sample kind."""
+
+    name: str
+    dtype: str
+    dims: tuple[str | int, ...]
+    sample: str = "normal"
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The contract of one exported graph (optimum's OnnxConfig, the TensorRT demo's BaseModel)."""
+
+    name: str
+    component: str                       # the weights it is built from: text_encoder, unet or vae
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    doc: str
+    fp32_inputs: tuple[str, ...] = ()    # inputs whose own subgraph stays fp32 in an fp16 export
+    image_output: str | None = None      # output compared by PSNR as an image in [-1, 1]
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+# Symbols of the dynamic dimensions. `rows` is B, or 2B with guidance (unconditional rows first).
+DYNAMIC_DIMS = ("batch", "batch_x2", "rows", "latent_height", "latent_width", "height", "width")
+_LATENT = ("batch", "channels", "latent_height", "latent_width")
+
+GRAPHS: dict[str, GraphSpec] = {
+    TEXT_ENCODER: GraphSpec(
+        TEXT_ENCODER, "text_encoder",
+        inputs=(TensorSpec("input_ids", "int32", ("rows", "sequence"), "token_ids", "CLIP token ids"),),
+        outputs=(TensorSpec("last_hidden_state", "float32", ("rows", "sequence", "hidden"),
+                            doc="after the final layer norm: what the U-Net attends to"),
+                 TensorSpec("pooled_output", "float32", ("rows", "hidden"), doc="hidden state at the EOS token")),
+        doc="CLIP text transformer: token ids -> text embeddings"),
+    DENOISE_STEP: GraphSpec(
+        DENOISE_STEP, "unet",
+        inputs=(TensorSpec("latent", "float32", _LATENT, doc="x_t"),
+                TensorSpec("timestep", "float32", (1,), "timestep", "training timestep t"),
+                TensorSpec("text_embeddings", "float32", ("batch_x2", "sequence", "hidden"),
+                           doc="unconditional rows first, then conditional"),
+                TensorSpec("guidance_scale", "float32", (1,), "guidance", "g"),
+                TensorSpec("coefficients", "float32", (3,), "coefficients", "(a, b, c) of the step's row"),
+                TensorSpec("noise", "float32", _LATENT, doc="z (zeros when c = 0)")),
+        outputs=(TensorSpec("next_latent", "float32", _LATENT,
+                            doc="a x + b (m_u + g (m_c - m_u)) + c z, computed in fp32"),),
+        doc="U-Net on 2B rows + classifier-free guidance + scheduler update (DESIGN.md)",
+        fp32_inputs=("timestep",)),
+    UNET: GraphSpec(
+        UNET, "unet",
+        inputs=(TensorSpec("sample", "float32", ("rows", "channels", "latent_height", "latent_width")),
+                TensorSpec("timestep", "float32", (1,), "timestep"),
+                TensorSpec("text_embeddings", "float32", ("rows", "sequence", "hidden"))),
+        outputs=(TensorSpec("model_output", "float32", ("rows", "channels", "latent_height", "latent_width"),
+                            doc="eps or v, by the model's prediction type"),),
+        doc="the plain U-Net, for loops of your own", fp32_inputs=("timestep",)),
+    VAE_DECODER: GraphSpec(
+        VAE_DECODER, "vae",
+        inputs=(TensorSpec("latent", "float32", _LATENT, doc="scaled latent; divided by scaling_factor inside"),),
+        outputs=(TensorSpec("image", "float32", ("batch", 3, "height", "width"), doc="RGB in about [-1, 1]"),),
+        doc="VAE decoder: latent -> image", image_output="image"),
+    VAE_ENCODER: GraphSpec(
+        VAE_ENCODER, "vae",
+        inputs=(TensorSpec("image", "float32", ("batch", 3, "height", "width"), "image", "RGB in [-1, 1]"),),
+        outputs=(TensorSpec("latent_mean", "float32", _LATENT, doc="scaling_factor * mean of q(z|x)"),
+                 TensorSpec("latent_std", "float32", _LATENT, doc="scaling_factor * std of q(z|x)")),
+        doc="VAE encoder: image -> scaled latent Gaussian (sample = mean + std * noise)"),
+}
+
+
+def fixed_dims(config: ModelConfig) -> dict[str, int]:
+    """The dimensions a model fixes: CLIP's sequence, the text width, the latent channels."""
+    return {"sequence": config.text_encoder.max_position_embeddings,
+            "hidden": config.text_encoder.hidden_size, "channels": config.unet.in_channels}
+
+
+def dim_ranges(config: ModelConfig, ranges: ShapeRanges) -> dict[str, Range]:
+    """min/opt/max of every dimension symbol under `ranges`."""
+    f, b = config.vae.downscale, ranges.batch
+    out = {"batch": b, "batch_x2": b.scaled(2), "rows": Range(b.min, 2 * b.opt, 2 * b.max),
+           "height": ranges.height, "width": ranges.width,
+           "latent_height": ranges.height.divided(f), "latent_width": ranges.width.divided(f)}
+    out.update({k: Range(v, v, v) for k, v in fixed_dims(config).items()})
+    return out
+
+
+def profile(spec: GraphSpec, config: ModelConfig, ranges: ShapeRanges) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Per input: (min_shape, opt_shape, max_shape), as a TensorRT optimisation profile takes them."""
+    dims = dim_ranges(config, ranges)
+
+    def shape(t: TensorSpec, which: str) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else getattr(dims[d], which) for d in t.dims)
+
+    return {t.name: (shape(t, "min"), shape(t, "opt"), shape(t, "max")) for t in spec.inputs}
+
+
+def point_dims(config: ModelConfig, batch: int, latent_height: int, latent_width: int,
+               rows: int | None = None) -> dict[str, int]:
+    """Values of every symbol at one shape point (`rows` defaults to 2B, the guided case)."""
+    f = config.vae.downscale
+    return {"batch": batch, "batch_x2": 2 * batch, "rows": 2 * batch if rows is None else rows,
+            "latent_height": latent_height, "latent_width": latent_width,
+            "height": latent_height * f, "width": latent_width * f, **fixed_dims(config)}
+
+
+def shapes(spec: GraphSpec, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """Concrete shape of every input and output at one point (from point_dims)."""
+    return {t.name: tuple(d if isinstance(d, int) else int(dims[d]) for d in t.dims)
+            for t in spec.inputs + spec.outputs}
+
+
+def validation_points(config: ModelConfig, ranges: ShapeRanges) -> list[dict[str, int]]:
+    """Two shape points: the opt shape, and one more image with other (odd where possible) sides and rows."""
+    d = dim_ranges(config, ranges)
+    b, lh, lw = d["batch"], d["latent_height"], d["latent_width"]
+    first = point_dims(config, b.opt, lh.opt, lw.opt)
+    h2 = lh.min if lh.min != lh.opt else lh.max
+    w2 = next((w for w in (lw.opt + 1, lw.opt - 1) if lw.min <= w <= lw.max), lw.opt)
+    b2 = min(b.max, b.opt + 1)
+    rows2 = 2 * b2 if ranges.static else min(d["rows"].max, max(d["rows"].min, 2 * b2 - 1))  # an odd row count
+    return [first, point_dims(config, b2, h2, w2, rows=rows2)]
+
+
+def sample_inputs(spec: GraphSpec, config: ModelConfig, dims: Mapping[str, int],
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Fresh random inputs at one shape point, drawn like real ones (a real schedule row, real token rows)."""
+    shp = shapes(spec, dims)
+    sched = ddim_schedule(config.scheduler, 50, eta=1.0)
+    step = int(rng.integers(sched.num_steps))
+    out: dict[str, np.ndarray] = {}
+    for t in spec.inputs:
+        kind, shape = t.sample, shp[t.name]
+        if kind == "token_ids":
+            value = _token_rows(shape, config, rng)
+        elif kind == "timestep":
+            value = np.full(shape, sched.timesteps[step], np.float32)
+        elif kind == "coefficients":
+            value = sched.coefficients[step].reshape(shape)
+        elif kind == "guidance":
+            value = np.full(shape, rng.uniform(1.0, 10.0), np.float32)
+        elif kind == "image":
+            value = rng.uniform(-1.0, 1.0, shape)
+        else:
+            value = rng.standard_normal(shape)
+        out[t.name] = np.ascontiguousarray(value, dtype=t.dtype)
+    return out
+
+
+def _token_rows(shape: tuple[int, ...], config: ModelConfig, rng: np.random.Generator) -> np.ndarray:
+    """BOS, random ids, EOS, then EOS padding (SD 1.x) or the pad id, like tokenizer output."""
+    te = config.text_encoder
+    rows, length = shape
+    ids = rng.integers(0, min(te.vocab_size, te.bos_token_id), size=shape)
+    for r in range(rows):
+        end = int(rng.integers(2, length))
+        ids[r, 0], ids[r, end] = te.bos_token_id, te.eos_token_id
+        ids[r, end + 1:] = te.eos_token_id
+    return ids

@@ -1,0 +1,177 @@
+"""ONNX export of the tiny model: every graph validated against the PyTorch reference before it is written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from onnx_support import copy_export, onnx_fp16_dir, onnx_fp32_dir, report, run_cli, tiny_components  # noqa: F401
+
+import onnx
+import onnxruntime as ort
+
+from sdengine.errors import InvalidInputError, SDEngineError
+from sdengine.export import ExportSettings, export_model
+from sdengine.manifest import Manifest, sha256_file
+from sdengine.specs import GRAPHS, TOLERANCE, Precision, ShapeRanges, point_dims, sample_inputs
+
+ALL = tuple(GRAPHS)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_every_graph_passes_and_is_recorded(request, precision):
+    folder = request.getfixturevalue(f"onnx_{precision}_dir")
+    graphs = {g["graph"]: g for g in report(folder)["graphs"]}
+    assert sorted(graphs) == sorted(ALL)
+    for name, g in graphs.items():
+        print(f"\nparity onnx {precision} {name}: max rel L2 {g['max_rel_l2']:.2e}"
+              + (f", min PSNR {g['min_psnr_db']:.1f} dB" if g["min_psnr_db"] is not None else ""))
+        assert g["status"] == "passed" and g["max_rel_l2"] < TOLERANCE[Precision(precision)]
+        assert g["checks"] == {"onnx.checker": "ok", "shape_inference": "ok", "io_matches_spec": "ok"}
+        assert len(g["points"]) == 2 and g["points"][0]["dims"] != g["points"][1]["dims"]
+    assert graphs["vae_decoder"]["min_psnr_db"] >= 35
+    manifest = Manifest.read(folder)
+    assert manifest.precision.value == precision and manifest.ranges == ShapeRanges.default(manifest.config)
+    for name in ALL:
+        entry = manifest.graphs[name]
+        assert sha256_file(folder / entry["file"]) == entry["sha256"] and entry["external_data"] == {}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"{n}.onnx" for n in ALL] + ["manifest.json", "export-report.json", "tokenizer"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("name", ALL)
+def test_graph_matches_reference_at_another_shape(request, tiny_components, precision, name):
+    """Independent of the exporter's own report: 3 images, 80x120 pixels (odd 15-cell latent side)."""
+    from sdengine.export.validate import psnr_db, rel_l2
+    from sdengine.export.wrappers import build
+
+    folder = request.getfixturevalue(f"onnx_{precision}_dir")
+    gm = build(name, tiny_components)
+    inputs = sample_inputs(gm.spec, tiny_components.config, point_dims(tiny_components.config, 3, 10, 15, rows=5),
+                           np.random.default_rng(123))
+    session = ort.InferenceSession(str(folder / gm.spec.file), providers=["CPUExecutionProvider"])
+    got = dict(zip(gm.spec.output_names, session.run(None, inputs)))
+    ref = gm.reference(inputs)
+    for out in gm.spec.output_names:
+        assert got[out].dtype == np.float32 and got[out].shape == ref[out].shape
+        assert rel_l2(got[out], ref[out]) < TOLERANCE[Precision(precision)], out
+    if gm.spec.image_output:
+        assert psnr_db(got["image"], ref["image"]) >= 35
+
+
+def test_fp16_graph_keeps_io_update_and_islands_fp32(onnx_fp16_dir):
+    from sdengine.export.fp16 import compute_types
+
+    model = onnx.load(str(onnx_fp16_dir / "denoise_step.onnx"))
+    kinds = compute_types(model)
+    for value in list(model.graph.input) + list(model.graph.output):
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    by_op = {}
+    for node in model.graph.node:
+        by_op.setdefault(node.op_type, set()).add(kinds[node.name])
+    assert by_op["Conv"] == {"fp16"} and by_op["MatMul"] == {"fp16"}
+    for op in ("InstanceNormalization", "LayerNormalization", "Softmax", "Sin", "Cos"):
+        assert by_op[op] == {"fp32"}, op
+    outside = [n for n in model.graph.node if not n.name.startswith("/unet/") and n.op_type != "Cast"]
+    assert outside and all(kinds[n.name] in ("fp32", "other") for n in outside)  # guidance and update
+    vae = onnx.load(str(onnx_fp16_dir / "vae_decoder.onnx"))
+    vae_kinds = compute_types(vae)
+    attention = [n for n in vae.graph.node if n.op_type == "MatMul" and "/attentions.0/" in n.name]
+    assert {vae_kinds[n.name] for n in attention if "to_" not in n.name} == {"fp32"}  # upcast like the reference
+
+
+def test_rerun_skips_up_to_date_graphs(onnx_fp32_dir, tiny_model_dir, tmp_path):
+    folder = copy_export(onnx_fp32_dir, tmp_path / "copy")
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx")}
+    results = export_model(tiny_model_dir, folder, ExportSettings(), log=lambda line: None)
+    assert [r.status for r in results] == ["up to date"] * len(ALL)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx")} == stamps
+    assert report(folder)["graphs"][0]["max_rel_l2"] is not None  # the figures are kept
+    again = export_model(tiny_model_dir, folder, ExportSettings(force=True, graphs=("vae_encoder",)),
+                         log=lambda line: None)
+    assert [r.status for r in again] == ["passed"]
+    assert (folder / "vae_decoder.onnx").stat().st_mtime_ns == stamps["vae_decoder.onnx"]
+
+
+def test_failing_graph_is_not_written(tiny_model_dir, tmp_path, monkeypatch):
+    from sdengine.export import validate
+
+    monkeypatch.setattr(validate, "TOLERANCE", {p: 1e-12 for p in Precision})
+    out = tmp_path / "failing"
+    with pytest.raises(SDEngineError, match="vae_encoder"):
+        export_model(tiny_model_dir, out, ExportSettings(graphs=("vae_encoder",)), log=lambda line: None)
+    assert not (out / "vae_encoder.onnx").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    (entry,) = report(out)["graphs"]
+    assert entry["status"] == "failed" and "relative L2" in entry["error"] and entry["max_rel_l2"] > 1e-12
+    assert json.loads((out / "manifest.json").read_text())["graphs"] == {}
+
+
+def test_large_graph_goes_to_one_external_data_file(onnx_fp32_dir, tiny_model_dir, tmp_path, monkeypatch):
+    from sdengine.export import onnx_io
+
+    folder = copy_export(onnx_fp32_dir, tmp_path / "external")
+    monkeypatch.setattr(onnx_io, "PROTO_LIMIT", 0)  # every graph counts as "over 2 GB"
+    export_model(tiny_model_dir, folder, ExportSettings(force=True, graphs=("vae_decoder",)), log=lambda line: None)
+    entry = Manifest.read(folder).graphs["vae_decoder"]
+    assert list(entry["external_data"]) == ["vae_decoder.onnx.data"]
+    assert (folder / "vae_decoder.onnx").stat().st_size < 100_000 < (folder / "vae_decoder.onnx.data").stat().st_size
+    import sdengine
+
+    image = sdengine.load_pipeline(folder, backend="onnxruntime")("a cat", num_inference_steps=2, seed=0).images[0]
+    assert image.size == (64, 64)
+
+
+def test_static_export_has_fixed_dims(tiny_model_dir, tmp_path):
+    out = tmp_path / "static"
+    export_model(tiny_model_dir, out, ExportSettings(static=True, batch=(2,), height=(72,), width=(64,),
+                                                     graphs=("vae_decoder", "text_encoder")), log=lambda line: None)
+    dims = [[d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in onnx.load(str(out / "vae_decoder.onnx")).graph.output]
+    assert dims == [[2, 3, 72, 64]]
+    ids = onnx.load(str(out / "text_encoder.onnx")).graph.input[0]
+    assert [d.dim_value for d in ids.type.tensor_type.shape.dim] == [4, 77]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--batch", "0:2"], "--batch"),
+    (["--batch", "3:1"], "--batch"),
+    (["--batch", "1:99"], "--batch"),
+    (["--height", "60:128"], "multiples of 8"),
+    (["--width", "a:b"], "--width"),
+    (["--opset", "11"], "--opset"),
+    (["--static", "--height", "64:128"], "--static"),
+])
+def test_cli_export_refuses_bad_settings_before_loading(tiny_model_dir, tmp_path, args, match):
+    r = run_cli("export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), *args, torch_blocked=True)
+    assert r.returncode == 2 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_export_refuses_missing_model_and_file_out(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = run_cli("export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), torch_blocked=True)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run_cli("export", "--model", str(tmp_path), "--out", str(tmp_path / "file"), torch_blocked=True)
+    assert r.returncode == 2 and "is a file" in r.stderr
+
+
+def test_ranges_outside_model_limits_are_refused(tiny_components):
+    with pytest.raises(InvalidInputError, match="height range"):
+        ExportSettings(height=(64, 4096)).ranges(tiny_components.config)
+
+
+def test_export_script_is_the_cli(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "export" / "onnx_export.py"
+    r = subprocess.run([sys.executable, str(script), "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"),
+                        "--opset", "3"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(script.parent.parent)})
+    assert r.returncode == 2 and "--opset must be between 17 and 20" in r.stderr

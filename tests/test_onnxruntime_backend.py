@@ -1,0 +1,227 @@
+"""The ONNX Runtime backend against the torch reference, without torch, and on bad export folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from onnx_support import (copy_export, onnx_fp16_dir, onnx_fp32_dir, ort_pipeline, pixels,  # noqa: F401
+                          run_cli, BLOCK_TORCH)
+
+import onnx
+import onnxruntime as ort
+
+import sdengine
+from sdengine.errors import InvalidInputError, ModelLoadError
+from sdengine.manifest import sha256_file
+
+PROMPT = "a photo of a red cat"
+
+
+def _same_call(pipe_a, pipe_b, **kwargs):
+    return pixels(pipe_a(PROMPT, **kwargs)), pixels(pipe_b(PROMPT, **kwargs))
+
+
+@pytest.mark.parametrize("eta, guidance", [(0.0, 7.5), (0.7, 7.5), (0.0, 1.0)])
+def test_pipeline_matches_torch(ort_pipeline, tiny_pipeline, eta, guidance):
+    """Same seed and latents, 20 steps: within 2/255 per pixel at fp32 (eta > 0: the same seeded noise)."""
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    got, ref = _same_call(ort_pipeline, tiny_pipeline, negative_prompt="blurry", num_inference_steps=20,
+                          guidance_scale=guidance, eta=eta, seed=5, num_images_per_prompt=2, latents=latents)
+    diff = np.abs(got - ref)
+    print(f"\nparity onnxruntime vs torch, eta {eta}, guidance {guidance}: max pixel difference {diff.max()}/255, "
+          f"mean {diff.mean():.2e}")
+    assert ref.std() > 5 and diff.max() <= 2
+
+
+def test_pipeline_matches_torch_at_odd_size_and_prompt_lists(ort_pipeline, tiny_pipeline):
+    kwargs = dict(negative_prompt=["", "blurry"], num_inference_steps=6, seed=9, height=72, width=120, eta=1.0)
+    got = pixels(ort_pipeline(["a cat", "a dog"], **kwargs))
+    ref = pixels(tiny_pipeline(["a cat", "a dog"], **kwargs))
+    assert got.shape == (2, 72, 120, 3) and np.abs(got - ref).max() <= 2
+
+
+def test_fp16_generation_close_to_fp32(onnx_fp16_dir, tiny_pipeline):
+    """fp16 network bodies: measured on the tiny model, mean |diff| ~0.3/255 and max ~4/255 at 20 steps."""
+    fp16 = sdengine.load_pipeline(onnx_fp16_dir, backend="onnxruntime")
+    got, ref = _same_call(fp16, tiny_pipeline, num_inference_steps=20, seed=3, num_images_per_prompt=2)
+    diff = np.abs(got - ref)
+    print(f"\nparity onnxruntime fp16 vs torch fp32: max pixel difference {diff.max()}/255, mean {diff.mean():.2f}")
+    assert diff.mean() < 2 and diff.max() <= 16
+
+
+def test_buffers_and_sessions_are_reused(ort_pipeline):
+    backend = ort_pipeline.backend
+    sessions = {name: g.session for name, g in backend.graphs.items()}
+    ort_pipeline("a cat", num_inference_steps=3, seed=1, eta=0.5)
+    first = dict(backend._buffers)
+    ort_pipeline("a dog", num_inference_steps=5, seed=2)
+    assert backend._buffers == first  # same shapes: the same buffers, nothing new allocated
+    assert {name: g.session for name, g in backend.graphs.items()} == sessions
+
+
+def test_generate_in_a_process_without_torch(onnx_fp32_dir, ort_pipeline):
+    code = BLOCK_TORCH + f"""
+import numpy as np, sdengine
+result = sdengine.load_pipeline({str(onnx_fp32_dir)!r}, backend="onnxruntime")("a cat", num_inference_steps=4,
+                                                                                seed=8, eta=0.3)
+assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")], "torch was imported"
+assert "transformers" not in sys.modules
+print(int(np.asarray(result.images[0]).astype(np.int64).sum()))
+"""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    expected = pixels(ort_pipeline("a cat", num_inference_steps=4, seed=8, eta=0.3)).astype(np.int64).sum()
+    assert int(r.stdout.strip()) == expected
+
+
+def test_cli_generate_onnxruntime_without_torch(onnx_fp16_dir, tmp_path):
+    out = tmp_path / "cat.png"
+    r = run_cli("generate", "a cat", "--backend", "onnxruntime", "--model", str(onnx_fp16_dir), "--steps", "3",
+                "--seed", "4", "--num-images", "2", "--height", "72", "--out", str(out), torch_blocked=True)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "cat-1.png").size == (64, 72)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--height", "256"], "height 256 is outside this ONNX export's range 64..128"),
+    (["--num-images", "5"], "images 5 is outside"),
+])
+def test_cli_generate_refuses_shapes_outside_the_export(onnx_fp32_dir, tmp_path, args, match):
+    r = run_cli("generate", "a cat", "--backend", "onnxruntime", "--model", str(onnx_fp32_dir),
+                "--out", str(tmp_path / "x.png"), *args, torch_blocked=True)
+    assert r.returncode == 2 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_shape_outside_range_is_refused(ort_pipeline):
+    with pytest.raises(InvalidInputError, match="height 256 is outside.*--height"):
+        ort_pipeline("a cat", num_inference_steps=2, height=256)
+    with pytest.raises(InvalidInputError, match="images 5 is outside"):
+        ort_pipeline("a cat", num_inference_steps=2, num_images_per_prompt=5, guidance_scale=1.0)
+
+
+def _load(folder):
+    return sdengine.load_pipeline(folder, backend="onnxruntime")
+
+
+def _rewrite_manifest(folder, name):
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    data["graphs"][name]["sha256"] = sha256_file(folder / f"{name}.onnx")
+    path.write_text(json.dumps(data))
+
+
+def test_missing_graph(onnx_fp32_dir, tmp_path):
+    folder = copy_export(onnx_fp32_dir, tmp_path / "m")
+    (folder / "unet.onnx").unlink()
+    with pytest.raises(ModelLoadError, match="unet.onnx is missing.*re-export"):
+        _load(folder)
+
+
+def test_graph_of_another_model(onnx_fp32_dir, tmp_path):
+    folder = copy_export(onnx_fp32_dir, tmp_path / "m")
+    model = onnx.load(str(folder / "text_encoder.onnx"))
+    for prop in model.metadata_props:
+        if prop.key == "sdengine.source_sha256":
+            prop.value = "0" * 64  # as if exported from other weights
+    onnx.save(model, str(folder / "text_encoder.onnx"))
+    with pytest.raises(ModelLoadError, match="exported from another model"):
+        _load(folder)
+
+
+def test_graph_of_other_export_settings(onnx_fp32_dir, onnx_fp16_dir, tmp_path):
+    folder = copy_export(onnx_fp32_dir, tmp_path / "m")
+    shutil.copyfile(onnx_fp16_dir / "unet.onnx", folder / "unet.onnx")
+    with pytest.raises(ModelLoadError, match="unet.onnx differs from the graph recorded"):
+        _load(folder)
+
+
+def test_external_data_outside_the_folder_is_refused(onnx_fp32_dir, tmp_path):
+    folder = copy_export(onnx_fp32_dir, tmp_path / "m")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 4096)
+    model = onnx.load(str(folder / "vae_decoder.onnx"))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="../secret.bin")
+    onnx.save(model, str(folder / "vae_decoder.onnx"))
+    _rewrite_manifest(folder, "vae_decoder")  # a crafted folder: the manifest agrees with the graph
+    with pytest.raises(ModelLoadError, match="'../secret.bin', outside the model folder.*refusing to read it"):
+        _load(folder)
+    tensor.external_data[0].value = str(secret)  # an absolute path
+    onnx.save(model, str(folder / "vae_decoder.onnx"))
+    _rewrite_manifest(folder, "vae_decoder")
+    with pytest.raises(ModelLoadError, match="outside the model folder"):
+        _load(folder)
+
+
+def test_corrupt_graph(onnx_fp32_dir, tmp_path):
+    folder = copy_export(onnx_fp32_dir, tmp_path / "m")
+    path = folder / "denoise_step.onnx"
+    data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    with pytest.raises(ModelLoadError, match="denoise_step.onnx differs .*corrupted"):
+        _load(folder)
+    path.write_bytes(b"\x08\xff\xff\xff garbage" * 100)
+    _rewrite_manifest(folder, "denoise_step")
+    with pytest.raises(ModelLoadError, match="denoise_step.onnx is not a valid ONNX graph"):
+        _load(folder)
+
+
+def test_not_an_export_folder(tiny_model_dir, tmp_path, onnx_fp32_dir):
+    with pytest.raises(ModelLoadError, match="diffusers model folder: export it first"):
+        _load(tiny_model_dir)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        _load(tmp_path / "nowhere")
+    folder = copy_export(onnx_fp32_dir, tmp_path / "m")
+    data = json.loads((folder / "manifest.json").read_text())
+    data["format_version"] = 99
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match="format version 99"):
+        _load(folder)
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        _load(folder)
+
+
+def test_backend_registered_and_unknown_device(onnx_fp32_dir):
+    from sdengine.backends import BACKENDS
+
+    assert "onnxruntime" in BACKENDS
+    with pytest.raises(InvalidInputError, match="unknown device"):
+        sdengine.load_pipeline(onnx_fp32_dir, backend="onnxruntime", device="tpu")
+    with pytest.raises(InvalidInputError, match="lacks NoSuchExecutionProvider"):
+        sdengine.load_pipeline(onnx_fp32_dir, backend="onnxruntime", providers=["NoSuchExecutionProvider"])
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA EP present")
+def test_cuda_device_without_the_provider_is_a_clear_error(onnx_fp32_dir):
+    with pytest.raises(InvalidInputError, match="lacks CUDAExecutionProvider.*onnxruntime-gpu"):
+        sdengine.load_pipeline(onnx_fp32_dir, backend="onnxruntime", device="cuda")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs onnxruntime-gpu with the CUDA execution provider (not installable here)")
+@pytest.mark.parametrize("folder", ["onnx_fp32_dir", "onnx_fp16_dir"])
+def test_cuda_provider_matches_cpu(request, folder, ort_pipeline):
+    gpu = sdengine.load_pipeline(request.getfixturevalue(folder), backend="onnxruntime", device="cuda")
+    got, ref = _same_call(gpu, ort_pipeline, num_inference_steps=10, seed=3, eta=0.5)
+    assert np.abs(got - ref).mean() < 2
+
+
+@pytest.mark.skipif("TensorrtExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs onnxruntime-gpu with the TensorRT execution provider (not installable here)")
+def test_tensorrt_provider_matches_cpu(onnx_fp16_dir, ort_pipeline):
+    gpu = sdengine.load_pipeline(onnx_fp16_dir, backend="onnxruntime", device="cuda",
+                                 providers=["TensorrtExecutionProvider", "CUDAExecutionProvider"])
+    got, ref = _same_call(gpu, ort_pipeline, num_inference_steps=10, seed=3)
+    assert np.abs(got - ref).mean() < 2
