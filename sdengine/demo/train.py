@@ -120,7 +120,7 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, r: Recipe, log_path: Path)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.step(step, float(loss))
+        log.step(step, loss.item())
     log.close()
     vae.eval()
 
@@ -167,7 +167,7 @@ def train_unet(unet: UNet, text: TextEncoder, latents: torch.Tensor, ids: torch.
         decay = min(r.ema_decay, (1 + step) / (10 + step))
         _ema_update(ema_unet, unet, decay)
         _ema_update(ema_text, text, decay)
-        log.step(step, float(loss))
+        log.step(step, loss.item())
     log.close()
     return ema_unet, ema_text
 
