@@ -1,0 +1,304 @@
+"""The ASGI application: OpenAI-shaped image generation, health (KServe v2 paths) and Prometheus metrics.
+
+The model loads in the model thread after the server starts listening, so readiness can be watched:
+/v2/health/ready answers 503 until the model has loaded and run one warm-up image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import logging
+import time
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import __version__
+from ..errors import InvalidInputError
+from .batcher import Batcher, BatchAbandoned, Job, ModelThread, QueueFull, Unavailable
+from .metrics import CONTENT_TYPE, ServeMetrics
+from .schema import MAX_BODY_BYTES, GenerationRequest, Limits, RequestError, parse_generation
+from .settings import ServeSettings
+
+log = logging.getLogger("uvicorn.error")
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "server_unavailable", 504: "timeout_error"}
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param,
+                      "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _png_b64(images: list) -> list[str]:
+    out = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
+class Service:
+    """The model, its limits, the batcher and the metrics; `state` is loading, ready, failed or draining."""
+
+    def __init__(self, settings: ServeSettings, loader: Callable[[ServeSettings], Any] | None = None) -> None:
+        self.settings = settings
+        self.loader = loader or _load_pipeline
+        self.metrics = ServeMetrics(settings.backend, str(settings.model or "embedded demo model"), __version__)
+        self.state = "loading"
+        self.error: BaseException | None = None
+        self.on_fatal: Callable[[], None] = lambda: None  # set by the CLI: stop the server
+        self.pipeline: Any = None
+        self.limits: Limits | None = None
+        self.batcher: Batcher | None = None
+        self._thread: ModelThread | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- life cycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = ModelThread()
+        self._tasks.append(asyncio.create_task(self._load()))
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            self.pipeline = await self._thread.submit(self.loader, self.settings)
+            self.limits, max_batch = limits_for(self.pipeline, self.settings)
+            loaded = time.monotonic()
+            log.info("model loaded in %.1f s; running the warm-up image", loaded - started)
+            await self._thread.submit(self._warm_up)
+        except Exception as exc:  # noqa: BLE001 - reported by the CLI as a one-line start-up error
+            self.state, self.error = "failed", exc
+            log.error("model failed to load: %s", exc)
+            self.on_fatal()
+            return
+        if self.state != "loading":  # draining began meanwhile
+            return
+        s = self.settings
+        self.batcher = Batcher(self._compute, self._thread, self.metrics, max_batch=max_batch,
+                               max_queue=s.max_queue, batch_wait_s=s.batch_wait_ms / 1000)
+        self._tasks.append(asyncio.create_task(self.batcher.run()))
+        self.state = "ready"
+        self.metrics.ready.set(1)
+        log.info("ready: warm-up image in %.1f s; serving up to %d image(s) per batch", time.monotonic() - loaded,
+                 max_batch)
+
+    def _warm_up(self) -> None:
+        width, height = self.limits.default_size
+        self.pipeline("warm-up", num_inference_steps=self.settings.warmup_steps, seed=0, width=width, height=height)
+
+    def begin_drain(self) -> None:
+        """From the signal handler: stop taking requests, let the running batch finish."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        if self.state in ("ready", "loading"):
+            log.info("shutting down: finishing the running batch, answering 503 to waiting requests")
+            self.state = "draining"
+            self.metrics.ready.set(0)
+        if self.batcher is not None:
+            self.batcher.drain()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._thread is not None:
+            self._thread.close()
+
+    # ---- model thread -----------------------------------------------------------------------------
+    def _compute(self, requests: list[GenerationRequest], callback: Callable[[int, int], None]) -> list:
+        first = requests[0]
+        result = self.pipeline([r.prompt for r in requests for _ in range(r.n)],
+                               negative_prompt=[r.negative_prompt for r in requests for _ in range(r.n)],
+                               num_inference_steps=first.steps, guidance_scale=first.guidance_scale, eta=first.eta,
+                               seed=[s for r in requests for s in r.seeds], width=first.width, height=first.height,
+                               callback=callback)
+        return result.images
+
+    # ---- routes -----------------------------------------------------------------------------------
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ok = self.state == "ready"
+        return JSONResponse({"ready": ok, "state": self.state}, status_code=200 if ok else 503)
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def generate(self, request: Request) -> Response:
+        started = time.monotonic()
+        outcome, response = "error", None
+        try:
+            outcome, response = await self._generate(request, started)
+        except Exception:  # noqa: BLE001
+            log.exception("generation request failed")
+            response = error_response(500, "internal error while generating; see the server log")
+        finally:
+            self.metrics.requests.inc(outcome=outcome)
+        if outcome == "ok":
+            self.metrics.request_seconds.observe(time.monotonic() - started)
+        return response
+
+    async def _generate(self, request: Request, started: float) -> tuple[str, Response]:
+        if self.state != "ready":
+            message = ("the server is shutting down" if self.state == "draining" else
+                       "the model is still loading; retry shortly" if self.state == "loading" else
+                       "the model failed to load")
+            return "unavailable", error_response(503, message, headers={"Retry-After": "5"})
+        try:
+            body = await _read_body(request)
+            # Off the event loop: tokenizing a 64 KiB prompt takes a noticeable fraction of a second.
+            req = await asyncio.to_thread(parse_generation, body, self.limits)
+        except RequestError as exc:
+            return "invalid", error_response(exc.status, exc.message, exc.param)
+        except ClientDisconnect:
+            return "cancelled", Response(status_code=499)
+        job = Job(req, deadline=started + self.settings.timeout_s, future=asyncio.get_running_loop().create_future())
+        try:
+            self.batcher.submit(job)
+        except QueueFull as exc:
+            return "rejected", error_response(429, f"{exc}: {self.batcher.depth} request(s) are waiting",
+                                              headers={"Retry-After": str(exc.retry_after)})
+        except Unavailable as exc:
+            return "unavailable", error_response(503, str(exc), headers={"Retry-After": "5"})
+        return await self._wait(request, job, started)
+
+    async def _wait(self, request: Request, job: Job, started: float) -> tuple[str, Response]:
+        watch = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({job.future, watch}, timeout=max(0.0, job.deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if job.future not in done:
+            self.batcher.abandon(job)
+            if watch in done:
+                return "cancelled", Response(status_code=499)
+            return "timeout", self._timeout(job)
+        try:
+            images = job.future.result()
+        except BatchAbandoned:
+            return ("timeout", self._timeout(job)) if time.monotonic() >= job.deadline else \
+                ("cancelled", Response(status_code=499))
+        except Unavailable as exc:
+            return "unavailable", error_response(503, str(exc), headers={"Retry-After": "5"})
+        except InvalidInputError as exc:  # a limit the backend found that the schema did not know
+            return "invalid", error_response(422, str(exc))
+        self.metrics.compute_seconds.observe(job.finished - job.started)
+        encoded = await asyncio.to_thread(_png_b64, images)
+        self.metrics.images.inc(len(encoded))
+        timing = (f"queue;dur={1000 * (job.started - job.enqueued):.1f}, "
+                  f"compute;dur={1000 * (job.finished - job.started):.1f}, "
+                  f"total;dur={1000 * (time.monotonic() - started):.1f}")
+        body = {"created": int(time.time()),
+                "data": [{"b64_json": b, "seed": s} for b, s in zip(encoded, job.request.seeds)]}
+        return "ok", JSONResponse(body, headers={"Server-Timing": timing})
+
+    def _timeout(self, job: Job) -> Response:
+        where = "in the queue" if job.started is None else "while generating"
+        return error_response(504, f"the request took longer than the server's limit of "
+                                   f"{self.settings.timeout_s:g} s (timed out {where})")
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refusing more than MAX_BODY_BYTES before reading it all."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise RequestError(400, f"invalid Content-Length {length!r}")
+        if int(length) > MAX_BODY_BYTES:
+            raise RequestError(413, f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise RequestError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _load_pipeline(settings: ServeSettings) -> Any:
+    """In the model thread: load the pipeline with the settings' backend, device and threads."""
+    from ..pipeline import load_pipeline
+
+    options: dict[str, Any] = {}
+    if settings.threads is not None:
+        if settings.backend == "torch":
+            import torch
+
+            torch.set_num_threads(settings.threads)
+        else:
+            options["threads"] = settings.threads
+    return load_pipeline(settings.model, backend=settings.backend, device=settings.device, **options)
+
+
+def limits_for(pipeline: Any, settings: ServeSettings) -> tuple[Limits, int]:
+    """Request limits from the loaded model (VAE factor, engine profile, tokenizer) and the settings."""
+    config, tokenizer = pipeline.config, pipeline.tokenizer
+    ranges = getattr(pipeline.backend, "ranges", None)  # an ONNX/TensorRT export's shape profile
+    max_batch, size = settings.max_batch, (config.default_size, config.default_size)
+    width_range = height_range = None
+    if ranges is not None:
+        max_batch = min(max_batch, ranges.batch.max)
+        width_range, height_range = (ranges.width.min, ranges.width.max), (ranges.height.min, ranges.height.max)
+        if max_batch < settings.max_batch:
+            log.warning("--max-batch %d is over the engine profile's %d images: using %d", settings.max_batch,
+                        ranges.batch.max, max_batch)
+        size = (ranges.width.opt, ranges.height.opt) if config.default_size not in ranges.width \
+            or config.default_size not in ranges.height else size
+    limits = Limits(factor=config.vae.downscale, default_size=size, width_range=width_range,
+                    height_range=height_range, max_pixels=settings.max_pixels, max_images=max_batch,
+                    default_steps=settings.default_steps, max_steps=settings.max_steps,
+                    max_prompt_tokens=tokenizer.max_length - 2, count_tokens=lambda text: len(tokenizer.encode(text)),
+                    scheduler=config.scheduler)
+    if size[0] * size[1] > settings.max_pixels:
+        raise InvalidInputError(f"--max-pixels {settings.max_pixels} is below the model's own size "
+                                f"{size[0]}x{size[1]}; raise it")
+    return limits, max_batch
+
+
+def create_app(service: Service) -> Starlette:
+    """The Starlette app over `service`; its lifespan loads the model in the background."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
+                              headers=getattr(exc, "headers", None))
+
+    routes = [Route("/v1/images/generations", service.generate, methods=["POST"]),
+              Route("/v2/health/live", service.live, methods=["GET"]),
+              Route("/v2/health/ready", service.ready, methods=["GET"]),
+              Route("/metrics", service.metrics_text, methods=["GET"])]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})

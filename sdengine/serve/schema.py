@@ -1,0 +1,200 @@
+"""Request validation for POST /v1/images/generations (OpenAI's shape plus sdengine's extension fields).
+
+Every refusal is a `RequestError` with the HTTP status and a message that names the field, the
+value and the accepted range. 400: the body is not JSON; 413: the body is too large; 422: the JSON
+is well formed but a field is unknown, of the wrong type or out of range.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import InvalidInputError
+from ..pipeline import MAX_SEED, MIN_SIDE, MAX_SIDE
+from ..schedulers import SchedulerConfig, ddim_schedule
+
+MAX_BODY_BYTES = 64 * 1024
+SIZE_RE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+# OpenAI's fields we implement or accept; `model` and `user` are accepted and ignored (one model is served).
+FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "seed", "steps", "guidance_scale", "eta",
+          "model", "user")
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status, message, and the offending field when there is one."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the loaded model, its engine profile and the server's settings accept."""
+
+    factor: int                      # VAE downscale: sides are multiples of it
+    default_size: tuple[int, int]    # (width, height) when `size` is absent
+    min_side: int = MIN_SIDE
+    max_side: int = MAX_SIDE
+    width_range: tuple[int, int] | None = None   # an engine profile's width min..max, if any
+    height_range: tuple[int, int] | None = None
+    max_pixels: int = 512 * 512
+    max_images: int = 4              # n: 1..max_images (= the server's --max-batch)
+    default_steps: int = 20
+    max_steps: int = 100
+    max_prompt_tokens: int = 75      # CLIP reads 77 ids: BOS, 75 tokens, EOS
+    count_tokens: Callable[[str], int] = len
+    scheduler: SchedulerConfig | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request: one prompt, `n` images of `width` x `height`, seeds seed .. seed+n-1."""
+
+    prompt: str
+    negative_prompt: str
+    n: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    eta: float
+    seed: int
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.n)]
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one denoise loop (guidance and eta are scalars of the loop)."""
+        return (self.width, self.height, self.steps, self.guidance_scale, self.eta)
+
+
+def _invalid(message: str, param: str | None = None) -> RequestError:
+    return RequestError(422, message, param)
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or RequestError(400)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    if not body.strip():
+        raise RequestError(400, "request body is empty; send a JSON object such as {\"prompt\": \"a cat\"}")
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RequestError(400, f"request body is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise RequestError(400, "request body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # json.JSONDecodeError, or an integer too long to convert
+        raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _int(data: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(f"{name} must be an integer, got {json.dumps(value)}", name)
+    if not lo <= value <= hi:
+        raise _invalid(f"{name} must be between {lo} and {hi}, got {value}", name)
+    return value
+
+
+def _number(data: dict, name: str, default: float) -> float:
+    value = data.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(f"{name} must be a number, got {json.dumps(value)}", name)
+    if not math.isfinite(value):
+        raise _invalid(f"{name} must be a finite number, got {value}", name)
+    if value < 0:
+        raise _invalid(f"{name} must be >= 0, got {value}", name)
+    return float(value)
+
+
+def _text(data: dict, name: str, limits: Limits, required: bool) -> str:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise _invalid(f"{name} is required: a non-empty string", name)
+        return ""
+    if not isinstance(value, str):
+        raise _invalid(f"{name} must be a string, got {type(value).__name__}", name)
+    if required and not value.strip():
+        raise _invalid(f"{name} must not be empty", name)
+    try:
+        tokens = limits.count_tokens(value)
+    except InvalidInputError as exc:
+        raise _invalid(f"{name}: {exc}", name) from None
+    if tokens > limits.max_prompt_tokens:
+        raise _invalid(f"{name} is {tokens} tokens long; the model reads at most {limits.max_prompt_tokens}: "
+                       f"shorten it", name)
+    return value
+
+
+def _side(name: str, value: int, limits: Limits, profile: tuple[int, int] | None) -> None:
+    if value % limits.factor or not limits.min_side <= value <= limits.max_side:
+        raise _invalid(f"size: {name} {value} must be a multiple of {limits.factor} between {limits.min_side} "
+                       f"and {limits.max_side}", "size")
+    if profile is not None and not profile[0] <= value <= profile[1]:
+        raise _invalid(f"size: {name} {value} is outside the loaded engine's range {profile[0]}..{profile[1]}",
+                       "size")
+
+
+def _size(data: dict, limits: Limits) -> tuple[int, int]:
+    value = data.get("size")
+    if value is None:
+        return limits.default_size
+    match = SIZE_RE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise _invalid(f"size must be a string \"WIDTHxHEIGHT\" such as \"{limits.default_size[0]}x"
+                       f"{limits.default_size[1]}\", got {json.dumps(value)}", "size")
+    width, height = int(match.group(1)), int(match.group(2))
+    _side("width", width, limits, limits.width_range)
+    _side("height", height, limits, limits.height_range)
+    if width * height > limits.max_pixels:
+        raise _invalid(f"size {width}x{height} is {width * height} pixels; this server allows at most "
+                       f"{limits.max_pixels}", "size")
+    return width, height
+
+
+def parse_generation(body: bytes, limits: Limits) -> GenerationRequest:
+    """Validate a request body against `limits`; RequestError says what is wrong."""
+    data = parse_json(body)
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise _invalid(f"unknown field(s): {', '.join(unknown)}; accepted: {', '.join(FIELDS)}", unknown[0])
+    fmt = data.get("response_format")
+    if fmt is not None and fmt != "b64_json":
+        raise _invalid(f"response_format {json.dumps(fmt)} is not supported; only \"b64_json\" is",
+                       "response_format")
+    for name in ("model", "user"):
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise _invalid(f"{name} must be a string", name)
+    prompt = _text(data, "prompt", limits, required=True)
+    negative = _text(data, "negative_prompt", limits, required=False)
+    n = _int(data, "n", 1, 1, limits.max_images)
+    width, height = _size(data, limits)
+    steps = _int(data, "steps", limits.default_steps, 1, limits.max_steps)
+    guidance = _number(data, "guidance_scale", 7.5)
+    eta = _number(data, "eta", 0.0)
+    seed = _int(data, "seed", None, 0, MAX_SEED - n + 1)
+    if limits.scheduler is not None:  # the schedule's own limits: steps within the training steps, eta's range
+        try:
+            ddim_schedule(limits.scheduler, steps, eta)
+        except InvalidInputError as exc:
+            raise _invalid(str(exc), "eta" if str(exc).startswith("eta") else "steps") from None
+    return GenerationRequest(prompt=prompt, negative_prompt=negative, n=n, width=width, height=height, steps=steps,
+                             guidance_scale=guidance, eta=eta,
+                             seed=secrets.randbelow(2**32) if seed is None else seed)
