@@ -12,6 +12,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import InvalidInputError, SDEngineError
+from .serve import cli as serve_cli  # loads no uvicorn, starlette or torch
 
 MAX_STEPS = 1000
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _export_parser(sub)
+    serve_cli.add_parser(sub)
     tiny = sub.add_parser("tiny-model", help="write a small random-weight model folder for trying things out")
     tiny.add_argument("out", help="folder to create")
     tiny.add_argument("--seed", type=int, default=0)
@@ -218,7 +220,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"generate": cmd_generate, "export": cmd_export, "tiny-model": cmd_tiny_model,
-                "train-demo": cmd_train_demo}
+                "train-demo": cmd_train_demo, "serve": serve_cli.run}
     try:
         return commands[args.command](args)
     except SDEngineError as exc:

@@ -26,7 +26,7 @@ from .config import ModelConfig
 from .errors import InvalidInputError
 from .schedulers import ddim_schedule
 
-MIN_SIDE, MAX_SIDE, MAX_BATCH = 64, 2048, 16
+MIN_SIDE, MAX_SIDE, MAX_BATCH = 64, 2048, 64
 TEXT_ENCODER, DENOISE_STEP, UNET, VAE_DECODER, VAE_ENCODER = (
     "text_encoder", "denoise_step", "unet", "vae_decoder", "vae_encoder")
 

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from onnx_support import copy_export, onnx_fp16_dir, onnx_fp32_dir, report, run_cli, tiny_components  # noqa: F401
+from onnx_support import (copy_export, onnx_fp16_dir, onnx_fp32_dir, pixels, report, run_cli,  # noqa: F401
+                          tiny_components)
 
 import onnx
 import onnxruntime as ort
@@ -126,15 +127,26 @@ def test_large_graph_goes_to_one_external_data_file(onnx_fp32_dir, tiny_model_di
     assert image.size == (64, 64)
 
 
-def test_static_export_has_fixed_dims(tiny_model_dir, tmp_path):
+def test_static_export_has_fixed_dims_and_generates(tiny_model_dir, tiny_pipeline, tmp_path):
+    """--static: every dim fixed; guidance 1 (B text rows into a 2B-row static graph) still matches torch."""
+    import sdengine
+
     out = tmp_path / "static"
-    export_model(tiny_model_dir, out, ExportSettings(static=True, batch=(2,), height=(72,), width=(64,),
-                                                     graphs=("vae_decoder", "text_encoder")), log=lambda line: None)
+    export_model(tiny_model_dir, out, ExportSettings(static=True, batch=(2,), height=(72,), width=(64,)),
+                 log=lambda line: None)
     dims = [[d.dim_value for d in v.type.tensor_type.shape.dim]
             for v in onnx.load(str(out / "vae_decoder.onnx")).graph.output]
     assert dims == [[2, 3, 72, 64]]
     ids = onnx.load(str(out / "text_encoder.onnx")).graph.input[0]
     assert [d.dim_value for d in ids.type.tensor_type.shape.dim] == [4, 77]
+    pipe = sdengine.load_pipeline(out, backend="onnxruntime")
+    for guidance in (7.5, 1.0):
+        kwargs = dict(num_inference_steps=8, seed=2, guidance_scale=guidance, num_images_per_prompt=2,
+                      height=72, width=64)
+        got, ref = pixels(pipe("a cat", **kwargs)), pixels(tiny_pipeline("a cat", **kwargs))
+        assert np.abs(got - ref).max() <= 2, guidance
+    with pytest.raises(InvalidInputError, match="images 1 is outside this ONNX export's range 2"):
+        pipe("a cat", num_inference_steps=2, height=72, width=64)
 
 
 @pytest.mark.parametrize("args, match", [

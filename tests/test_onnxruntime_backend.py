@@ -45,12 +45,13 @@ def test_pipeline_matches_torch_at_odd_size_and_prompt_lists(ort_pipeline, tiny_
 
 
 def test_fp16_generation_close_to_fp32(onnx_fp16_dir, tiny_pipeline):
-    """fp16 network bodies: measured on the tiny model, mean |diff| ~0.3/255 and max ~4/255 at 20 steps."""
+    """fp16 network bodies against the fp32 reference, 20 steps. Measured on the tiny model: max 1/255, mean
+    0.03/255 (ONNX Runtime's CPU provider computes fp16 nodes in fp32: the weights are what differs here)."""
     fp16 = sdengine.load_pipeline(onnx_fp16_dir, backend="onnxruntime")
     got, ref = _same_call(fp16, tiny_pipeline, num_inference_steps=20, seed=3, num_images_per_prompt=2)
     diff = np.abs(got - ref)
     print(f"\nparity onnxruntime fp16 vs torch fp32: max pixel difference {diff.max()}/255, mean {diff.mean():.2f}")
-    assert diff.mean() < 2 and diff.max() <= 16
+    assert diff.mean() < 1 and diff.max() <= 8
 
 
 def test_buffers_and_sessions_are_reused(ort_pipeline):

@@ -127,6 +127,7 @@ def test_seed_per_image(tiny_pipeline):
     both = tiny_pipeline(["a cat", "a dog"], num_inference_steps=3, seed=[5, 9])
     dog = tiny_pipeline("a dog", num_inference_steps=3, seed=9)
     assert both.seeds == [5, 9]
-    assert np.array_equal(pixels(both)[1], pixels(dog)[0])
+    # Batched with another prompt, float sums may round differently: allow the pipeline tolerance.
+    assert np.abs(pixels(both)[1] - pixels(dog)[0]).max() <= 2
     with pytest.raises(InvalidInputError, match="2 seeds given for 1 images"):
         tiny_pipeline("a cat", seed=[1, 2])

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, ModelLoadError
 from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_DIR, Manifest
-from ..runtime.onnxruntime import CUDA, TENSORRT, Buffer, Graph, check_dim, resolve_providers, tensorrt_options
+from ..runtime.onnxruntime import TENSORRT, Buffer, Graph, check_dim, resolve_providers, tensorrt_options
 from ..schedulers import Schedule
 from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, Precision, dim_ranges, profile
 from ..tokenizer import ClipTokenizer
@@ -177,10 +177,3 @@ class OnnxRuntimeBackend:
         vae.run()
         return image.read()
 
-
-def providers_in_use(backend: OnnxRuntimeBackend) -> dict[str, list[str]]:
-    """The execution providers each session runs on (what ONNX Runtime accepted)."""
-    return {name: list(g.session.get_providers()) for name, g in backend.graphs.items()}
-
-
-__all__ = ["OnnxRuntimeBackend", "TextEmbeddings", "providers_in_use", "CUDA", "TENSORRT"]

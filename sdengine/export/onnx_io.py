@@ -38,7 +38,23 @@ def trace(gm: GraphModule, dims: dict[str, int], opset: int, static: bool) -> on
         torch.onnx.export(gm.module, args, str(path), input_names=spec.input_names,
                           output_names=spec.output_names, dynamic_axes=dynamic_axes(spec, static),
                           opset_version=opset, do_constant_folding=True, dynamo=False)
-        return onnx.load(str(path))  # loads any external data the exporter wrote beside it
+        model = onnx.load(str(path))  # loads any external data the exporter wrote beside it
+    declare_io(model, spec, dims, static)
+    return model
+
+
+def declare_io(model: onnx.ModelProto, spec: GraphSpec, dims: dict[str, int], static: bool) -> None:
+    """Declared input/output shapes exactly as the spec says (the exporter names dims it cannot infer)."""
+    declared = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
+    for t in spec.inputs + spec.outputs:
+        shape = declared[t.name].type.tensor_type.shape
+        shape.ClearField("dim")
+        for d in t.dims:
+            dim = shape.dim.add()
+            if isinstance(d, str) and d in DYNAMIC_DIMS and not static:
+                dim.dim_param = d
+            else:
+                dim.dim_value = d if isinstance(d, int) else dims[d]
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:

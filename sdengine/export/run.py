@@ -103,9 +103,12 @@ def _install(tmp: Path, out: Path, file: str, location: str | None, key: str) ->
     return entry
 
 
-def _export_graph(name: str, c: Components, settings: ExportSettings, ranges: ShapeRanges, out: Path,
+def export_graph(name: str, c: Components, settings: ExportSettings, ranges: ShapeRanges, out: Path,
                   source: str, key: str, seed: int) -> tuple[GraphResult, dict[str, Any] | None]:
-    """Trace, convert, validate and install one graph; failures are reported, not raised."""
+    """Trace, convert, validate and install one graph; failures are reported, not raised.
+
+    `c` needs `config` and the modules the graph is built from (a Components, or any object with them).
+    """
     from .fp16 import to_fp16
     from .onnx_io import save, set_metadata, trace
     from .wrappers import build
@@ -163,7 +166,7 @@ def export_model(model: str | Path, out: str | Path, settings: ExportSettings,
             _remove_stale(out, old, name)
         if wanted:
             log(f"exporting {name} ({settings.precision.value}) ...")
-            result, entry = _export_graph(name, c, settings, ranges, out, source, key, seed)
+            result, entry = export_graph(name, c, settings, ranges, out, source, key, seed)
             results.append(result)
             if entry is not None or current:  # a forced re-export that fails leaves the valid graph
                 entries[name] = entry or old["graphs"][name]
