@@ -40,7 +40,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export the networks to validated ONNX graphs (for --backend onnxruntime)")
-    p.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors checkpoint")
+    p.add_argument("--model", help="diffusers folder or single-file .safetensors checkpoint "
+                   "(default: the embedded demo model)")
     p.add_argument("--out", required=True, help="folder to write the graphs, manifest and report to")
     p.add_argument("--fp16", action="store_true", help="fp16 network bodies; inputs, outputs and the update stay fp32")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17-20, default 17)")
@@ -182,6 +183,10 @@ def cmd_export(args: argparse.Namespace) -> int:
               for name in ("batch", "height", "width")}
     settings = ExportSettings(precision="fp16" if args.fp16 else "fp32", opset=args.opset, static=args.static,
                               force=args.force, **ranges)
+    if args.model is None:
+        from .demo import embedded_model_path
+
+        args.model = str(embedded_model_path())
     if not Path(args.model).exists():
         raise InvalidInputError(f"--model {args.model} does not exist: give a diffusers folder or a .safetensors file")
     if Path(args.out).exists() and not Path(args.out).is_dir():
