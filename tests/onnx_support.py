@@ -11,18 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torch_block import BLOCK_TORCH
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-
-BLOCK_TORCH = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, _Block())
-"""
 
 
 def run_cli(*args: str, torch_blocked: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -5,14 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BLOCK_TORCH = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this test")
-sys.meta_path.insert(0, _Block())
-"""
+from torch_block import BLOCK_TORCH
 
 
 def test_runtime_imports_without_torch():
