@@ -87,3 +87,16 @@ def test_bad_checkpoints_one_line_error(tmp_path, kind):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert {"truncated": "truncated", "pickle": "pickle", "other-family": "SDXL"}[kind] in r.stderr
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_first_readme_command_uses_the_embedded_model(tmp_path):
+    """`sdengine generate "a red circle on a white background"` with no --model draws that picture."""
+    from sdengine.demo import checker
+
+    r = run("generate", "a red circle on a white background", "--steps", "20", "--guidance", "5", "--seed", "3",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    image = Image.open(tmp_path / "image.png")
+    assert image.text["model"] == "embedded demo model"
+    verdict = checker.check(image)
+    assert (verdict.colour, verdict.shape, verdict.background) == ("red", "circle", "white")
