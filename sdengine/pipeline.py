@@ -16,8 +16,8 @@ import numpy as np
 from .backends import Backend, StepCallback, load_backend
 from .errors import InvalidInputError
 from .schedulers import Schedule, ddim_schedule
+from .specs import MAX_SIDE, MIN_SIDE  # one set of image-side limits for every path
 
-MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_IMAGES_PER_PROMPT = 16
 MAX_SEED = 2**63 - 1
 

@@ -12,7 +12,6 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import InvalidInputError
-from .loading import Components
 from .text_encoder import TextEncoder
 from .unet import UNet
 from .vae import AutoencoderKL
@@ -83,11 +82,6 @@ def save_diffusers_folder(out: str | Path, config: ModelConfig, unet: UNet, vae:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def save_components(out: str | Path, c: Components, **kwargs) -> Path:
-    """save_diffusers_folder for loaded Components."""
-    return save_diffusers_folder(out, c.config, c.unet, c.vae, c.text_encoder, **kwargs)
 
 
 def write_random_model(out: str | Path, config: ModelConfig | None = None, seed: int = 0,
