@@ -23,3 +23,15 @@ class UnsupportedModelError(ModelLoadError):
 
 class WeightsMismatchError(ModelLoadError):
     """A strict load found missing, unexpected or mis-shaped tensors."""
+
+
+class BackendUnavailableError(SDEngineError):
+    """A backend's library or hardware is absent here (TensorRT, cuda-python, an NVIDIA GPU)."""
+
+
+class CudaError(SDEngineError):
+    """A CUDA call failed: the message names the call and the CUDA error."""
+
+
+class EngineMismatchError(ModelLoadError):
+    """An engine set was built for another GPU, TensorRT version, graph or sdengine: rebuild it."""
