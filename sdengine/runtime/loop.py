@@ -1,0 +1,210 @@
+"""The denoise loop over any Executor: fixed buffers, per-step rows, ping-pong latents, one CUDA graph.
+
+For one call of N steps: the latent, the timesteps [N,1], the coefficient rows [N,3], the guidance
+scale and (eta > 0) the noise [N,B,C,h,w] are uploaded once into buffers allocated once per shape;
+the text embeddings are copied into a loop-owned [2B,77,D] buffer (B rows are duplicated: guidance 1,
+as the ONNX Runtime backend does). Step i binds row i of each array, reads latent buffer i % 2 and
+writes the other, so the result of N steps is in buffer N % 2. Every address a step binds therefore
+depends only on (shape, N, noise or not): the whole loop is captured once per such key as one CUDA
+graph and replayed; later calls re-upload their data into the same buffers before the launch.
+
+The device is injected (`device`): sdengine.runtime.cuda.CudaDevice on a GPU; the tests run the same
+loop over a host-memory stand-in. No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import EngineMismatchError, InvalidInputError
+from ..schedulers import Schedule
+from ..specs import DENOISE_STEP, point_dims, shapes
+from .executor import Executor
+
+StepCallback = Callable[[int, int], None]
+
+
+class Graph(Protocol):
+    def launch(self) -> None: ...
+
+
+class Device(Protocol):
+    """What the loop needs from a device: sdengine.runtime.cuda.CudaDevice, or a test stand-in."""
+
+    handle: int
+
+    def empty(self, shape: Sequence[int], dtype: Any = np.float32) -> Any: ...
+    def upload(self, dst: Any, array: np.ndarray) -> None: ...
+    def download(self, src: Any, rows: int | None = None) -> np.ndarray: ...
+    def copy(self, dst: int, src: int, nbytes: int) -> None: ...
+    def zero(self, buf: Any) -> None: ...
+    def capture(self, enqueue: Callable[[], None]) -> Graph: ...
+    def synchronize(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """Text encoder output on the device: the first `rows` rows of `buffer` are valid."""
+
+    buffer: Any
+    rows: int
+
+
+@dataclass(frozen=True)
+class LoopKey:
+    """What fixes every address of a loop, so one captured graph serves every call with the same key."""
+
+    shape: tuple[int, ...]
+    steps: int
+    noise: bool
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A call's data uploaded into the key's buffers, ready to launch."""
+
+    key: LoopKey
+    latents: tuple[Any, Any]
+    timesteps: Any
+    coefficients: Any
+    noise: Any            # [N,B,C,h,w] rows, or the zeros buffer (c = 0)
+    context: Any
+    scale: Any
+
+
+def bind_shapes(executor: Executor, values: Mapping[str, tuple[int, ...]]) -> None:
+    """Set every input's shape and check the executor's output shapes agree with the spec's."""
+    spec = executor.spec
+    for name in spec.input_names:
+        executor.set_input_shape(name, values[name])
+    for name in spec.output_names:
+        got = tuple(executor.output_shape(name))
+        if got != values[name]:
+            raise EngineMismatchError(f"the {spec.name} engine gives {name} shape {got} where {values[name]} was "
+                                      f"expected: it was built from another export; rebuild it with sdengine build")
+
+
+class DenoiseLoop:
+    """N denoise steps over one step executor, eager or as one cached CUDA graph per LoopKey."""
+
+    def __init__(self, device: Device, step: Executor, config: ModelConfig, use_graph: bool = True) -> None:
+        if step.spec.name != DENOISE_STEP:
+            raise InvalidInputError(f"the denoise loop runs the {DENOISE_STEP} graph, not {step.spec.name}")
+        self.device, self.step, self.config, self.use_graph = device, step, config, use_graph
+        (self._latent, self._timestep, self._text, self._scale, self._coefficients,
+         self._noise) = step.spec.input_names
+        (self._next,) = step.spec.output_names
+        self._buffers: dict[tuple, Any] = {}
+        self.graphs: dict[LoopKey, Graph] = {}
+
+    def buffer(self, role: str, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
+        """The buffer for `role` at `shape`, allocated on first use and kept (its address never changes)."""
+        key = (role, tuple(shape), np.dtype(dtype).str)
+        if key not in self._buffers:
+            self._buffers[key] = self.device.empty(shape, dtype)
+            if role == "zeros":
+                self.device.zero(self._buffers[key])
+        return self._buffers[key]
+
+    def _shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        b, _, lh, lw = shape
+        return shapes(self.step.spec, point_dims(self.config, b, lh, lw))
+
+    def prepare(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
+                noise: np.ndarray | None) -> Prepared:
+        """Upload one call's data into the buffers of its key (enqueued on the device's stream)."""
+        x = np.ascontiguousarray(latents, dtype=np.float32)
+        n, b = schedule.num_steps, x.shape[0]
+        key = LoopKey(x.shape, n, noise is not None)
+        shp = self._shapes(x.shape)
+        dev = self.device
+        bufs = (self.buffer("latent_a", x.shape), self.buffer("latent_b", x.shape))
+        dev.upload(bufs[0], x)
+        ts = self.buffer("timesteps", (n, *shp[self._timestep]))
+        dev.upload(ts, schedule.timesteps.astype(np.float32).reshape(ts.shape))
+        rows = self.buffer("coefficients", (n, *shp[self._coefficients]))
+        dev.upload(rows, schedule.coefficients.astype(np.float32).reshape(rows.shape))
+        if noise is None:
+            steps_noise = self.buffer("zeros", x.shape)
+        else:
+            steps_noise = self.buffer("noise", (n, *x.shape))
+            if np.shape(noise) != steps_noise.shape:
+                raise InvalidInputError(f"noise has shape {list(np.shape(noise))}; {n} steps of latents "
+                                        f"{list(x.shape)} need {list(steps_noise.shape)}")
+            dev.upload(steps_noise, noise)
+        scale = self.buffer("guidance_scale", shp[self._scale])
+        dev.upload(scale, np.full(scale.shape, guidance_scale, np.float32))
+        ctx = self.buffer("text_embeddings", shp[self._text])
+        self._copy_context(ctx, context, b)
+        return Prepared(key, bufs, ts, rows, steps_noise, ctx, scale)
+
+    def _copy_context(self, dst: Any, context: TextEmbeddings, batch: int) -> None:
+        """[2B,77,D] into the loop's own buffer: 2B rows as given, or B rows twice (guidance 1)."""
+        src = context.buffer
+        if tuple(src.shape[1:]) != tuple(dst.shape[1:]) or src.dtype != dst.dtype:
+            raise InvalidInputError(f"text embeddings {src.shape} do not fit this model's {dst.shape}")
+        row = dst.nbytes // dst.shape[0]
+        if context.rows == 2 * batch and src.shape[0] >= 2 * batch:
+            self.device.copy(dst.ptr, src.ptr, 2 * batch * row)
+        elif context.rows == batch and src.shape[0] >= batch:
+            self.device.copy(dst.ptr, src.ptr, batch * row)
+            self.device.copy(dst.ptr + batch * row, src.ptr, batch * row)
+        else:
+            raise InvalidInputError(f"{context.rows} text rows for {batch} latents: give B or 2B rows")
+
+    def _enqueue_step(self, p: Prepared, i: int) -> None:
+        """Bind step i's addresses (latent i % 2 -> the other, row i of each array) and enqueue it."""
+        s = self.step
+        s.set_address(self._latent, p.latents[i % 2].ptr)
+        s.set_address(self._timestep, p.timesteps.row(i))
+        s.set_address(self._text, p.context.ptr)
+        s.set_address(self._scale, p.scale.ptr)
+        s.set_address(self._coefficients, p.coefficients.row(i))
+        s.set_address(self._noise, p.noise.row(i) if p.key.noise else p.noise.ptr)
+        s.set_address(self._next, p.latents[(i + 1) % 2].ptr)
+        s.execute(self.device.handle)
+
+    def launch(self, p: Prepared, callback: StepCallback | None = None, graph: bool | None = None) -> Any:
+        """Enqueue the N steps (eagerly, or by launching the key's graph); the buffer holding the result.
+
+        The result buffer is the loop's own: valid until the next call with the same latent shape. With
+        the graph, `callback` is called once, with (N, N), after the launch is enqueued.
+        """
+        n = p.key.steps
+        bind_shapes(self.step, self._shapes(p.key.shape))
+        if self.use_graph if graph is None else graph:
+            cached = self.graphs.get(p.key)
+            if cached is None:
+                self._enqueue_step(p, 0)  # warm-up, as TensorRT asks before a capture; leaves buffer 0 as is
+                cached = self.graphs[p.key] = self.device.capture(lambda: self._enqueue_steps(p))
+            cached.launch()
+            if callback is not None:
+                callback(n, n)
+        else:
+            self._enqueue_steps(p, callback)
+        return p.latents[n % 2]
+
+    def _enqueue_steps(self, p: Prepared, callback: StepCallback | None = None) -> None:
+        for i in range(p.key.steps):
+            self._enqueue_step(p, i)
+            if callback is not None:
+                callback(i + 1, p.key.steps)
+
+    def run(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
+            noise: np.ndarray | None, callback: StepCallback | None = None) -> Any:
+        """prepare + launch: every step of `schedule` from `latents`; the buffer holding the final latent."""
+        return self.launch(self.prepare(latents, context, schedule, guidance_scale, noise), callback)
+
+    def close(self) -> None:
+        """Destroy the cached graphs and free the loop's buffers (the executor is the caller's)."""
+        graphs, buffers = list(self.graphs.values()), list(self._buffers.values())
+        self.graphs, self._buffers = {}, {}
+        for g in graphs:
+            if hasattr(g, "destroy"):
+                g.destroy()
+        for b in buffers:
+            b.free()
