@@ -11,6 +11,8 @@ from torch_block import BLOCK_TORCH
 def test_runtime_imports_without_torch():
     code = BLOCK_TORCH + """
 import sdengine, sdengine.runtime, sdengine.config, sdengine.schedulers, sdengine.tokenizer, sdengine.errors
+import sdengine.runtime.cuda, sdengine.runtime.loop, sdengine.backends.cuda_backend
+import sdengine.backends.tensorrt_backend
 from sdengine.config import ModelConfig
 from sdengine.schedulers import ddim_schedule
 from sdengine.tokenizer import ClipTokenizer
@@ -23,6 +25,17 @@ except ImportError:
 else:
     raise SystemExit("the blocker did not work")
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_tensorrt_side_imports_without_torch():
+    code = BLOCK_TORCH + """
+import sdengine.engine_manifest, sdengine.engine_build, sdengine.runtime.tensorrt, sdengine.build_cli, sdengine.cli
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+assert "tensorrt" not in sys.modules, "tensorrt is imported only when a build or a load starts"
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -16,7 +16,7 @@ from ..schedulers import Schedule
 from ..tokenizer import ClipTokenizer
 
 StepCallback = Callable[[int, int], None]
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 class Backend(Protocol):
@@ -37,7 +37,7 @@ class Backend(Protocol):
 
 
 def load_backend(path: str | None, backend: str = "torch", device: str = "cpu", **options: Any) -> Backend:
-    """The named backend over the model at `path` (torch: a model; onnxruntime: an ONNX export folder)."""
+    """The named backend over `path` (torch: a model; onnxruntime: an ONNX export; tensorrt: an engine set)."""
     if backend == "torch":
         from .torch_backend import TorchBackend
 
@@ -46,4 +46,8 @@ def load_backend(path: str | None, backend: str = "torch", device: str = "cpu", 
         from .onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend.load(path, device=device, **options)
+    if backend == "tensorrt":  # an engine set (sdengine build) on a CUDA device; imports no torch
+        from .tensorrt_backend import load
+
+        return load(path, device=device, **options)
     raise InvalidInputError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")

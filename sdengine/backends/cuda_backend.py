@@ -1,0 +1,132 @@
+"""A backend over the lean CUDA runtime: text encoder, denoise loop and VAE decoder on one CUDA stream.
+
+The three networks are `Executor`s (sdengine.runtime.executor): TensorRT engines (tensorrt_backend) or
+the PyTorch stand-in that proves the runtime on a GPU without TensorRT (torch_executor). The denoise
+loop (sdengine.runtime.loop) keeps the latent on the device and replays one CUDA graph per shape and
+step count. Nothing crosses to the host between the token ids going in and the image coming out.
+No torch here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import InvalidInputError, ModelLoadError
+from ..runtime.cuda import CudaDevice
+from ..runtime.executor import Executor
+from ..runtime.loop import DenoiseLoop, StepCallback, TextEmbeddings, bind_shapes
+from ..schedulers import Schedule
+from ..specs import DENOISE_STEP, TEXT_ENCODER, VAE_DECODER, Range, ShapeRanges, dim_ranges, point_dims, shapes
+from ..tokenizer import ClipTokenizer
+
+NETWORKS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)
+REBUILD = "rebuild the engines with sdengine build --batch/--height/--width MIN:OPT:MAX covering it"
+
+
+class CudaBackend:
+    """encode_text / denoise / decode over executors sharing one CudaDevice (its stream and allocations)."""
+
+    def __init__(self, config: ModelConfig, tokenizer: ClipTokenizer, executors: Mapping[str, Executor],
+                 device: CudaDevice, ranges: ShapeRanges | None = None, use_graph: bool = True) -> None:
+        missing = [name for name in NETWORKS if name not in executors]
+        if missing:
+            raise ModelLoadError(f"the CUDA backend needs executors for {', '.join(missing)}")
+        self.config, self.tokenizer, self.device, self.ranges = config, tokenizer, device, ranges
+        self.executors = dict(executors)
+        self.dims: dict[str, Range] | None = None if ranges is None else dim_ranges(config, ranges)
+        self.loop = DenoiseLoop(device, self.executors[DENOISE_STEP], config, use_graph)
+        self._buffers: dict[tuple, Any] = {}
+
+    def _buffer(self, role: str, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
+        """The buffer for `role` at `shape`, allocated on first use and reused after."""
+        key = (role, tuple(shape), np.dtype(dtype).str)
+        if key not in self._buffers:
+            self._buffers[key] = self.device.empty(shape, dtype)
+        return self._buffers[key]
+
+    def _check_dim(self, value: int, dim: str, what: str) -> None:
+        if self.dims is not None and value not in self.dims[dim]:
+            raise InvalidInputError(f"{what} {value} is outside the range {self.dims[dim].text()} these engines "
+                                    f"were built for; {REBUILD}")
+
+    def _check_latents(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 4 or shape[1] != self.config.unet.in_channels:
+            raise InvalidInputError(f"latents must be [images, {self.config.unet.in_channels}, height/8, width/8], "
+                                    f"got {list(shape)}")
+        f = self.config.vae.downscale
+        self._check_dim(shape[0], "batch", "images")
+        self._check_dim(shape[2] * f, "height", "height")
+        self._check_dim(shape[3] * f, "width", "width")
+
+    def encode_text(self, input_ids: np.ndarray) -> TextEmbeddings:
+        """Token ids [R, 77] -> embeddings [R, 77, D] on the device (valid until the next call with R rows)."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise InvalidInputError(f"token ids must be [rows, {self.config.text_encoder.max_position_embeddings}], "
+                                    f"got shape {list(ids.shape)}")
+        rows = run_rows = ids.shape[0]
+        if self.ranges is not None and self.ranges.static and 2 * rows == self.dims["rows"].max:
+            ids, run_rows = np.concatenate([ids, ids]), 2 * rows  # a static engine takes 2B rows: run B twice
+        self._check_dim(run_rows, "rows", "text rows (images, times 2 with guidance)")
+        te = self.executors[TEXT_ENCODER]
+        (ids_name,), (hidden_name, pooled_name) = te.spec.input_names, te.spec.output_names
+        shp = shapes(te.spec, point_dims(self.config, 1, 1, 1, rows=run_rows))
+        bind_shapes(te, shp)
+        ids_buf = self._buffer(ids_name, shp[ids_name], np.int32)
+        self.device.upload(ids_buf, ids.astype(np.int32))
+        hidden = self._buffer(hidden_name, shp[hidden_name])
+        te.set_address(ids_name, ids_buf.ptr)
+        te.set_address(hidden_name, hidden.ptr)
+        te.set_address(pooled_name, self._buffer(pooled_name, shp[pooled_name]).ptr)
+        te.execute(self.device.handle)
+        return TextEmbeddings(hidden, rows)
+
+    def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
+                noise: np.ndarray | None, callback: StepCallback | None = None) -> Any:
+        """Every step of `schedule`; the device buffer holding the final latent (valid until the next call)."""
+        if not isinstance(context, TextEmbeddings):
+            raise InvalidInputError("context must be what this backend's encode_text returned")
+        x = np.ascontiguousarray(latents, dtype=np.float32)
+        self._check_latents(x.shape)
+        return self.loop.run(x, context, schedule, guidance_scale, noise, callback)
+
+    def decode(self, latents: Any) -> np.ndarray:
+        """Scaled latents (a device buffer from denoise, or numpy) -> float32 images [B, 3, H, W] on the host."""
+        if not hasattr(latents, "ptr"):
+            array = np.ascontiguousarray(latents, dtype=np.float32)
+            self._check_latents(array.shape)
+            latents = self._buffer("decode_latent", array.shape)
+            self.device.upload(latents, array)
+        vae = self.executors[VAE_DECODER]
+        (latent_name,), (image_name,) = vae.spec.input_names, vae.spec.output_names
+        b, _, lh, lw = latents.shape
+        shp = shapes(vae.spec, point_dims(self.config, b, lh, lw))
+        bind_shapes(vae, shp)
+        image = self._buffer(image_name, shp[image_name])
+        vae.set_address(latent_name, latents.ptr)
+        vae.set_address(image_name, image.ptr)
+        vae.execute(self.device.handle)
+        return self.device.download(image)
+
+    def close(self) -> None:
+        """Wait, then graphs, executors, every device allocation and the stream; the first error raised last."""
+        steps = [self.device.synchronize, self.loop.close] + [e.close for e in self.executors.values()]
+        steps.append(self.device.close)
+        first: BaseException | None = None
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:
+                first = first or exc
+        self._buffers = {}
+        if first is not None:
+            raise first
+
+    def __enter__(self) -> "CudaBackend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,352 @@
+"""The lean CUDA runtime: clear errors without GPU or libraries, and the loop's addressing on a stand-in device.
+
+Without a GPU the real sdengine.runtime.cuda code runs over tests/fake_cuda.py's FakeRuntime (host
+memory; captures record work for a graph to replay) with numpy executors that read and write by
+address, so eager runs, captures, replays, ping-pong buffers, per-step rows and frees are all
+exercised. Tests that need a real GPU skip.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from torch_block import BLOCK_TORCH
+
+from sdengine.errors import BackendUnavailableError, CudaError, EngineMismatchError, InvalidInputError
+from sdengine.runtime import cuda
+from sdengine.schedulers import ddim_schedule
+from sdengine.specs import DENOISE_STEP, TEXT_ENCODER, VAE_DECODER, ShapeRanges
+
+real_rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
+from fake_cuda import (CONFIG, OK, FakeRuntime, NumpyExecutor, model_output, text_encoder,  # noqa: E402
+                       vae_decoder)
+
+HAS_GPU = real_rt.cudaGetDeviceCount()[0] == OK and real_rt.cudaGetDeviceCount()[1] > 0
+
+
+@pytest.fixture
+def fake(monkeypatch) -> FakeRuntime:
+    rt = FakeRuntime()
+    monkeypatch.setattr(cuda, "_RT", rt)
+    return rt
+
+
+def reference_loop(x, ctx2, schedule, g, noise):
+    """The DDIM recursion written out: what the loop must compute through its buffers."""
+    for i in range(schedule.num_steps):
+        mu, mc = np.split(model_output(np.concatenate([x, x]), float(schedule.timesteps[i]), ctx2), 2)
+        a, b, c = schedule.coefficients[i].astype(np.float32)
+        x = a * x + b * (mu + np.float32(g) * (mc - mu)) + (0 if noise is None else c * noise[i])
+    return x.astype(np.float32)
+
+
+def _inputs(batch: int, steps: int, eta: float, seed: int):
+    rng = np.random.default_rng(seed)
+    schedule = ddim_schedule(CONFIG.scheduler, steps, eta=eta)
+    x = rng.standard_normal((batch, 4, 4, 6), dtype=np.float32)
+    ctx = rng.standard_normal((2 * batch, 77, CONFIG.text_encoder.hidden_size), dtype=np.float32)
+    noise = rng.standard_normal((steps, *x.shape), dtype=np.float32) if eta else None
+    return schedule, x, ctx, noise
+
+
+def _loop(rt):
+    from sdengine.runtime.loop import DenoiseLoop
+
+    device = cuda.CudaDevice()
+    return device, DenoiseLoop(device, NumpyExecutor(DENOISE_STEP, rt), CONFIG)
+
+
+def _embeddings(device, ctx: np.ndarray, rows: int):
+    from sdengine.runtime.loop import TextEmbeddings
+
+    buf = device.empty(ctx.shape)
+    device.upload(buf, ctx)
+    return TextEmbeddings(buf, rows)
+
+
+# --- clear errors without cuda-python, driver, GPU or TensorRT -----------------------------------------------
+
+def test_import_cudart_without_cuda_python(monkeypatch):
+    monkeypatch.setattr(cuda, "_RT", None)
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import` of it fail
+    with pytest.raises(BackendUnavailableError, match=r"cuda-python is not installed.*--backend onnxruntime"):
+        cuda.import_cudart()
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a CUDA GPU: the no-driver path cannot be seen here")
+def test_no_driver_is_backend_unavailable_naming_the_call():
+    with pytest.raises(BackendUnavailableError, match=r"cudaGetDeviceCount failed: cudaError\w+ .*--backend onnxruntime"):
+        cuda.CudaDevice()
+    with pytest.raises(BackendUnavailableError, match=r"cudaMalloc\(64 bytes\) failed"):
+        cuda.DeviceBuffer((16,), np.float32)
+
+
+def test_check_unwraps_values_and_names_the_failing_call():
+    e = real_rt.cudaError_t
+    assert cuda.check((OK,), "cudaFree") is None
+    assert cuda.check((OK, 7), "cudaMalloc") == 7
+    assert cuda.check((OK, 1, 2), "cudaMemGetInfo") == (1, 2)
+    with pytest.raises(CudaError) as info:
+        cuda.check((e.cudaErrorMemoryAllocation, None), "cudaMalloc(1024 bytes)")
+    assert str(info.value) == "cudaMalloc(1024 bytes) failed: cudaErrorMemoryAllocation (out of memory)"
+    with pytest.raises(BackendUnavailableError, match=r"cudaSetDevice\(0\) failed: cudaErrorNoDevice .*onnxruntime"):
+        cuda.check((e.cudaErrorNoDevice,), "cudaSetDevice(0)")
+
+
+def test_tensorrt_backend_unavailable_from_load_backend():
+    pytest.importorskip("sdengine.runtime.tensorrt")
+    from sdengine.backends import load_backend
+    from sdengine.backends.tensorrt_backend import device_index
+
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError):
+        pass
+    else:
+        pytest.skip("TensorRT is importable here")
+    with pytest.raises(BackendUnavailableError, match="--backend onnxruntime"):
+        load_backend("engines/none", backend="tensorrt", device="cuda")
+    assert device_index("cuda") == 0 and device_index("cuda:3") == 3
+    with pytest.raises(InvalidInputError, match="NVIDIA GPU"):
+        device_index("cpu")
+
+
+def test_generate_with_tensorrt_fails_in_one_line_without_torch(tmp_path):
+    code = BLOCK_TORCH + "from sdengine.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    r = subprocess.run([sys.executable, "-c", code, "generate", "a cat", "--backend", "tensorrt", "--model",
+                        str(tmp_path), "--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdengine: error:") and "--backend onnxruntime" in lines[0]
+    assert not (tmp_path / "x.png").exists()
+
+
+# --- the CUDA layer over the stand-in runtime ----------------------------------------------------------------
+
+def test_buffers_round_trip_and_free_everything_at_close(fake):
+    device = cuda.CudaDevice()
+    assert device.info.name == "Fake GPU" and device.info.compute_capability == "9.0"
+    a = device.empty((3, 5))
+    b = device.empty((3, 5))
+    data = np.arange(15, dtype=np.float32).reshape(3, 5)
+    device.upload(a, data)
+    device.copy(b.ptr, a.row(1), 2 * 5 * 4)  # rows 1..2 of a into rows 0..1 of b
+    device.zero(a)
+    assert np.array_equal(device.download(b, rows=2), data[1:])
+    assert not device.download(a).any()
+    assert a.__cuda_array_interface__ == {"shape": (3, 5), "typestr": "<f4", "data": (a.ptr, False),
+                                          "version": 3, "strides": None, "stream": None}
+    b.free()
+    b.free()  # idempotent
+    with pytest.raises(Exception, match="was freed"):
+        b.ptr
+    assert device.memory.allocated == 2 + 2 and device.memory.freed == 1  # two buffers, two pinned stagings
+    with pytest.raises(InvalidInputError, match="cannot upload"):
+        device.upload(a, np.zeros((2, 5), np.float32))
+    device.close()
+    device.close()  # idempotent
+    assert fake.live() == {"device": 0, "pinned": 0, "streams": 0, "events": 0, "graphs": 0, "execs": 0}
+
+
+def test_failed_capture_is_ended_and_leaves_nothing(fake):
+    device = cuda.CudaDevice()
+    buf = device.empty((4,))
+
+    def bad():
+        device.zero(buf)
+        raise RuntimeError("executor failed")
+
+    with pytest.raises(RuntimeError, match="executor failed"):
+        device.capture(bad)
+    assert not device.stream.is_capturing() and not fake.graphs and not fake.execs
+    fake.invalidate = True
+    with pytest.raises(CudaError, match="cudaStreamEndCapture failed: cudaErrorStreamCaptureInvalidated"):
+        device.capture(lambda: device.zero(buf))
+    device.close()
+    assert not any(fake.live().values())
+
+
+# --- the denoise loop: ping-pong, per-step rows, one graph per key -------------------------------------------
+
+@pytest.mark.parametrize("batch, steps, eta", [(1, 5, 0.0), (2, 4, 1.0), (1, 1, 0.0)])
+def test_loop_eager_and_replayed_graph_follow_the_recursion(fake, batch, steps, eta):
+    device, loop = _loop(fake)
+    schedule, x, ctx, noise = _inputs(batch, steps, eta, seed=batch * 10 + steps)
+    want = reference_loop(x, ctx, schedule, 7.5, noise)
+    emb = _embeddings(device, ctx, 2 * batch)
+    eager = loop.launch(loop.prepare(x, emb, schedule, 7.5, noise), graph=False)
+    assert eager is loop.buffer(("latent_a", "latent_b")[steps % 2], x.shape)  # N even: back in the first buffer
+    eager_out = device.download(eager)
+    np.testing.assert_allclose(eager_out, want, rtol=1e-6, atol=1e-6)
+    done = []
+    graph_out = device.download(loop.launch(loop.prepare(x, emb, schedule, 7.5, noise), lambda i, n: done.append(i),
+                                            graph=True))
+    assert np.array_equal(graph_out, eager_out) and done == [steps] and len(loop.graphs) == 1
+    # a second call with other data replays the same graph through the same buffers
+    schedule2, x2, ctx2, noise2 = _inputs(batch, steps, eta, seed=99)
+    device.upload(emb.buffer, ctx2)
+    runs = loop.step.runs
+    replay = device.download(loop.launch(loop.prepare(x2, emb, schedule2, 3.0, noise2), graph=True))
+    assert loop.step.runs - runs == steps and len(loop.graphs) == 1 and len(fake.execs) == 1
+    np.testing.assert_allclose(replay, reference_loop(x2, ctx2, schedule2, 3.0, noise2), rtol=1e-6, atol=1e-6)
+    loop.close()
+    device.close()
+    assert not any(fake.live().values())
+
+
+def test_loop_duplicates_b_text_rows_for_guidance_one(fake):
+    device, loop = _loop(fake)
+    schedule, x, ctx, _ = _inputs(2, 3, 0.0, seed=5)
+    cond = ctx[:2]
+    out = loop.run(x, _embeddings(device, cond, 2), schedule, 1.0, None)
+    want = reference_loop(x, np.concatenate([cond, cond]), schedule, 1.0, None)
+    np.testing.assert_allclose(device.download(out), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="3 text rows for 2 latents"):
+        loop.run(x, _embeddings(device, ctx[:3], 3), schedule, 7.5, None)
+    with pytest.raises(InvalidInputError, match="noise has shape"):
+        loop.run(x, _embeddings(device, ctx, 4), schedule, 7.5, np.zeros((2, 2, 4, 4, 6), np.float32))
+    device.close()
+
+
+def test_executor_failing_inside_capture_caches_no_graph(fake):
+    device, loop = _loop(fake)
+    schedule, x, ctx, _ = _inputs(1, 3, 0.0, seed=1)
+    emb = _embeddings(device, ctx, 2)
+    step, calls = loop.step, []
+    original = step.execute
+
+    def failing(stream):
+        calls.append(stream)
+        if stream in fake.capturing and len(calls) == 3:
+            raise RuntimeError("engine failed")
+        original(stream)
+
+    step.execute = failing
+    with pytest.raises(RuntimeError, match="engine failed"):
+        loop.run(x, emb, schedule, 7.5, None)
+    assert not loop.graphs and not fake.capturing and not fake.graphs
+    step.execute = original
+    np.testing.assert_allclose(device.download(loop.run(x, emb, schedule, 7.5, None)),
+                               reference_loop(x, ctx, schedule, 7.5, None), rtol=1e-6, atol=1e-6)
+    device.close()
+    assert not any(fake.live().values())
+
+
+# --- the backend: text encoder, loop and VAE on one stream; errors free everything ---------------------------
+
+def _backend(rt, ranges=None):
+    from sdengine.backends.cuda_backend import CudaBackend
+    from sdengine.tokenizer import ClipTokenizer
+
+    execs = {name: NumpyExecutor(name, rt) for name in (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)}
+    return CudaBackend(CONFIG, ClipTokenizer.default(), execs, cuda.CudaDevice(), ranges)
+
+
+def test_pipeline_over_the_cuda_backend_matches_the_numpy_recursion(fake):
+    from sdengine.pipeline import Pipeline, initial_noise, to_uint8
+
+    backend = _backend(fake)
+    pipe = Pipeline(backend)
+    for guidance, eta in ((7.5, 0.0), (1.0, 1.0)):
+        result = pipe("a red circle", negative_prompt="blue", num_inference_steps=3, guidance_scale=guidance,
+                      eta=eta, seed=11, height=64, width=72)
+        schedule = ddim_schedule(CONFIG.scheduler, 3, eta)
+        x, noise = initial_noise([11], (4, 8, 9), schedule)
+        rows = ["blue", "a red circle"] if guidance != 1.0 else ["a red circle", "a red circle"]
+        ctx = text_encoder(backend.tokenizer(rows).astype(np.int32))[0]
+        want = to_uint8(vae_decoder(reference_loop(x, ctx, schedule, guidance, noise)))
+        assert np.array_equal(np.asarray(result.images[0]), want[0])
+    assert len(backend.loop.graphs) == 2  # one per (shape, steps, noise)
+    executors = list(backend.executors.values())
+    backend.close()
+    assert all(e.closed for e in executors) and not any(fake.live().values())
+
+
+def test_backend_rejects_shapes_outside_the_engines_and_frees_all(fake):
+    ranges = ShapeRanges.default(CONFIG)  # 64..128 px, 1..4 images for the tiny model
+    backend = _backend(fake, ranges)
+    with pytest.raises(InvalidInputError, match=r"height 256 is outside the range 64\.\.128 .*sdengine build"):
+        backend.decode(np.zeros((1, 4, 32, 8), np.float32))
+    backend.executors[VAE_DECODER].output_shape = lambda name: (1, 3, 1, 1)
+    with pytest.raises(EngineMismatchError, match="rebuild it with sdengine build"):
+        backend.decode(np.zeros((1, 4, 8, 8), np.float32))
+    backend.close()
+    assert not any(fake.live().values())
+
+
+def test_failed_allocation_mid_call_leaks_nothing(monkeypatch):
+    rt = FakeRuntime(fail_malloc_at=6)
+    monkeypatch.setattr(cuda, "_RT", rt)
+    backend = _backend(rt)
+    schedule, x, ctx, _ = _inputs(1, 2, 0.0, seed=3)
+    with pytest.raises(CudaError, match=r"cudaMalloc\(\d+ bytes\) failed: cudaErrorMemoryAllocation"):
+        backend.denoise(x, backend.encode_text(np.zeros((2, 77), np.int32)), schedule, 7.5, None)
+    backend.close()
+    assert not any(rt.live().values())
+
+
+# --- on a real GPU ---------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU and driver here (cudaGetDeviceCount fails)")
+
+
+@gpu
+def test_gpu_round_trip_graph_replay_and_no_leak():
+    cuda.set_device(0)
+    free_before = cuda.memory_info()[0]
+    with cuda.CudaDevice() as device:
+        a, b = device.empty((1 << 20,)), device.empty((1 << 20,))
+        data = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)
+        device.upload(a, data)
+        graph = device.capture(lambda: device.copy(b.ptr, a.ptr, a.nbytes))
+        device.zero(b)
+        graph.launch()
+        assert np.array_equal(device.download(b), data)
+        start, end = cuda.Event(), cuda.Event()
+        start.record(device.stream)
+        graph.launch()
+        end.record(device.stream)
+        assert start.elapsed_ms(end) >= 0
+        start.destroy()
+        end.destroy()
+    assert abs(cuda.memory_info()[0] - free_before) < (2 << 20)
+
+
+# --- the PyTorch stand-in executor's CPU-side logic --------------------------------------------------------------
+
+def test_torch_executor_shapes_and_fp16_body():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from sdengine.backends.torch_executor import TorchExecutor, with_fp16_body
+    from sdengine.errors import SDEngineError
+    from sdengine.specs import GRAPHS
+
+    vae = TorchExecutor(GRAPHS[VAE_DECODER], None, CONFIG)
+    with pytest.raises(SDEngineError, match="set the input shapes first"):
+        vae.output_shape("image")
+    vae.set_input_shape("latent", (2, 4, 8, 9))
+    assert vae.output_shape("image") == (2, 3, 64, 72)
+    with pytest.raises(InvalidInputError, match="cannot take shape"):
+        vae.set_input_shape("latent", (2, 3, 8, 9))  # the model's latents have 4 channels
+    te = TorchExecutor(GRAPHS[TEXT_ENCODER], None, CONFIG)
+    te.set_input_shape("input_ids", (3, 77))
+    assert te.output_shape("last_hidden_state") == (3, 77, CONFIG.text_encoder.hidden_size)
+    with pytest.raises(SDEngineError, match="was closed"):
+        vae.execute(0)
+
+    class Graph(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.head(self.body(x / 2))
+
+    g = with_fp16_body(Graph(), ("body",))
+    assert g.body.net.weight.dtype == torch.float16 and g.head.weight.dtype == torch.float32
+    assert g(torch.ones(2, 4)).dtype == torch.float32  # fp32 edges around the fp16 body
