@@ -1,0 +1,363 @@
+#!/usr/bin/env python3
+"""GPU fast path against diffusers, end to end on the same random SD 1.5-shaped fp16 weights (issue 6).
+
+    python benchmarks/gpu_fastpath.py --out DIR [--budget-s 440] [--parts LIST] [--work DIR] [--steps 50]
+                                      [--runs 10] [--compile-mode default] [--quick]
+
+One image, 512x512, 50 DDIM steps (eta 0), guidance 7.5, text encoder + loop + VAE decode, timed between
+CUDA syncs; median (and p95) of up to --runs runs after a first, separately reported call (compile,
+capture). Parts, most important first, each in its own child process with a hard time limit carved from
+--budget-s (a slow compile is killed there, the parts after it still run):
+
+  prepare             random SD 1.5-shaped weights built on the GPU in fp16, saved as a diffusers folder
+                      (the one set of weights both sides load), versions and the GPU
+  ours-graph          the reference eager loop, the whole-loop CUDA graph, the same with channels_last;
+                      which fused attention kernels the U-Net and VAE run
+  diffusers-eager     StableDiffusionPipeline (its DDIMScheduler from the same config), our initial latents
+  ours-compiled       channels_last + torch.compile (--compile-mode) + whole-loop CUDA graph
+  diffusers-compiled  torch.compile(unet, mode="reduce-overhead", fullgraph=True): default-mode kernels
+                      replayed as CUDA graphs, the issue's bar
+  throughput          images/s at --batches (default 2 4 8; batch 1 is the rows above), ours compiled
+                      against diffusers compiled, one shape after the other
+
+Results, three files: DIR/results.jsonl (one JSON object per line, appended as each figure is measured:
+kinds env, load, timing, compile, stages, sdpa, agreement, skipped, error, part-end), DIR/summary.json,
+and DIR/children.log (every child's output, compiler warnings included, kept off the terminal).
+Agreement rows compare final latents (relative L2) and uint8 images (max pixel difference) for one seed.
+
+--quick: the tiny model, 5 steps, 3 runs: a smoke run of every part; without a GPU the parts that
+need one are recorded as skipped, the rest run on the CPU.
+
+Needs: torch (CUDA build) with triton, transformers, safetensors, Pillow, regex, and diffusers for the
+diffusers rows (without it those rows are skipped and said so). The children get the repository root on
+PYTHONPATH, so sdengine need not be installed. Weights (about 2 GB) and compiler caches go to --work,
+not to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("prepare", "ours-graph", "diffusers-eager", "ours-compiled", "diffusers-compiled", "throughput")
+CAP_S = {"prepare": 120, "ours-graph": 110, "diffusers-eager": 90, "ours-compiled": 220,
+         "diffusers-compiled": 220, "throughput": 600}  # a part's most seconds (full run)
+MIN_S = {"prepare": 20, "ours-graph": 30, "diffusers-eager": 30, "ours-compiled": 70,
+         "diffusers-compiled": 70, "throughput": 45}  # fewer seconds left: the part is skipped
+PAIRED_RESERVE_S = {"ours-compiled": ("diffusers-compiled", 140)}  # a part leaves its pair this much time
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
+NEEDED = ("torch", "transformers", "safetensors", "PIL", "regex", "sdengine")
+DIFFUSERS_PARTS = ("diffusers-eager", "diffusers-compiled")
+
+
+# --- child side: one function per part (torch is imported only in the child processes) ----------------
+
+
+def run_prepare(part) -> None:
+    import torch
+
+    import gpu_fastpath_parts as P
+
+    part.record("env", quick=part.quick, steps=part.steps, side=part.side, **P.versions())
+    if not part.cuda and not part.quick:
+        raise SystemExit(f"{P.NO_GPU}; run with --quick for a CPU smoke run")
+    if (part.folder / "model_index.json").exists():
+        part.record("weights", folder=str(part.folder), reused=True)
+        return
+    from sdengine.models.saving import save_diffusers_folder
+    from sdengine.models.text_encoder import TextEncoder
+    from sdengine.models.unet import UNet
+    from sdengine.models.vae import AutoencoderKL
+
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(part.device):  # initialised on the device: seconds, not minutes on the host
+        parts = [m.to(part.dtype) for m in (UNet(part.config.unet), AutoencoderKL(part.config.vae),
+                                            TextEncoder(part.config.text_encoder))]
+    part.sync()
+    built = time.perf_counter()
+    save_diffusers_folder(part.folder, part.config, *parts, dtype=part.dtype, overwrite=True)
+    part.record("weights", folder=str(part.folder), build_s=round(built - start, 2),
+                save_s=round(time.perf_counter() - built, 2),
+                parameters={n: sum(p.numel() for p in m.parameters()) for n, m in zip(("unet", "vae", "text"), parts)})
+
+
+def run_ours_graph(part) -> None:
+    from sdengine.backends.torch_backend import TorchBackend
+
+    import gpu_fastpath_parts as P
+
+    components = P.load_ours(part)
+    variants = [("ours-eager", P.fast_options(), part.state["eager_runs"]),
+                ("ours-graph", P.fast_options(cuda_graph=True), part.runs),
+                ("ours-graph-cl", P.fast_options(channels_last=True, cuda_graph=True), part.runs)]
+    for name, options, runs in variants:  # channels_last converts the modules in place: it comes last
+        if options.cuda_graph and not part.cuda:
+            part.record("skipped", variant=name, reason=P.NO_GPU)
+            continue
+        if part.left() < 20:
+            part.record("skipped", variant=name, reason="part time limit reached")
+            continue
+        backend = TorchBackend(components, part.device, options)
+        P.measure_ours(part, name, backend, runs)
+        backend.close()
+    if part.cuda and part.left() > 10:
+        P.sdpa_check(part, components)
+
+
+def run_diffusers_eager(part) -> None:
+    import gpu_fastpath_parts as P
+
+    P.measure_diffusers(part, "diffusers-eager", P.load_diffusers(part), part.runs)
+
+
+def run_ours_compiled(part) -> None:
+    from sdengine.backends.torch_backend import TorchBackend
+
+    import gpu_fastpath_parts as P
+
+    if not part.cuda:
+        part.record("skipped", variant="ours-compiled", reason=P.NO_GPU)
+        return
+    options = P.fast_options(channels_last=True, compile_mode=part.state["compile_mode"], cuda_graph=True)
+    backend = TorchBackend(P.load_ours(part), part.device, options)
+    P.warm_compiled(part, "ours-compiled", backend)
+    P.measure_ours(part, "ours-compiled", backend, part.runs)
+
+
+def run_diffusers_compiled(part) -> None:
+    import gpu_fastpath_parts as P
+
+    if not part.cuda:
+        part.record("skipped", variant="diffusers-compiled", reason=P.NO_GPU)
+        return
+    pipe = P.load_diffusers(part)
+    P.compile_diffusers(pipe, fullgraph=True)
+    part.record("compile-start", variant="diffusers-compiled", mode="reduce-overhead", fullgraph=True)
+    try:
+        first = P.first_call(part, lambda: P.diffusers_call(part, pipe))
+    except Exception as exc:  # a graph break under fullgraph: fall back to the default, and say so
+        part.record("error", variant="diffusers-compiled", during="fullgraph compile", error=P.first_line(exc))
+        P.compile_diffusers(pipe, fullgraph=False)
+        first = P.first_call(part, lambda: P.diffusers_call(part, pipe))
+    part.record("compile", variant="diffusers-compiled", first_call_s=first, cudagraph_counters=_cudagraph_counters())
+    P.measure_diffusers(part, "diffusers-compiled", pipe, part.runs)
+
+
+def _cudagraph_counters() -> dict:
+    import torch._dynamo.utils as dynamo_utils
+
+    return {k: v for k, v in dynamo_utils.counters["inductor"].items() if "cudagraph" in k}
+
+
+def run_throughput(part) -> None:
+    from sdengine.backends.torch_backend import TorchBackend
+
+    import gpu_fastpath_parts as P
+
+    if not part.cuda:
+        part.record("skipped", variant="throughput", reason=P.NO_GPU)
+        return
+    options = P.fast_options(channels_last=True, compile_mode=part.state["compile_mode"], cuda_graph=True)
+    ours = TorchBackend(P.load_ours(part), part.device, options)
+    sides = ("ours-compiled", "diffusers-compiled") if importlib.util.find_spec("diffusers") else ("ours-compiled",)
+    if len(sides) == 2:
+        pipe = P.load_diffusers(part)
+        P.compile_diffusers(pipe, fullgraph=True)
+    for batch in part.state["batches"]:  # each new shape compiles again on both sides
+        for name in sides:
+            if part.left() < 30:
+                part.record("skipped", variant=name, batch=batch, reason="part time limit reached")
+                continue
+            try:
+                if name.startswith("ours"):
+                    P.measure_ours(part, name, ours, part.state["throughput_runs"], batch=batch, keep=False)
+                else:
+                    P.measure_diffusers(part, name, pipe, part.state["throughput_runs"], batch=batch, keep=False)
+            except Exception as exc:
+                part.record("error", variant=name, batch=batch, error=P.first_line(exc))
+
+
+RUNNERS = {"prepare": run_prepare, "ours-graph": run_ours_graph, "diffusers-eager": run_diffusers_eager,
+           "ours-compiled": run_ours_compiled, "diffusers-compiled": run_diffusers_compiled,
+           "throughput": run_throughput}
+
+
+def child(name: str, state_path: Path, deadline: float) -> int:
+    import gpu_fastpath_parts as P
+
+    part = P.Part(name, json.loads(state_path.read_text()), deadline)
+    try:
+        RUNNERS[name](part)
+    except SystemExit as exc:
+        part.record("error", error=str(exc))
+        return 3
+    except Exception as exc:
+        part.record("error", error=P.first_line(exc))
+        raise
+    return 0
+
+
+# --- parent side: no torch, only processes, limits and the results file --------------------------------
+
+
+def child_env(work: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               DIFFUSERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false",
+               TORCHINDUCTOR_CACHE_DIR=str(work / "inductor-cache"), TRITON_CACHE_DIR=str(work / "triton-cache"))
+    env.pop("TORCH_LOGS", None)
+    return env
+
+
+def run_child(cmd: list[str], log, env: dict, limit: float) -> int | str:
+    """Run one part in its own process group; past `limit` seconds the group (compile workers too) is killed."""
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    try:
+        return proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "timeout"
+
+
+def append(results: Path, **fields) -> None:
+    with results.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
+
+
+def preflight(env: dict) -> tuple[list[str], bool]:
+    """Modules missing for the children (found without importing them), and whether diffusers is there."""
+    code = ("import importlib.util, json; print(json.dumps([m for m in %r + ('diffusers',) "
+            "if importlib.util.find_spec(m) is None]))" % (NEEDED,))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    missing = json.loads(r.stdout) if r.returncode == 0 else ["(preflight failed: " + r.stderr.strip()[-200:] + ")"]
+    return [m for m in missing if m != "diffusers"], "diffusers" not in missing
+
+
+def slot_for(name: str, parts: list[str], left: float, quick: bool) -> float:
+    """A part's seconds: its cap, less what a later paired part is promised, never more than what is left."""
+    slot = min(CAP_S[name] * (0.5 if quick else 1.0), left)
+    pair, reserve = PAIRED_RESERVE_S.get(name, (None, 0))
+    if pair in parts[parts.index(name) + 1:] and not quick:
+        slot = min(slot, max(left - reserve, MIN_S[name]))
+    return slot
+
+
+def run_parts(args: argparse.Namespace, state_path: Path, results: Path) -> None:
+    start = time.monotonic()
+    env, log_path = child_env(args.work), args.out / "children.log"
+    missing, has_diffusers = preflight(env)
+    if missing:
+        append(results, kind="error", error=f"missing Python modules: {missing}")
+        print(f"missing Python modules {missing}: install or carry them (see the module docstring); stopping")
+        return
+    for name in args.parts:
+        left = args.budget_s - (time.monotonic() - start)
+        if name in DIFFUSERS_PARTS and not has_diffusers:
+            append(results, part=name, kind="skipped", reason="diffusers is not importable: pip install diffusers")
+            print(f"{name:<19} skipped: diffusers is not importable")
+            continue
+        if left < MIN_S[name] * (0.25 if args.quick else 1.0):
+            append(results, part=name, kind="skipped", reason=f"{left:.0f} s of --budget-s left, needs {MIN_S[name]}")
+            print(f"{name:<19} skipped: {left:.0f} s of the budget left")
+            continue
+        slot = slot_for(name, args.parts, left, args.quick)
+        cmd = [sys.executable, __file__, "--child", name, "--state", str(state_path),
+               "--deadline", str(time.time() + slot - 5)]
+        began = time.monotonic()
+        with log_path.open("a") as log:
+            log.write(f"\n===== {name} (limit {slot:.0f} s) =====\n")
+            log.flush()
+            rc = run_child(cmd, log, env, slot)
+        wall = time.monotonic() - began
+        append(results, part=name, kind="part-end", rc=rc, wall_s=round(wall, 1), slot_s=round(slot, 1))
+        print(f"{name:<19} rc={rc} {wall:6.1f} s (limit {slot:.0f} s)")
+        if name == "prepare" and rc != 0:
+            print(f"prepare failed: see {log_path}; stopping")
+            return
+
+
+def summarize(results: Path, out: Path) -> None:
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    timings = [r for r in rows if r.get("kind") == "timing"]
+    summary = {"env": next((r for r in rows if r.get("kind") == "env"), None), "timings": timings,
+               "compile": [r for r in rows if r.get("kind") == "compile"],
+               "agreement": [r for r in rows if r.get("kind") == "agreement"],
+               "sdpa": [r for r in rows if r.get("kind") == "sdpa"],
+               "problems": [r for r in rows if r.get("kind") in ("error", "skipped")]}
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, out / "summary.json")
+    for r in timings:
+        print(f"{r['variant']:<19} batch {r['batch']}: median {r['median_s']:.4f} s over {r['runs']} runs, "
+              f"first call {r['first_call_s']:.1f} s, {r['images_per_s']:.2f} img/s")
+    for r in summary["agreement"]:
+        print(f"agreement {r['a']} vs {r['b']}: latents rel L2 {r['latents_rel_l2']:.2e}, "
+              f"max pixel diff {r['max_pixel_diff']}")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, help="results folder (results.jsonl, summary.json, children.log)")
+    p.add_argument("--work", type=Path, help="weights, compiler caches, compared outputs (default: a temp folder)")
+    p.add_argument("--budget-s", type=float, default=440.0, help="wall seconds for all parts together")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated, from: {', '.join(PARTS)} (prepare always runs first)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default 50; --quick 5)")
+    p.add_argument("--runs", type=int, help="timed runs per row after the first call (default 10; --quick 3)")
+    p.add_argument("--eager-runs", type=int, default=5, help="timed runs of the slow eager reference loop")
+    p.add_argument("--throughput-runs", type=int, default=5)
+    p.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    p.add_argument("--quick", action="store_true", help="tiny model smoke run (runs on a CPU too)")
+    p.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
+    p.add_argument("--state", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is None:
+        if args.out is None:
+            p.error("--out DIR is required")
+        args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+        unknown = [s for s in args.parts if s not in PARTS]
+        if unknown:
+            p.error(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
+        args.parts = ["prepare"] + [s for s in args.parts if s != "prepare"]  # weights (reused if there) and env
+        args.steps = args.steps or (5 if args.quick else 50)
+        args.runs = args.runs or (3 if args.quick else 10)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.child:
+        return child(args.child, args.state, args.deadline)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work = args.work or Path(tempfile.gettempdir()) / "sdengine-gpu-fastpath"
+    args.work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.work / "compare", ignore_errors=True)  # outputs compared are this run's only
+    results = args.out / "results.jsonl"
+    state = {"results": str(results), "work": str(args.work), "quick": args.quick, "steps": args.steps,
+             "runs": args.runs, "eager_runs": args.eager_runs, "throughput_runs": args.throughput_runs,
+             "batches": args.batches, "compile_mode": args.compile_mode}
+    state_path = args.work / "state.json"
+    state_path.write_text(json.dumps(state, indent=1) + "\n")
+    append(results, kind="start", argv=sys.argv[1:], budget_s=args.budget_s, parts=args.parts)
+    run_parts(args, state_path, results)
+    summarize(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

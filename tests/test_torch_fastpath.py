@@ -1,0 +1,173 @@
+"""The torch backend's fast path (channels_last, compile, whole-loop CUDA graph) against the reference loop."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sdengine.backends import load_backend
+from sdengine.backends.torch_backend import TorchBackend
+from sdengine.backends.torch_fast import FastOptions, LoopGraphs, LoopInputs, parse_options, run_loop
+from sdengine.errors import InvalidInputError
+from sdengine.models.step import DenoiseStep
+from sdengine.pipeline import Pipeline, initial_noise
+from sdengine.schedulers import ddim_schedule
+
+# fp32 on the CPU: channels_last only reorders the convolutions' sums, so the final latents agree to
+# rounding (relative L2 below 1e-5 after 8 steps) and the uint8 images to at most one level.
+CPU_REL_L2, CPU_MAX_LEVELS = 1e-5, 1
+# fp16 on CUDA: a replayed graph runs the same kernels as the eager loop; compile may fuse and reorder.
+GPU_GRAPH_REL_L2, GPU_COMPILE_REL_L2 = 1e-3, 2e-2
+STEPS = 8
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none here)")
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def final_latents(backend: TorchBackend, seeds: list[int], eta: float = 0.0) -> torch.Tensor:
+    """The denoise loop's output for `seeds` (guidance 7.5, empty negative prompt)."""
+    cfg = backend.config
+    schedule = ddim_schedule(cfg.scheduler, STEPS, eta)
+    side = cfg.unet.sample_size
+    init, noise = initial_noise(seeds, (cfg.unet.in_channels, side, side), schedule)
+    ids = backend.tokenizer([""] * len(seeds) + ["a red circle"] * len(seeds))
+    return backend.denoise(init, backend.encode_text(ids), schedule, 7.5, noise)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on shared cores OpenMP threads wait on each other (tiny models gain nothing from two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    return load_backend(tiny_model_dir, "torch")
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_channels_last_matches_the_reference_loop(tiny_model_dir, reference, eta):
+    fast = load_backend(tiny_model_dir, "torch", channels_last=True)
+    assert fast.fast is not None and reference.fast is None
+    assert fast.components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert rel_l2(final_latents(fast, [3, 4], eta), final_latents(reference, [3, 4], eta)) < CPU_REL_L2
+    ours = np.asarray(Pipeline(fast)("a red circle", seed=5, num_inference_steps=STEPS, eta=eta).images[0])
+    ref = np.asarray(Pipeline(reference)("a red circle", seed=5, num_inference_steps=STEPS, eta=eta).images[0])
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= CPU_MAX_LEVELS
+
+
+def test_compile_wraps_step_and_decoder_and_matches(tiny_model_dir, reference):
+    """Dynamo traces the step and the VAE decoder (eager backend: cheap on a CPU); same numbers."""
+    fast = load_backend(tiny_model_dir, "torch", compile="true", compile_backend="eager")
+    assert isinstance(fast.fast.step, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(fast.fast.decoder, torch._dynamo.eval_frame.OptimizedModule)
+    assert rel_l2(final_latents(fast, [1]), final_latents(reference, [1])) < CPU_REL_L2
+    ours = np.asarray(Pipeline(fast)("a red circle", seed=2, num_inference_steps=STEPS).images[0])
+    ref = np.asarray(Pipeline(reference)("a red circle", seed=2, num_inference_steps=STEPS).images[0])
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= CPU_MAX_LEVELS
+
+
+@pytest.mark.skipif(os.environ.get("SDENGINE_SLOW_TESTS") != "1",
+                    reason="inductor on the CPU compiles the tiny model in about 2 minutes on 2 cores; "
+                           "set SDENGINE_SLOW_TESTS=1 to run it")
+def test_inductor_compile_on_cpu(tiny_model_dir, reference):
+    fast = load_backend(tiny_model_dir, "torch", compile=True, channels_last=True)
+    assert rel_l2(final_latents(fast, [1]), final_latents(reference, [1])) < 1e-4
+
+
+def test_cuda_graph_is_refused_on_the_cpu(tiny_model_dir):
+    with pytest.raises(InvalidInputError, match=r"cuda_graph .*needs device 'cuda'.*--device cuda"):
+        load_backend(tiny_model_dir, "torch", device="cpu", cuda_graph=True)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"compile": "fastest"}, r"compile must be true, false or a torch.compile mode \(default, reduce-overhead"),
+    ({"channels_last": "maybe"}, r"channels_last must be true or false, got 'maybe'"),
+    ({"cuda_graph": 2}, r"cuda_graph must be true or false"),
+    ({"compile": True, "compile_backend": ""}, r"compile_backend must name a torch.compile backend"),
+    ({"cuda_graphs": True}, r"unknown torch backend option\(s\) cuda_graphs; it takes .*cuda_graph"),
+])
+def test_bad_options_are_refused_before_loading(options, message):
+    with pytest.raises(InvalidInputError, match=message):
+        load_backend("/nonexistent/model", "torch", **options)  # options fail before the path is read
+
+
+def test_option_parsing():
+    assert parse_options("cpu") == FastOptions() and not FastOptions().active
+    assert parse_options("cpu", compile=True).compile_mode == "default"
+    assert parse_options("cpu", compile="Max-Autotune").effective_mode == "max-autotune"
+    assert parse_options("cpu", channels_last="on", compile="off") == FastOptions(channels_last=True)
+    graphed = parse_options("cuda", compile="max-autotune", cuda_graph="1")
+    assert graphed.cuda_graph and graphed.effective_mode == "max-autotune-no-cudagraphs"
+    assert parse_options("cuda:0", compile="reduce-overhead", cuda_graph=True).effective_mode == "default"
+
+
+def eager_stand_in(fn):
+    """Capture stand-in on the CPU: 'replay' reruns fn over the static buffers into the same output buffer."""
+    out = fn()
+    return (lambda: out.copy_(fn())), out, (lambda: None)
+
+
+def loop_inputs(backend: TorchBackend, seeds: list[int], steps: int = STEPS, eta: float = 0.0) -> LoopInputs:
+    cfg = backend.config
+    schedule = ddim_schedule(cfg.scheduler, steps, eta)
+    side = cfg.unet.sample_size
+    init, noise = initial_noise(seeds, (cfg.unet.in_channels, side, side), schedule)
+    with torch.inference_mode():
+        ctx = backend.encode_text(backend.tokenizer([""] * len(seeds) + ["a square"] * len(seeds)))
+        return LoopInputs(torch.from_numpy(init), ctx, torch.from_numpy(schedule.timesteps),
+                          torch.from_numpy(schedule.coefficients), torch.tensor(7.5),
+                          None if noise is None else torch.from_numpy(noise))
+
+
+def test_graph_cache_copies_new_inputs_and_reuses_the_capture(reference):
+    """The static-buffer logic of LoopGraphs, with a CPU stand-in for the CUDA capture."""
+    step = DenoiseStep(reference.components.unet)
+    graphs = LoopGraphs(step, capture=eager_stand_in, capacity=2)
+    with torch.inference_mode():
+        first_in, second_in = loop_inputs(reference, [1]), loop_inputs(reference, [2])
+        first = graphs.run(first_in)
+        second = graphs.run(second_in)  # same shape: new seed copied into the same static buffers
+        assert graphs.captures == 1
+        assert rel_l2(first, run_loop(step, first_in)) < CPU_REL_L2
+        assert rel_l2(second, run_loop(step, second_in)) < CPU_REL_L2
+        assert rel_l2(first, second) > 0.1  # the first result was not overwritten by the second replay
+        graphs.run(loop_inputs(reference, [1, 2]))  # new batch: a second capture
+        noisy = loop_inputs(reference, [3], eta=1.0)
+        assert rel_l2(graphs.run(noisy), run_loop(step, noisy)) < CPU_REL_L2  # third shape evicts the oldest
+        assert graphs.captures == 3 and len(graphs) == 2
+        graphs.close()
+        assert len(graphs) == 0
+
+
+@needs_cuda
+def test_cuda_graph_replay_matches_the_eager_loop(tiny_model_dir):
+    eager = load_backend(tiny_model_dir, "torch", device="cuda")
+    graphed = load_backend(tiny_model_dir, "torch", device="cuda", cuda_graph=True, channels_last=True)
+    for seeds, eta in (([1], 0.0), ([2], 0.0), ([3, 4], 0.5)):
+        assert rel_l2(final_latents(graphed, seeds, eta), final_latents(eager, seeds, eta)) < GPU_GRAPH_REL_L2
+    assert graphed.fast.graphs.captures == 2  # seeds 1 and 2 shared one capture
+    graphed.close()
+    assert len(graphed.fast.graphs) == 0
+
+
+@needs_cuda
+def test_compiled_cuda_graph_matches_the_eager_loop(tiny_model_dir):
+    pytest.importorskip("triton", reason="inductor on CUDA needs triton")
+    eager = load_backend(tiny_model_dir, "torch", device="cuda")
+    fast = load_backend(tiny_model_dir, "torch", device="cuda", cuda_graph=True, channels_last=True, compile=True)
+    for seeds in ([1], [2]):
+        assert rel_l2(final_latents(fast, seeds), final_latents(eager, seeds)) < GPU_COMPILE_REL_L2
+    image = Pipeline(fast)("a red circle", seed=1, num_inference_steps=STEPS).images[0]
+    ref = Pipeline(eager)("a red circle", seed=1, num_inference_steps=STEPS).images[0]
+    assert np.abs(np.asarray(image).astype(int) - np.asarray(ref).astype(int)).max() <= 3
+    fast.close()
