@@ -383,7 +383,7 @@ def test_metrics_are_prometheus_text(server):
 
 # ---- start-up errors -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, text", [
-    (["--backend", "tensorrt"], "not available"),
+    (["--backend", "tensorrt"], "--backend onnxruntime"),
     (["--model", "/no/such/model"], "does not exist"),
     (["--max-batch", "0"], "--max-batch"),
     (["--timeout-s", "nan"], "--timeout-s"),

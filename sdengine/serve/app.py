@@ -252,7 +252,7 @@ def _load_pipeline(settings: ServeSettings) -> Any:
             import torch
 
             torch.set_num_threads(settings.threads)
-        else:
+        elif settings.backend == "onnxruntime":  # TensorRT runs on the GPU: no CPU threads to set
             options["threads"] = settings.threads
     return load_pipeline(settings.model, backend=settings.backend, device=settings.device, **options)
 

@@ -26,8 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="diffusers folder or .safetensors file; with --backend onnxruntime "
                    "a folder from sdengine export (default: the embedded demo model)")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=d.backend,
-                   help="torch (the reference, default), onnxruntime (an exported folder), tensorrt (to come)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device, help="default cpu")
+                   help="torch (the reference, default), onnxruntime (an exported folder), tensorrt (an engine set "
+                        "from sdengine build)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda with --backend tensorrt, else cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the backend (default: its own)")
     p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 picks a free one)")
@@ -59,7 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
-    return ServeSettings(model=args.model, backend=args.backend, device=args.device, threads=args.threads,
+    device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
+    return ServeSettings(model=args.model, backend=args.backend, device=device, threads=args.threads,
                          host=args.host, port=args.port, max_queue=args.max_queue, max_batch=args.max_batch,
                          batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout_s, max_pixels=args.max_pixels,
                          default_steps=args.default_steps, max_steps=args.max_steps,
@@ -75,7 +78,8 @@ def check_startup(settings: ServeSettings) -> None:
                                 f"{', '.join(BACKENDS)}")
     module, extra = _NEEDS[settings.backend]
     if importlib.util.find_spec(module) is None:
-        raise SDEngineError(f"the {settings.backend} backend needs {module}: pip install '{extra}'")
+        other = " on an NVIDIA GPU host, or use --backend onnxruntime" if settings.backend == "tensorrt" else ""
+        raise SDEngineError(f"the {settings.backend} backend needs {module}: pip install '{extra}'{other}")
     for module in ("uvicorn", "starlette"):
         if importlib.util.find_spec(module) is None:
             raise SDEngineError(f"sdengine serve needs {module}: pip install 'sdengine[serve]'")
@@ -85,6 +89,14 @@ def check_startup(settings: ServeSettings) -> None:
         if settings.model is None:
             raise InvalidInputError("--backend onnxruntime needs --model: a folder written by sdengine export")
         Manifest.read(settings.model)
+    elif settings.backend == "tensorrt":  # TensorRT, cuda-python and a GPU, then the set's manifest
+        from ..backends.tensorrt_backend import check_available
+        from ..engine_manifest import read
+
+        check_available(settings.device)
+        if settings.model is None:
+            raise InvalidInputError("--backend tensorrt needs --model: an engine set written by sdengine build")
+        read(settings.model)
     elif settings.model is None:
         from ..demo import embedded_model_path
 
