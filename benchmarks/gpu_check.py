@@ -4,12 +4,14 @@
     python benchmarks/gpu_check.py [--out DIR] [--quick]
 
 Runs from the repository root without installing (it puts the root on sys.path); the parts themselves
-are in benchmarks/gpu_parts.py. Each part runs in its own try/except and writes DIR/<part>.json as soon
-as it ends; DIR/summary.txt holds the printed lines.
+are in benchmarks/gpu_parts.py and gpu_models.py. Each part runs in its own Python process with a time
+limit (PART_SECONDS), so a crash, a sticky CUDA error or a hang in one part cannot take the others with
+it; it writes DIR/<part>.json as soon as it ends (the parent writes it when the child died first), and
+DIR/summary.txt holds the printed lines.
   env       Python, torch, CUDA, cuda-python versions, GPU name; which optional modules are installed
   buffers   the CUDA layer alone (no torch): copies, memset, pinned memory, a graph replayed over new data,
-            the loop with a torch-free step (each step copies its own noise row), error paths, and
-            cudaMemGetInfo before and after (no leak)
+            the loop with a torch-free step (each step copies its own noise row), error paths, live
+            allocations and cudaMemGetInfo before and after a second, measured round (no leak)
   tiny      tiny random model, runtime + PyTorch stand-in executors (fp16 bodies): replayed whole-loop
             graph vs uncaptured loop, a cached graph over new inputs, CUDA fp16 latent and image vs the CPU
             fp32 torch reference, a shape outside the ranges, frees at close
@@ -28,6 +30,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -40,6 +43,10 @@ if str(ROOT) not in sys.path:
 
 MODULES = ("numpy", "torch", "cuda.bindings", "transformers", "regex", "safetensors", "PIL", "onnx",
            "onnxruntime", "tensorrt", "cupy")
+DISTRIBUTIONS = {"PIL": ("pillow",), "cuda.bindings": ("cuda-bindings", "cuda-python")}
+PARTS = ("buffers", "tiny", "sd15", "tensorrt")
+# a hung part is stopped after this (about 4x its expected time; tensorrt only runs where TensorRT is installed)
+PART_SECONDS = {"buffers": 60, "tiny": 150, "sd15": 180, "tensorrt": 450}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -48,6 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the tiny-model part only")
     p.add_argument("--timing-steps", type=int, default=20, help="steps timed per mode for the SD 1.5 U-Net")
     p.add_argument("--full-steps", type=int, default=50, help="steps of the full SD 1.5 loop")
+    p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # internal: run one part in this process
     return p.parse_args(argv)
 
 
@@ -66,28 +74,14 @@ def module_report() -> dict[str, str | None]:
             spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):
             spec = None
-        dist = {"PIL": "pillow", "cuda.bindings": "cuda-python"}.get(name, name)
-        try:
-            found[name] = importlib.metadata.version(dist) if spec else None
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "installed" if spec else None
+        found[name] = None
+        for dist in DISTRIBUTIONS.get(name, (name,)) if spec else ():
+            try:
+                found[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                found[name] = "installed"
     return found
-
-
-def ensure_regex() -> bool:
-    """True when `regex` is installed; else an ASCII-exact `re` stand-in for CLIP's split pattern (this script only)."""
-    if importlib.util.find_spec("regex") is not None:
-        return True
-    import re
-    import types
-
-    def compile_(pattern: str, flags: int = 0) -> re.Pattern:
-        for prop, plain in ((r"[\p{L}]+", r"[^\W\d_]+"), (r"[\p{N}]", r"\d"), (r"[^\s\p{L}\p{N}]+", r"(?:[^\s\w]|_)+")):
-            pattern = pattern.replace(prop, plain)
-        return re.compile(pattern, flags)
-
-    sys.modules["regex"] = types.SimpleNamespace(compile=compile_, IGNORECASE=re.IGNORECASE)
-    return False
 
 
 def summary_line(name: str, data: dict[str, Any]) -> str:
@@ -119,19 +113,53 @@ def environment() -> dict[str, Any]:
     return info
 
 
-def run_parts(out: Path, parts: list[tuple[str, Callable[[argparse.Namespace], dict]]],
-              args: argparse.Namespace) -> dict[str, dict]:
-    """Each part in its own try/except; its JSON written and one line printed as soon as it ends."""
-    results = {}
-    for name, fn in parts:
-        start = time.perf_counter()
-        try:
-            data = fn(args)
-        except Exception as exc:
-            data = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:500]}",
-                    "traceback": traceback.format_exc(limit=12)}
-        data["seconds"] = round(time.perf_counter() - start, 2)
+def part_functions() -> dict[str, Callable[[argparse.Namespace], dict]]:
+    from gpu_models import part_sd15, part_tensorrt, part_tiny
+    from gpu_parts import part_buffers
+
+    return {"buffers": part_buffers, "tiny": part_tiny, "sd15": part_sd15, "tensorrt": part_tensorrt}
+
+
+def run_part(out: Path, name: str, fn: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> dict:
+    """One part in this process, in a try/except; its JSON written as soon as it ends."""
+    start = time.perf_counter()
+    try:
+        data = fn(args)
+    except Exception as exc:
+        data = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:500]}",
+                "traceback": traceback.format_exc(limit=12)}
+    data["seconds"] = round(time.perf_counter() - start, 2)
+    write_part(out, name, data)
+    return data
+
+
+def run_child(out: Path, name: str, command: Sequence[str], timeout: float) -> dict:
+    """Run `command` (one part in a child process) and read the JSON it wrote; a failure JSON if it wrote none."""
+    (out / f"{name}.json").unlink(missing_ok=True)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        died = f"exit code {proc.returncode}" if proc.returncode >= 0 else f"killed by signal {-proc.returncode}"
+        stderr = proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        died = f"stopped after the part's {timeout:.0f} s limit"
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+    try:
+        return json.loads((out / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        data = {"ok": False, "error": f"the {name} part wrote no result: {died}", "stderr_tail": stderr[-3000:],
+                "seconds": round(time.perf_counter() - start, 2)}
         write_part(out, name, data)
+        return data
+
+
+def run_parts(out: Path, names: Sequence[str], args: argparse.Namespace) -> dict[str, dict]:
+    """Each part in its own process; one line printed (and added to summary.txt) as soon as it ends."""
+    results = {}
+    for name in names:
+        command = [sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), "--out", str(out),
+                   "--part", name, "--timing-steps", str(args.timing_steps), "--full-steps", str(args.full_steps)]
+        data = run_child(out, name, command, PART_SECONDS[name])
         line = summary_line(name, data)
         print(line, flush=True)
         with open(out / "summary.txt", "a") as f:
@@ -144,20 +172,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.part:
+        data = run_part(out, args.part, part_functions()[args.part], args)
+        return 0 if data.get("ok") or data.get("skipped") else 1
     (out / "summary.txt").write_text("")
     env = environment()
-    env["regex_installed"] = ensure_regex()
     write_part(out, "env", env)
     print(f"env: {env.get('gpu', 'no GPU')}, torch {env.get('torch')}, CUDA driver {env.get('cuda_driver')}", flush=True)
     if "error" in env:
         print(f"gpu_check: {env['error']}; nothing was run (results in {out})", file=sys.stderr)
         return 2
-    from gpu_models import part_sd15, part_tensorrt, part_tiny
-    from gpu_parts import part_buffers
-
-    parts = [("tiny", part_tiny)] if args.quick else [
-        ("buffers", part_buffers), ("tiny", part_tiny), ("sd15", part_sd15), ("tensorrt", part_tensorrt)]
-    results = run_parts(out, parts, args)
+    results = run_parts(out, ["tiny"] if args.quick else PARTS, args)
     write_part(out, "summary", {n: {k: r.get(k) for k in ("ok", "skipped", "summary", "error", "seconds")}
                                 for n, r in results.items()})
     return 0 if all(r.get("ok") or r.get("skipped") for r in results.values()) else 1

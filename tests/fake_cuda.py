@@ -35,6 +35,7 @@ class FakeRuntime:
         self.host: dict[int, object] = {}
         self.streams, self.events, self.graphs, self.execs = set(), set(), {}, {}
         self.capturing: dict[int, list] = {}
+        self.thread_mode = real_rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
         self.mallocs, self.fail_malloc_at, self.invalidate = 0, fail_malloc_at, invalidate_capture
         self._ids = itertools.count(1000)
 
@@ -121,6 +122,10 @@ class FakeRuntime:
 
     def cudaMemsetAsync(self, p, value, n, s):
         return self.enqueue(s, lambda: ctypes.memset(p, value, n))
+
+    def cudaThreadExchangeStreamCaptureMode(self, mode):
+        old, self.thread_mode = self.thread_mode, mode
+        return OK, old
 
     def cudaStreamBeginCapture(self, s, mode):
         assert mode == self.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal

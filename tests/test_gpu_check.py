@@ -52,20 +52,18 @@ def test_without_gpu_it_says_why_and_exits_2(tmp_path):
     assert env["error"].startswith("no usable CUDA GPU") and env["modules"]["numpy"]
 
 
-def test_regex_stand_in_splits_ascii_prompts_like_regex(bench, monkeypatch):
-    import regex
-
+def test_a_part_that_dies_or_hangs_still_leaves_its_json(bench, tmp_path):
     gpu_check = bench[0]
-    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.delitem(sys.modules, "regex")
-    assert gpu_check.ensure_regex() is False
-    stand_in = sys.modules["regex"]
-    pattern = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
-               r"""[^\s\p{L}\p{N}]+""")
-    text = "<|startoftext|>a photo of 2 cats, it's 10:30 -- snake_case & CAPS!!<|endoftext|>"
-    assert (stand_in.compile(pattern, stand_in.IGNORECASE).findall(text)
-            == regex.compile(pattern, regex.IGNORECASE).findall(text))
-    monkeypatch.setitem(sys.modules, "regex", regex)
+    write = "import json, pathlib; pathlib.Path(r'{}').write_text(json.dumps({{'ok': True, 'summary': 'fine'}}))"
+    good = gpu_check.run_child(tmp_path, "tiny", [sys.executable, "-c", write.format(tmp_path / "tiny.json")], 30)
+    assert good == {"ok": True, "summary": "fine"}
+    crash = [sys.executable, "-X", "faulthandler", "-c", "import ctypes; ctypes.string_at(0)"]
+    died = gpu_check.run_child(tmp_path, "sd15", crash, 30)
+    assert not died["ok"] and "killed by signal" in died["error"] and "Fatal Python error" in died["stderr_tail"]
+    hung = gpu_check.run_child(tmp_path, "buffers", [sys.executable, "-c", "import time; time.sleep(30)"], 1)
+    assert not hung["ok"] and "1 s limit" in hung["error"]
+    assert json.loads((tmp_path / "buffers.json").read_text())["error"] == hung["error"]
+    assert gpu_check.summary_line("sd15", died).startswith("sd15: FAILED")
 
 
 def test_compare_and_image_diff(bench):
@@ -85,8 +83,9 @@ def test_compare_and_image_diff(bench):
     assert not parts.image_ok(parts.image_diff(one, img))  # max 26/255
 
 
-def test_buffers_part_dry_run(bench, fake):
-    r = bench[1].part_buffers(None)
+def test_buffers_part_dry_run(bench, fake, tmp_path):
+    assert bench[0].main(["--out", str(tmp_path), "--part", "buffers"]) == 0  # what each child process runs
+    r = json.loads((tmp_path / "buffers.json").read_text())
     assert r["ok"], json.dumps(r, indent=1, default=str)
     assert r["leaked_bytes"] == 0 and "cudaErrorMemoryAllocation" in r["copies"]["oom_error"]
     assert r["loop"]["steps_5"] and r["loop"]["steps_6"] and "noise has shape" in r["loop"]["bad_noise_error"]

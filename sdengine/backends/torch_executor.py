@@ -7,8 +7,9 @@ the network body in fp16 and the graph's inputs and outputs fp32 (the update too
 How it meets the runtime:
 - buffers: the runtime's cuda-python buffers, wrapped per execute as tensors through
   `__cuda_array_interface__` (torch.as_tensor; the address is checked, so a silent copy cannot
-  happen). The loop rebinds addresses every step, and wrapping is host-side only, so it is fine
-  inside a capture;
+  happen). The loop rebinds addresses every step. Wrapping enqueues nothing, but torch asks the
+  driver which device owns the pointer (cudaPointerGetAttributes); inside a capture that query is
+  made in relaxed capture mode, so a capture cannot be invalidated by it;
 - stream: torch.cuda.ExternalStream over the runtime's stream handle, made current for the run;
 - capture: the runtime captures the whole loop with its own cudaStreamBeginCapture (thread-local
   mode), which PyTorch did not start. Two things keep PyTorch's work inside it correct:
@@ -39,7 +40,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import BackendUnavailableError, CudaError, InvalidInputError, SDEngineError
-from ..runtime.cuda import CudaDevice, cuda_array_interface
+from ..runtime.cuda import CudaDevice, cuda_array_interface, relaxed_capture_mode
 from ..specs import GraphSpec, ShapeRanges, fixed_dims
 from .cuda_backend import NETWORKS, CudaBackend
 
@@ -135,15 +136,20 @@ class TorchExecutor:
         return tensor
 
     @contextlib.contextmanager
-    def _capture_pool(self) -> Iterator[None]:
+    def _capture_pool(self, capturing: bool) -> Iterator[None]:
         """Route allocations to this executor's private pool while the current stream is capturing."""
-        if not torch.cuda.is_current_stream_capturing():
+        if not capturing:
             yield
             return
         if self._pool is None:
             self._pool = torch.cuda.MemPool()
         with torch.cuda.use_mem_pool(self._pool, self.device):
             yield
+
+    def _bound(self, capturing: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The input and output tensors at the bound addresses (relaxed capture mode while capturing)."""
+        with relaxed_capture_mode() if capturing else contextlib.nullcontext():
+            return [self._tensor(n) for n in self.spec.input_names], [self._tensor(n) for n in self.spec.output_names]
 
     def execute(self, stream: int) -> None:
         """Run the module on `stream` over the bound addresses; outputs are written in place."""
@@ -152,11 +158,17 @@ class TorchExecutor:
         ext = self._streams.get(stream)
         if ext is None:
             ext = self._streams[stream] = torch.cuda.ExternalStream(stream, device=self.device)
-        with torch.cuda.device(self.device), torch.cuda.stream(ext), torch.inference_mode(), self._capture_pool():
-            out = self.module(*(self._tensor(t.name) for t in self.spec.inputs))
-            out = out if isinstance(out, tuple) else (out,)
-            for t, value in zip(self.spec.outputs, out):
-                self._tensor(t.name).copy_(value)
+        with torch.cuda.device(self.device), torch.cuda.stream(ext), torch.inference_mode():
+            capturing = torch.cuda.is_current_stream_capturing()
+            inputs, outputs = self._bound(capturing)
+            with self._capture_pool(capturing):
+                out = self.module(*inputs)
+                out = out if isinstance(out, tuple) else (out,)
+                if len(out) != len(outputs):
+                    raise SDEngineError(f"the {self.spec.name} module gave {len(out)} outputs, the spec has "
+                                        f"{len(outputs)}")
+                for dst, value in zip(outputs, out):
+                    dst.copy_(value)
 
     def close(self) -> None:
         """Drop the module, streams and private pool (the runtime's buffers are not ours)."""

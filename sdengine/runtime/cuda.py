@@ -20,9 +20,10 @@ Choices:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -390,6 +391,18 @@ def capture(stream: Stream, enqueue: Callable[[], None]) -> CudaGraph:
         result.destroy()
         raise
     return result
+
+
+@contextlib.contextmanager
+def relaxed_capture_mode() -> Iterator[None]:
+    """Let this thread make calls a thread-local capture forbids (a pointer query, a cudaMalloc) for a moment."""
+    rt = import_cudart()
+    relaxed = rt.cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed
+    old = check(rt.cudaThreadExchangeStreamCaptureMode(relaxed), "cudaThreadExchangeStreamCaptureMode")
+    try:
+        yield
+    finally:
+        check(rt.cudaThreadExchangeStreamCaptureMode(old), "cudaThreadExchangeStreamCaptureMode")
 
 
 def _abandon_capture(stream: Stream) -> None:
