@@ -7,16 +7,17 @@
 One image, 512x512, 50 DDIM steps (eta 0), guidance 7.5, text encoder + loop + VAE decode, timed between
 CUDA syncs; median (and p95) of up to --runs runs after a first, separately reported call (compile,
 capture). Parts, most important first, each in its own child process with a hard time limit carved from
---budget-s (a slow compile is killed there, the parts after it still run):
+--budget-s (a slow compile is killed there, the parts after it still run; the two compiled parts leave
+time for the diffusers parts after them):
 
   prepare             random SD 1.5-shaped weights built on the GPU in fp16, saved as a diffusers folder
                       (the one set of weights both sides load), versions and the GPU
+  ours-compiled       channels_last + torch.compile (--compile-mode) + whole-loop CUDA graph
+  diffusers-compiled  channels_last U-Net and VAE, torch.compile(unet, mode="reduce-overhead",
+                      fullgraph=True): default-mode kernels replayed as CUDA graphs, the issue's bar
+  diffusers-eager     StableDiffusionPipeline (its DDIMScheduler from the same config), our initial latents
   ours-graph          the reference eager loop, the whole-loop CUDA graph, the same with channels_last;
                       which fused attention kernels the U-Net and VAE run
-  diffusers-eager     StableDiffusionPipeline (its DDIMScheduler from the same config), our initial latents
-  ours-compiled       channels_last + torch.compile (--compile-mode) + whole-loop CUDA graph
-  diffusers-compiled  torch.compile(unet, mode="reduce-overhead", fullgraph=True): default-mode kernels
-                      replayed as CUDA graphs, the issue's bar
   throughput          images/s at --batches (default 2 4 8; batch 1 is the rows above), ours compiled
                       against diffusers compiled, one shape after the other
 
@@ -25,8 +26,9 @@ kinds env, load, timing, compile, stages, sdpa, agreement, skipped, error, part-
 and DIR/children.log (every child's output, compiler warnings included, kept off the terminal).
 Agreement rows compare final latents (relative L2) and uint8 images (max pixel difference) for one seed.
 
---quick: the tiny model, 5 steps, 3 runs: a smoke run of every part; without a GPU the parts that
-need one are recorded as skipped, the rest run on the CPU.
+--quick: the tiny model, 5 steps, 3 runs: a smoke run of every part; without a GPU the CUDA graph rows
+are recorded as skipped, and the compiled rows run on the CPU with dynamo alone (backend "eager": the
+code path, not inductor's kernels), throughput at the first batch size only.
 
 Needs: torch (CUDA build) with triton, transformers, safetensors, Pillow, regex, and diffusers for the
 diffusers rows (without it those rows are skipped and said so). The children get the repository root on
@@ -49,12 +51,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("prepare", "ours-graph", "diffusers-eager", "ours-compiled", "diffusers-compiled", "throughput")
+PARTS = ("prepare", "ours-compiled", "diffusers-compiled", "diffusers-eager", "ours-graph", "throughput")
 CAP_S = {"prepare": 120, "ours-graph": 110, "diffusers-eager": 90, "ours-compiled": 220,
          "diffusers-compiled": 220, "throughput": 600}  # a part's most seconds (full run)
 MIN_S = {"prepare": 20, "ours-graph": 30, "diffusers-eager": 30, "ours-compiled": 70,
          "diffusers-compiled": 70, "throughput": 45}  # fewer seconds left: the part is skipped
-PAIRED_RESERVE_S = {"ours-compiled": ("diffusers-compiled", 140)}  # a part leaves its pair this much time
+RESERVE_S = {"diffusers-compiled": 140, "diffusers-eager": 40}  # earlier parts leave these parts this much time
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 NEEDED = ("torch", "transformers", "safetensors", "PIL", "regex", "sdengine")
 DIFFUSERS_PARTS = ("diffusers-eager", "diffusers-compiled")
@@ -126,10 +128,11 @@ def run_ours_compiled(part) -> None:
 
     import gpu_fastpath_parts as P
 
-    if not part.cuda:
+    if not part.cuda and not part.quick:
         part.record("skipped", variant="ours-compiled", reason=P.NO_GPU)
         return
-    options = P.fast_options(channels_last=True, compile_mode=part.state["compile_mode"], cuda_graph=True)
+    options = P.fast_options(channels_last=True, compile_mode=part.state["compile_mode"], cuda_graph=part.cuda,
+                             compile_backend=P.compile_backend(part))
     backend = TorchBackend(P.load_ours(part), part.device, options)
     P.warm_compiled(part, "ours-compiled", backend)
     P.measure_ours(part, "ours-compiled", backend, part.runs)
@@ -138,17 +141,18 @@ def run_ours_compiled(part) -> None:
 def run_diffusers_compiled(part) -> None:
     import gpu_fastpath_parts as P
 
-    if not part.cuda:
+    if not part.cuda and not part.quick:
         part.record("skipped", variant="diffusers-compiled", reason=P.NO_GPU)
         return
     pipe = P.load_diffusers(part)
-    P.compile_diffusers(pipe, fullgraph=True)
-    part.record("compile-start", variant="diffusers-compiled", mode="reduce-overhead", fullgraph=True)
+    how = P.compile_diffusers(pipe, fullgraph=True, backend=P.compile_backend(part))
+    part.record("compile-start", variant="diffusers-compiled", **how)
     try:
         first = P.first_call(part, lambda: P.diffusers_call(part, pipe))
     except Exception as exc:  # a graph break under fullgraph: fall back to the default, and say so
         part.record("error", variant="diffusers-compiled", during="fullgraph compile", error=P.first_line(exc))
-        P.compile_diffusers(pipe, fullgraph=False)
+        how = P.compile_diffusers(pipe, fullgraph=False, backend=P.compile_backend(part))
+        part.record("compile-start", variant="diffusers-compiled", **how)
         first = P.first_call(part, lambda: P.diffusers_call(part, pipe))
     part.record("compile", variant="diffusers-compiled", first_call_s=first, cudagraph_counters=_cudagraph_counters())
     P.measure_diffusers(part, "diffusers-compiled", pipe, part.runs)
@@ -165,16 +169,18 @@ def run_throughput(part) -> None:
 
     import gpu_fastpath_parts as P
 
-    if not part.cuda:
+    if not part.cuda and not part.quick:
         part.record("skipped", variant="throughput", reason=P.NO_GPU)
         return
-    options = P.fast_options(channels_last=True, compile_mode=part.state["compile_mode"], cuda_graph=True)
+    options = P.fast_options(channels_last=True, compile_mode=part.state["compile_mode"], cuda_graph=part.cuda,
+                             compile_backend=P.compile_backend(part))
     ours = TorchBackend(P.load_ours(part), part.device, options)
     sides = ("ours-compiled", "diffusers-compiled") if importlib.util.find_spec("diffusers") else ("ours-compiled",)
     if len(sides) == 2:
         pipe = P.load_diffusers(part)
-        P.compile_diffusers(pipe, fullgraph=True)
-    for batch in part.state["batches"]:  # each new shape compiles again on both sides
+        P.compile_diffusers(pipe, fullgraph=True, backend=P.compile_backend(part))
+    batches = part.state["batches"] if part.cuda else part.state["batches"][:1]  # CPU smoke run: one size
+    for batch in batches:  # each new shape compiles again on both sides
         for name in sides:
             if part.left() < 30:
                 part.record("skipped", variant=name, batch=batch, reason="part time limit reached")
@@ -227,7 +233,10 @@ def run_child(cmd: list[str], log, env: dict, limit: float) -> int | str:
     try:
         return proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended between the timeout and the kill
+            pass
         proc.wait()
         return "timeout"
 
@@ -247,10 +256,10 @@ def preflight(env: dict) -> tuple[list[str], bool]:
 
 
 def slot_for(name: str, parts: list[str], left: float, quick: bool) -> float:
-    """A part's seconds: its cap, less what a later paired part is promised, never more than what is left."""
+    """A part's seconds: its cap, less what the later parts of RESERVE_S are promised, never more than is left."""
     slot = min(CAP_S[name] * (0.5 if quick else 1.0), left)
-    pair, reserve = PAIRED_RESERVE_S.get(name, (None, 0))
-    if pair in parts[parts.index(name) + 1:] and not quick:
+    reserve = sum(RESERVE_S.get(later, 0) for later in parts[parts.index(name) + 1:])
+    if reserve and not quick:
         slot = min(slot, max(left - reserve, MIN_S[name]))
     return slot
 
@@ -289,8 +298,19 @@ def run_parts(args: argparse.Namespace, state_path: Path, results: Path) -> None
             return
 
 
+def _rows(results: Path) -> list[dict]:
+    """The results file's JSON lines; a line cut short by a killed child is skipped."""
+    rows = []
+    for line in results.read_text().splitlines() if results.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def summarize(results: Path, out: Path) -> None:
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = _rows(results)
     timings = [r for r in rows if r.get("kind") == "timing"]
     summary = {"env": next((r for r in rows if r.get("kind") == "env"), None), "timings": timings,
                "compile": [r for r in rows if r.get("kind") == "compile"],
@@ -354,8 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     state_path = args.work / "state.json"
     state_path.write_text(json.dumps(state, indent=1) + "\n")
     append(results, kind="start", argv=sys.argv[1:], budget_s=args.budget_s, parts=args.parts)
-    run_parts(args, state_path, results)
-    summarize(results, args.out)
+    try:
+        run_parts(args, state_path, results)
+    finally:  # interrupted too: what was measured is summarized
+        summarize(results, args.out)
     return 0
 
 

@@ -239,8 +239,9 @@ def _add_profile(builder: trt.Builder, network: trt.INetworkDefinition, config: 
             profile.set_shape(tensor.name, lo, opt, hi)
             dynamic = True
         effective[tensor.name] = [[a if d < 0 else d for d, a in zip(dims, s)] for s in (lo, opt, hi)]
-    if dynamic:
-        config.add_optimization_profile(profile)
+    if dynamic and config.add_optimization_profile(profile) < 0:  # -1: TensorRT found the profile invalid
+        raise ModelLoadError(f"TensorRT rejected the {name} optimisation profile {effective}; rerun with --verbose "
+                             f"for its log, and build within the export's ranges")
     return effective
 
 

@@ -159,3 +159,10 @@ def test_rebuild_replaces_the_set(onnx_fp16_dir, tmp_path, fake_trt):
     m = read(out)
     assert m.static and (m.ranges.batch.max, m.ranges.height.max, m.ranges.width.max) == (1, 128, 64)
     assert json.loads((out / "manifest.json").read_text())["static"] is True and leftovers(tmp_path) == []
+
+
+def test_a_profile_tensorrt_rejects_is_an_error(onnx_fp16_dir, tmp_path, fake_trt, capsys, monkeypatch):
+    monkeypatch.setattr(fake_tensorrt.BuilderConfig, "add_optimization_profile", lambda self, profile: -1)
+    assert main(["build", "--onnx", str(onnx_fp16_dir), "--out", str(tmp_path / "e")]) == 2
+    assert "TensorRT rejected the text_encoder optimisation profile" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
