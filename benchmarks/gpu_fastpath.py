@@ -264,14 +264,15 @@ def slot_for(name: str, parts: list[str], left: float, quick: bool) -> float:
     return slot
 
 
-def run_parts(args: argparse.Namespace, state_path: Path, results: Path) -> None:
-    start = time.monotonic()
+def run_parts(args: argparse.Namespace, state_path: Path, results: Path) -> int:
+    """Run the parts in order; the number that failed (a missing module or a failed prepare count all)."""
+    start, failed = time.monotonic(), 0
     env, log_path = child_env(args.work), args.out / "children.log"
     missing, has_diffusers = preflight(env)
     if missing:
         append(results, kind="error", error=f"missing Python modules: {missing}")
         print(f"missing Python modules {missing}: install or carry them (see the module docstring); stopping")
-        return
+        return len(args.parts)
     for name in args.parts:
         left = args.budget_s - (time.monotonic() - start)
         if name in DIFFUSERS_PARTS and not has_diffusers:
@@ -293,9 +294,11 @@ def run_parts(args: argparse.Namespace, state_path: Path, results: Path) -> None
         wall = time.monotonic() - began
         append(results, part=name, kind="part-end", rc=rc, wall_s=round(wall, 1), slot_s=round(slot, 1))
         print(f"{name:<19} rc={rc} {wall:6.1f} s (limit {slot:.0f} s)")
+        failed += rc != 0
         if name == "prepare" and rc != 0:
             print(f"prepare failed: see {log_path}; stopping")
-            return
+            return len(args.parts)
+    return failed
 
 
 def _rows(results: Path) -> list[dict]:
@@ -375,10 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     state_path.write_text(json.dumps(state, indent=1) + "\n")
     append(results, kind="start", argv=sys.argv[1:], budget_s=args.budget_s, parts=args.parts)
     try:
-        run_parts(args, state_path, results)
+        failed = run_parts(args, state_path, results)
     finally:  # interrupted too: what was measured is summarized
         summarize(results, args.out)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
