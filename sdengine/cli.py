@@ -12,18 +12,22 @@ from typing import Sequence
 
 from . import __version__
 from .errors import InvalidInputError, SDEngineError
+from . import build_cli  # loads no tensorrt or torch
+from .bench import cli as bench_cli  # loads no torch
 from .serve import cli as serve_cli  # loads no uvicorn, starlette or torch
 
 MAX_STEPS = 1000
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="text to image (PyTorch reference or ONNX Runtime)")
+    p = sub.add_parser("generate", help="text to image (PyTorch reference, ONNX Runtime or TensorRT)")
     p.add_argument("prompt")
     p.add_argument("--model", help="diffusers folder or single-file .safetensors checkpoint "
-                   "(default: the embedded demo model); with --backend onnxruntime, a folder from sdengine export")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="torch (the reference, default) or onnxruntime (an exported folder; no torch needed)")
+                   "(default: the embedded demo model); with --backend onnxruntime, a folder from sdengine export; "
+                   "with --backend tensorrt, an engine set from sdengine build")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+                   help="torch (the reference, default), onnxruntime (an exported folder; no torch needed) or "
+                        "tensorrt (an engine set on an NVIDIA GPU; no torch needed)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (1-1000, default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -33,7 +37,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--num-images", type=int, default=1, help="images for the prompt (1-16)")
     p.add_argument("--out", default="image.png", help="output PNG; several images get -0, -1 ... suffixes")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda with --backend tensorrt, else cpu")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="override for single-file SD 2.x 768-v checkpoints (not visible in the weights)")
 
@@ -61,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _export_parser(sub)
     serve_cli.add_parser(sub)
+    bench_cli.add_parser(sub)
+    build_cli.add_parser(sub)
     tiny = sub.add_parser("tiny-model", help="write a small random-weight model folder for trying things out")
     tiny.add_argument("out", help="folder to create")
     tiny.add_argument("--seed", type=int, default=0)
@@ -102,6 +109,22 @@ def _validate(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--seed must be >= 0, got {args.seed}")
     if args.backend == "onnxruntime":
         _validate_onnx(args)
+    if args.backend == "tensorrt":
+        _validate_tensorrt(args)
+
+
+def _validate_tensorrt(args: argparse.Namespace) -> None:
+    """cuda-python, TensorRT and a GPU are here, and --model names an engine set (sdengine build)."""
+    from .backends.tensorrt_backend import check_available
+
+    check_available(_device(args))
+    if args.model is None:
+        raise InvalidInputError("--backend tensorrt needs --model: an engine set written by sdengine build "
+                                "(sdengine build --onnx DIR --out engines/NAME)")
+
+
+def _device(args: argparse.Namespace) -> str:
+    return args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
 
 
 def _validate_onnx(args: argparse.Namespace) -> None:
@@ -161,7 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = _output_paths(args.out, args.num_images)
     from .pipeline import load_pipeline
 
-    pipe = load_pipeline(args.model, backend=args.backend, device=args.device, prediction_type=args.prediction_type)
+    pipe = load_pipeline(args.model, backend=args.backend, device=_device(args), prediction_type=args.prediction_type)
     callback, bar = _progress("denoising")
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
@@ -225,7 +248,8 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"generate": cmd_generate, "export": cmd_export, "tiny-model": cmd_tiny_model,
-                "train-demo": cmd_train_demo, "serve": serve_cli.run}
+                "train-demo": cmd_train_demo, "serve": serve_cli.run, "build": build_cli.run,
+                "bench": bench_cli.run}
     try:
         return commands[args.command](args)
     except SDEngineError as exc:

@@ -1,0 +1,129 @@
+"""diffusers' StableDiffusionPipeline on the same weights, eager or compiled: the comparison subject.
+
+diffusers is not a dependency of sdengine; it is imported here only, when a comparison is asked for.
+The pipeline is built as tests/test_pipeline.py builds it for the parity test: from the same diffusers
+folder, DDIMScheduler from the folder's scheduler config (the same schedule as ours), no safety
+checker; fp32 on the CPU and fp16 on CUDA, as the torch backend loads. Stages mirror the pipeline's
+own code (tokenizer, text encoder on 2 rows, its denoise loop, vae.decode + copy to the host); e2e is
+the pipeline call itself, prompt to PIL images.
+
+Compiled (a GPU only): channels_last U-Net, then torch.compile on the U-Net alone (diffusers'
+documented recipe). The mode defaults to "reduce-overhead": Inductor's default kernels (about 83 s to
+compile the SD 1.5 U-Net on an H100, issue 6) plus CUDA graphs, i.e. the "compiled with CUDA graphs"
+bar of issue 6; max-autotune takes several times longer to compile and is a --compile-mode away.
+The compile happens in the first calls: it shows as the warm-up excess. Unverified on a GPU here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendUnavailableError, InvalidInputError
+from .settings import BenchSettings
+from .stages import Stages
+
+INSTALL = "the diffusers comparison needs diffusers: pip install diffusers (and transformers)"
+
+
+def require_diffusers() -> None:
+    """BackendUnavailableError unless diffusers can be imported here."""
+    if importlib.util.find_spec("diffusers") is None:
+        raise BackendUnavailableError(INSTALL)
+
+
+def diffusers_folder(path: str | Path) -> Path:
+    """The model as a diffusers folder (what from_pretrained reads), or an error saying what to give."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise InvalidInputError(f"--compare diffusers needs the model as a diffusers folder (with model_index.json); "
+                                f"{path} is not one")
+    return path
+
+
+class DiffusersStages(Stages):
+    """Stage and end-to-end calls over diffusers' StableDiffusionPipeline."""
+
+    def __init__(self, model: str | Path, settings: BenchSettings, compiled: bool) -> None:
+        super().__init__()
+        require_diffusers()
+        import diffusers
+        import torch
+        import transformers
+
+        if settings.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailableError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        self.torch, self.s, self.device = torch, settings, torch.device(settings.device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            diffusers_folder(model), safety_checker=None, requires_safety_checker=False, dtype=self.dtype)
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        self.recipe = "eager"
+        if compiled:
+            self._compile()
+        self.height = settings.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.width = settings.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.rows = [settings.prompt] if settings.guidance == 1.0 else ["", settings.prompt]
+        f, c = pipe.vae_scale_factor, pipe.unet.config.in_channels
+        noise = torch.randn((1, c, self.height // f, self.width // f), generator=self._generator(), dtype=self.dtype)
+        self.latents = noise.to(self.device) * pipe.scheduler.init_noise_sigma
+
+    def _compile(self) -> None:
+        mode = self.s.effective_compile_mode
+        if self.device.type == "cuda":
+            self.pipe.unet.to(memory_format=self.torch.channels_last)
+        self.pipe.unet = self.torch.compile(self.pipe.unet, mode=mode)
+        self.recipe = f"torch.compile(unet, mode={mode!r})" + (" on a channels_last U-Net"
+                                                                if self.device.type == "cuda" else "")
+
+    def wait(self, _value: Any) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def _generator(self) -> Any:
+        return self.torch.Generator("cpu").manual_seed(self.s.seed)
+
+    def e2e(self, batch: int) -> Any:
+        s = self.s
+        return self.pipe(s.prompt, negative_prompt="" if s.guidance != 1.0 else None, height=self.height,
+                         width=self.width, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                         num_images_per_prompt=batch, generator=self._generator(), output_type="pil").images
+
+    def tokenize(self) -> Any:
+        tok = self.pipe.tokenizer
+        return tok(self.rows, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    def encode(self) -> Any:
+        with self.torch.no_grad():
+            return self.pipe.text_encoder(self.ids.to(self.device))[0]
+
+    def denoise(self) -> Any:
+        """The pipeline's loop (DDIM, eta 0, guidance), as in StableDiffusionPipeline.__call__."""
+        pipe, g = self.pipe, self.s.guidance
+        with self.torch.no_grad():
+            pipe.scheduler.set_timesteps(self.s.steps, device=self.device)
+            latents = self.latents
+            for t in pipe.scheduler.timesteps:
+                x = self.torch.cat([latents] * 2) if g != 1.0 else latents
+                x = pipe.scheduler.scale_model_input(x, t)
+                out = pipe.unet(x, t, encoder_hidden_states=self.context, return_dict=False)[0]
+                if g != 1.0:
+                    uncond, cond = out.chunk(2)
+                    out = uncond + g * (cond - uncond)
+                latents = pipe.scheduler.step(out, t, latents, return_dict=False)[0]
+        return latents
+
+    def decode(self) -> Any:
+        vae = self.pipe.vae
+        with self.torch.no_grad():
+            return vae.decode(self.final / vae.config.scaling_factor, return_dict=False)[0].float().cpu()
+
+    def info(self) -> dict[str, Any]:
+        return {"height": self.height, "width": self.width, "text_rows": len(self.rows), "recipe": self.recipe,
+                "scheduler": type(self.pipe.scheduler).__name__, "dtype": str(self.dtype).replace("torch.", "")}
