@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import InvalidInputError, ModelLoadError
-from ..runtime.cuda import CudaDevice
+from ..runtime.cuda import CudaDevice, run_all
 from ..runtime.executor import Executor
 from ..runtime.loop import DenoiseLoop, StepCallback, TextEmbeddings, bind_shapes
 from ..schedulers import Schedule
@@ -115,15 +115,8 @@ class CudaBackend:
         """Wait, then graphs, executors, every device allocation and the stream; the first error raised last."""
         steps = [self.device.synchronize, self.loop.close] + [e.close for e in self.executors.values()]
         steps.append(self.device.close)
-        first: BaseException | None = None
-        for step in steps:
-            try:
-                step()
-            except Exception as exc:
-                first = first or exc
         self._buffers = {}
-        if first is not None:
-            raise first
+        run_all(steps)
 
     def __enter__(self) -> "CudaBackend":
         return self

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -485,18 +485,23 @@ class CudaDevice:
         steps: list[Callable[[], None]] = [self.stream.synchronize]
         steps += [g.destroy for g in self._graphs] + [e.destroy for _, e in self._staging.values()]
         steps += [self.memory.close, self.stream.destroy]
-        first: BaseException | None = None
-        for step in steps:
-            try:
-                step()
-            except Exception as exc:
-                first = first or exc
         self._graphs, self._staging = [], {}
-        if first is not None:
-            raise first
+        run_all(steps)
 
     def __enter__(self) -> "CudaDevice":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def run_all(steps: Iterable[Callable[[], None]]) -> None:
+    """Call every step even when some fail (a close path frees all it can), then raise the first error."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:
+            first = first or exc
+    if first is not None:
+        raise first
