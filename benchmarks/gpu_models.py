@@ -99,7 +99,7 @@ def part_tiny(args: Any) -> dict[str, Any]:
     from sdengine.backends.cuda_backend import CudaBackend
     from sdengine.backends.torch_backend import TorchBackend
     from sdengine.backends.torch_executor import torch_executors
-    from sdengine.runtime.cuda import CudaDevice
+    from sdengine.runtime.device import CudaDevice
     from sdengine.specs import ShapeRanges
 
     cpu, gpu = tiny_components()
@@ -133,7 +133,7 @@ def _sd15_loop() -> tuple[Any, Any, Any, int]:
     from sdengine.config import ModelConfig
     from sdengine.models.step import DenoiseStep
     from sdengine.models.unet import UNet
-    from sdengine.runtime.cuda import CudaDevice
+    from sdengine.runtime.device import CudaDevice
     from sdengine.runtime.loop import DenoiseLoop
     from sdengine.specs import DENOISE_STEP, GRAPHS
 

@@ -229,12 +229,13 @@ def _buffer_checks(device: Any, rng: np.random.Generator) -> dict[str, Any]:
 
 def part_buffers(args: Any) -> dict[str, Any]:
     from sdengine.runtime import cuda
+    from sdengine.runtime.device import CudaDevice
 
     rng = np.random.default_rng(0)
-    with cuda.CudaDevice() as warm:  # a first round: what the driver sets up once (modules, graph support) is no leak
+    with CudaDevice() as warm:  # a first round: what the driver sets up once (modules, graph support) is no leak
         _buffer_checks(warm, rng)
     free_before = cuda.memory_info()[0]
-    device = cuda.CudaDevice()
+    device = CudaDevice()
     try:
         r = _buffer_checks(device, rng)
         r["allocations"] = {"allocated": device.memory.allocated, "freed_before_close": device.memory.freed,

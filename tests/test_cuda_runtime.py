@@ -17,6 +17,7 @@ from torch_block import BLOCK_TORCH
 
 from sdengine.errors import BackendUnavailableError, CudaError, EngineMismatchError, InvalidInputError
 from sdengine.runtime import cuda
+from sdengine.runtime.device import CudaDevice
 from sdengine.schedulers import ddim_schedule
 from sdengine.specs import DENOISE_STEP, TEXT_ENCODER, VAE_DECODER, ShapeRanges
 
@@ -55,7 +56,7 @@ def _inputs(batch: int, steps: int, eta: float, seed: int):
 def _loop(rt):
     from sdengine.runtime.loop import DenoiseLoop
 
-    device = cuda.CudaDevice()
+    device = CudaDevice()
     return device, DenoiseLoop(device, NumpyExecutor(DENOISE_STEP, rt), CONFIG)
 
 
@@ -80,7 +81,7 @@ def test_import_cudart_without_cuda_python(monkeypatch):
 @pytest.mark.skipif(HAS_GPU, reason="this machine has a CUDA GPU: the no-driver path cannot be seen here")
 def test_no_driver_is_backend_unavailable_naming_the_call():
     with pytest.raises(BackendUnavailableError, match=r"cudaGetDeviceCount failed: cudaError\w+ .*--backend onnxruntime"):
-        cuda.CudaDevice()
+        CudaDevice()
     with pytest.raises(BackendUnavailableError, match=r"cudaMalloc\(64 bytes\) failed"):
         cuda.DeviceBuffer((16,), np.float32)
 
@@ -128,7 +129,7 @@ def test_generate_with_tensorrt_fails_in_one_line_without_torch(tmp_path):
 # --- the CUDA layer over the stand-in runtime ----------------------------------------------------------------
 
 def test_buffers_round_trip_and_free_everything_at_close(fake):
-    device = cuda.CudaDevice()
+    device = CudaDevice()
     assert device.info.name == "Fake GPU" and device.info.compute_capability == "9.0"
     a = device.empty((3, 5))
     b = device.empty((3, 5))
@@ -153,7 +154,7 @@ def test_buffers_round_trip_and_free_everything_at_close(fake):
 
 
 def test_failed_capture_is_ended_and_leaves_nothing(fake):
-    device = cuda.CudaDevice()
+    device = CudaDevice()
     buf = device.empty((4,))
 
     def bad():
@@ -254,7 +255,7 @@ def _backend(rt, ranges=None):
     from sdengine.tokenizer import ClipTokenizer
 
     execs = {name: NumpyExecutor(name, rt) for name in (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)}
-    return CudaBackend(CONFIG, ClipTokenizer.default(), execs, cuda.CudaDevice(), ranges)
+    return CudaBackend(CONFIG, ClipTokenizer.default(), execs, CudaDevice(), ranges)
 
 
 def test_pipeline_over_the_cuda_backend_matches_the_numpy_recursion(fake):
@@ -306,7 +307,7 @@ gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU and driver here (cudaG
 
 
 def _gpu_round_trip() -> None:
-    with cuda.CudaDevice() as device:
+    with CudaDevice() as device:
         a, b = device.empty((1 << 20,)), device.empty((1 << 20,))
         data = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)
         device.upload(a, data)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from sdengine.runtime import cuda
+from sdengine.runtime.device import CudaDevice
 
 real_rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
 from fake_cuda import CONFIG, FakeRuntime, NumpyExecutor, text_encoder, vae_decoder  # noqa: E402
@@ -124,7 +125,7 @@ def test_tiny_case_dry_run(bench, fake):
 
     models = bench[2]
     execs = {n: NumpyExecutor(n, fake) for n in (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)}
-    cb = CudaBackend(CONFIG, ClipTokenizer.default(), execs, cuda.CudaDevice(), ShapeRanges.default(CONFIG))
+    cb = CudaBackend(CONFIG, ClipTokenizer.default(), execs, CudaDevice(), ShapeRanges.default(CONFIG))
     try:
         for i, case in enumerate(models.TINY_CASES):
             r = models.tiny_case(cb, NumpyReference(cb.tokenizer), case, seed=10 * i)
@@ -144,7 +145,7 @@ def test_sd15_timing_dry_run(bench, fake):
     from sdengine.runtime.loop import DenoiseLoop
     from sdengine.specs import DENOISE_STEP
 
-    cfg, device = ModelConfig.sd15(), cuda.CudaDevice()
+    cfg, device = ModelConfig.sd15(), CudaDevice()
     loop = DenoiseLoop(device, NumpyExecutor(DENOISE_STEP, fake), cfg)
     try:
         r = bench[2]._sd15_timings(Namespace(timing_steps=4, full_steps=6), cfg, device, loop)

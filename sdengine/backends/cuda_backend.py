@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import InvalidInputError, ModelLoadError
-from ..runtime.cuda import CudaDevice, run_all
+from ..runtime.device import CudaDevice, run_all
 from ..runtime.executor import Executor
 from ..runtime.loop import DenoiseLoop, StepCallback, TextEmbeddings, bind_shapes
 from ..schedulers import Schedule

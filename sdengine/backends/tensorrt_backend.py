@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..runtime.cuda import CudaDevice, import_cudart, set_device
+from ..runtime.cuda import import_cudart, set_device
+from ..runtime.device import CudaDevice
 from ..tokenizer import ClipTokenizer
 from .cuda_backend import NETWORKS, CudaBackend
 

@@ -40,7 +40,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import BackendUnavailableError, CudaError, InvalidInputError, SDEngineError
-from ..runtime.cuda import CudaDevice, cuda_array_interface, relaxed_capture_mode
+from ..runtime.cuda import cuda_array_interface, relaxed_capture_mode
+from ..runtime.device import CudaDevice
 from ..specs import GraphSpec, ShapeRanges, fixed_dims
 from .cuda_backend import NETWORKS, CudaBackend
 

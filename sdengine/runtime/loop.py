@@ -8,7 +8,7 @@ writes the other, so the result of N steps is in buffer N % 2. Every address a s
 depends only on (shape, N, noise or not): the whole loop is captured once per such key as one CUDA
 graph and replayed; later calls re-upload their data into the same buffers before the launch.
 
-The device is injected (`device`): sdengine.runtime.cuda.CudaDevice on a GPU; the tests run the same
+The device is injected (`device`): sdengine.runtime.device.CudaDevice on a GPU; the tests run the same
 loop over a host-memory stand-in. No torch here.
 """
 
@@ -33,7 +33,7 @@ class Graph(Protocol):
 
 
 class Device(Protocol):
-    """What the loop needs from a device: sdengine.runtime.cuda.CudaDevice, or a test stand-in."""
+    """What the loop needs from a device: sdengine.runtime.device.CudaDevice, or a test stand-in."""
 
     handle: int
 
