@@ -14,6 +14,7 @@ from . import __version__
 from .errors import InvalidInputError, SDEngineError
 from . import build_cli  # loads no tensorrt or torch
 from .bench import cli as bench_cli  # loads no torch
+from .bench.settings import load_options
 from .serve import cli as serve_cli  # loads no uvicorn, starlette or torch
 
 MAX_STEPS = 1000
@@ -41,6 +42,9 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="default: cuda with --backend tensorrt, else cpu")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="override for single-file SD 2.x 768-v checkpoints (not visible in the weights)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a backend load option (repeatable), e.g. with --backend torch --device cuda: "
+                        "channels_last=true compile=true cuda_graph=true")
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
@@ -184,7 +188,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = _output_paths(args.out, args.num_images)
     from .pipeline import load_pipeline
 
-    pipe = load_pipeline(args.model, backend=args.backend, device=_device(args), prediction_type=args.prediction_type)
+    options = load_options(args.option)
+    pipe = load_pipeline(args.model, backend=args.backend, device=_device(args), prediction_type=args.prediction_type,
+                         **options)
     callback, bar = _progress("denoising")
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -100,3 +101,17 @@ def test_first_readme_command_uses_the_embedded_model(tmp_path):
     assert image.text["model"] == "embedded demo model"
     verdict = checker.check(image)
     assert (verdict.colour, verdict.shape, verdict.background) == ("red", "circle", "white")
+
+
+def test_generate_passes_backend_options(tiny_model_dir, tmp_path):
+    """--option reaches the backend: channels_last draws the same picture; an unknown option is one line."""
+    common = ["generate", "a photo of a cat", "--model", str(tiny_model_dir), "--steps", "3", "--seed", "5"]
+    plain, fast = tmp_path / "plain.png", tmp_path / "fast.png"
+    assert run(*common, "--out", str(plain)).returncode == 0
+    r = run(*common, "--out", str(fast), "--option", "channels_last=true")
+    assert r.returncode == 0, r.stderr
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (plain, fast))
+    assert np.abs(a - b).max() <= 1
+    bad = run(*common, "--out", str(tmp_path / "bad.png"), "--option", "no_such_option=1")
+    assert bad.returncode == 2 and "no_such_option" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.png").exists()

@@ -155,6 +155,17 @@ def parse_subjects(backends: Sequence[str], compare: Sequence[str], options: Seq
     return tuple(subjects)
 
 
+def load_options(texts: Sequence[str]) -> dict[str, Any]:
+    """`--option KEY=VALUE` texts (no label: one backend) as load options for load_backend."""
+    out = {}
+    for text in texts:
+        target, key, value = _split_option(text)
+        if target is not None:
+            raise InvalidInputError(f"--option takes KEY=VALUE here, got {text!r}")
+        out[key] = value
+    return out
+
+
 def _split_option(text: str) -> tuple[str | None, str, Any]:
     head, eq, value = text.partition("=")
     target, _, key = head.rpartition(":")
