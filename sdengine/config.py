@@ -308,6 +308,12 @@ class ModelConfig:
         """The image side the model was trained at (512 for SD 1.5, 768 for SD 2.1)."""
         return self.unet.sample_size * self.vae.downscale
 
+    def with_prediction_type(self, prediction_type: str | None) -> "ModelConfig":
+        """This config with the scheduler's prediction type overridden (None or empty: unchanged)."""
+        if not prediction_type:
+            return self
+        return dataclasses.replace(self, scheduler=dataclasses.replace(self.scheduler, prediction_type=prediction_type))
+
     @classmethod
     def sd15(cls) -> "ModelConfig":
         return cls()

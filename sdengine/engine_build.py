@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .engine_manifest import ENGINE_GRAPHS, FORMAT, BuilderSettings, EngineManifest, GraphEntry, plan_file, \
     profiles, write
 from .errors import InvalidInputError, ModelLoadError, SDEngineError
-from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file, umask_mode
+from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file, umask_mode, write_bytes_atomic
 from .runtime.tensorrt import gpu_identity, import_tensorrt, logger
 from .specs import GRAPHS, Precision, Range, ShapeRanges
 
@@ -285,19 +285,6 @@ def _progress_monitor(trt: Any, name: str, log: Log) -> Any:
                 log(f"  {name}: {phase_name} done in {time.perf_counter() - self.started[phase_name]:.1f} s")
 
     return Monitor()
-
-
-def write_bytes_atomic(path: Path, data: Any) -> None:
-    """Write a bytes-like object (a TensorRT IHostMemory too) to a temporary file beside `path`, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, umask_mode(0o666))
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _copy_tokenizer(onnx_folder: Path, folder: Path) -> None:

@@ -28,7 +28,7 @@ from . import __version__
 from .config import ModelConfig
 from .errors import EngineMismatchError, InvalidInputError, ModelLoadError, UnsupportedModelError
 from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file, write_json_atomic
-from .specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, Precision, ShapeRanges, profile
+from .specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, Precision, ShapeRanges, check_dim, profile
 
 FORMAT, FORMAT_VERSION = "sdengine-engines", 1
 PLAN_SUFFIX = ".plan"
@@ -271,10 +271,6 @@ def verify_plans(manifest: EngineManifest, graphs: tuple[str, ...] = ENGINE_GRAP
 
 def check_shape(manifest: EngineManifest, batch: int, height: int, width: int) -> None:
     """InvalidInputError unless the request lies inside the profiles the set was built with."""
-    r = manifest.ranges
-    for name, value, rng in (("images", batch, r.batch), ("height", height, r.height), ("width", width, r.width)):
-        if value not in rng:
-            option = "batch" if name == "images" else name
-            raise InvalidInputError(
-                f"{name} {value} is outside the range {rng.text()} that engine set {manifest.folder} was built for; "
-                f"rebuild it with sdengine build --{option} MIN:OPT:MAX covering it (within the ONNX export's range)")
+    for what, option, value, r in manifest.ranges.request(batch, height, width):
+        check_dim(value, r, what, f"rebuild {manifest.folder} with sdengine build --{option} MIN:OPT:MAX covering it "
+                  f"(within the ONNX export's range)", "the range {} that this engine set was built for")

@@ -99,14 +99,15 @@ class ShapeRanges:
         if self.static and any(r.min != r.max for r in (self.batch, self.height, self.width)):
             raise InvalidInputError("a static export takes one value for batch, height and width, not a range")
 
+    def request(self, batch: int, height: int, width: int) -> tuple[tuple[str, str, int, Range], ...]:
+        """(what, option, value, range) of each dimension of a request: images, height, width."""
+        return (("images", "batch", batch, self.batch), ("height", "height", height, self.height),
+                ("width", "width", width, self.width))
+
     def check(self, batch: int, height: int, width: int) -> None:
         """InvalidInputError unless the request lies inside the exported ranges."""
-        for name, value, r in (("images", batch, self.batch), ("height", height, self.height),
-                               ("width", width, self.width)):
-            if value not in r:
-                raise InvalidInputError(
-                    f"{name} {value} is outside this ONNX export's range {r.text()}; re-export with "
-                    f"sdengine export --{'batch' if name == 'images' else name} MIN:MAX covering it")
+        for what, option, value, r in self.request(batch, height, width):
+            check_dim(value, r, what, f"re-export with sdengine export --{option} MIN:MAX covering it")
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch": _range_list(self.batch), "height": _range_list(self.height),
@@ -115,6 +116,12 @@ class ShapeRanges:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ShapeRanges":
         return cls(Range(*d["batch"]), Range(*d["height"]), Range(*d["width"]), bool(d["static"]))
+
+
+def check_dim(value: int, r: Range, what: str, hint: str, where: str = "this ONNX export's range {}") -> None:
+    """InvalidInputError unless `value` lies within `r` (`where` names the range; {} stands for it)."""
+    if value not in r:
+        raise InvalidInputError(f"{what} {value} is outside {where.format(r.text())}; {hint}")
 
 
 def _range_list(r: Range) -> list[int]:

@@ -106,6 +106,7 @@ def test_option_parsing():
     assert parse_options("cpu", compile=True).compile_mode == "default"
     assert parse_options("cpu", compile="Max-Autotune").effective_mode == "max-autotune"
     assert parse_options("cpu", channels_last="on", compile="off") == FastOptions(channels_last=True)
+    assert parse_options("cpu", channels_last=1) == FastOptions(channels_last=True)  # --option KEY=1 gives an int
     graphed = parse_options("cuda", compile="max-autotune", cuda_graph="1")
     assert graphed.cuda_graph and graphed.effective_mode == "max-autotune-no-cudagraphs"
     assert parse_options("cuda:0", compile="reduce-overhead", cuda_graph=True).effective_mode == "default"

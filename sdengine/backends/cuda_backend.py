@@ -19,7 +19,8 @@ from ..runtime.device import CudaDevice, run_all
 from ..runtime.executor import Executor
 from ..runtime.loop import DenoiseLoop, StepCallback, TextEmbeddings, bind_shapes
 from ..schedulers import Schedule
-from ..specs import DENOISE_STEP, TEXT_ENCODER, VAE_DECODER, Range, ShapeRanges, dim_ranges, point_dims, shapes
+from ..specs import DENOISE_STEP, TEXT_ENCODER, VAE_DECODER, Range, ShapeRanges, check_dim, dim_ranges, point_dims, \
+    shapes
 from ..tokenizer import ClipTokenizer
 
 NETWORKS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)
@@ -48,9 +49,8 @@ class CudaBackend:
         return self._buffers[key]
 
     def _check_dim(self, value: int, dim: str, what: str) -> None:
-        if self.dims is not None and value not in self.dims[dim]:
-            raise InvalidInputError(f"{what} {value} is outside the range {self.dims[dim].text()} these engines "
-                                    f"were built for; {REBUILD}")
+        if self.dims is not None:
+            check_dim(value, self.dims[dim], what, REBUILD, "the range {} these engines were built for")
 
     def _check_latents(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 4 or shape[1] != self.config.unet.in_channels:

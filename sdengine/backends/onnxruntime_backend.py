@@ -20,9 +20,9 @@ import numpy as np
 
 from ..errors import InvalidInputError, ModelLoadError
 from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_DIR, Manifest
-from ..runtime.onnxruntime import TENSORRT, Buffer, Graph, check_dim, resolve_providers, tensorrt_options
+from ..runtime.onnxruntime import TENSORRT, Buffer, Graph, resolve_providers, tensorrt_options
 from ..schedulers import Schedule
-from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, Precision, dim_ranges, profile
+from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, Precision, check_dim, dim_ranges, profile
 from ..tokenizer import ClipTokenizer
 from . import StepCallback
 
@@ -44,11 +44,7 @@ class OnnxRuntimeBackend:
     def __init__(self, manifest: Manifest, device: str, providers: Sequence[str], threads: int | None,
                  prediction_type: str | None = None) -> None:
         self.manifest, self.device, self.providers = manifest, device, list(providers)
-        config = manifest.config
-        if prediction_type:  # only the scheduler's coefficients change: the graphs stay valid
-            config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
-                                                                               prediction_type=prediction_type))
-        self.config = config
+        self.config = config = manifest.config.with_prediction_type(prediction_type)  # the graphs stay valid
         self.ranges, self.dims = manifest.ranges, dim_ranges(config, manifest.ranges)
         self.tokenizer = ClipTokenizer.from_folder(manifest.folder / TOKENIZER_DIR)
         paths = {name: manifest.graph_path(name) for name in GRAPHS}  # all present and matching

@@ -8,14 +8,14 @@ ping-pong loop and the whole-loop CUDA graph are sdengine.backends.cuda_backend'
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InvalidInputError
 from ..runtime.cuda import import_cudart, set_device
-from ..runtime.device import CudaDevice
+from ..runtime.device import CudaDevice, run_all
 from ..tokenizer import ClipTokenizer
 from .cuda_backend import NETWORKS, CudaBackend
 
@@ -56,17 +56,10 @@ def load(path: str | Path | None, device: str = "cuda", prediction_type: str | N
         block = gpu.empty((max(size, 1),), np.uint8)  # freed with the device
         for engine in engines.values():
             engine.set_device_memory(block.ptr, size)
-        config = manifest.config
-        if prediction_type:  # only the scheduler's coefficients change: the engines stay valid
-            config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
-                                                                               prediction_type=prediction_type))
+        config = manifest.config.with_prediction_type(prediction_type)  # the engines stay valid
         tokenizer = ClipTokenizer.from_folder(manifest.tokenizer_dir)
         return CudaBackend(config, tokenizer, engines, gpu, manifest.ranges, use_graph)
     except BaseException:
-        for engine in engines.values():
-            engine.close()
-        try:
-            gpu.close()
-        except Exception:  # the first error is the one to report
-            pass
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            run_all([engine.close for engine in engines.values()] + [gpu.close])
         raise

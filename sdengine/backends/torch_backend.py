@@ -13,7 +13,7 @@ from ..models.loading import Components, load_components
 from ..models.step import DenoiseStep
 from ..schedulers import Schedule
 from . import StepCallback
-from .torch_fast import OPTION_NAMES, FastOptions, FastPath, LoopInputs, parse_options
+from .torch_fast import OPTION_NAMES, FastOptions, FastPath, LoopInputs, parse_options, run_loop
 
 
 class TorchBackend:
@@ -72,13 +72,10 @@ class TorchBackend:
         rows = self._tensor(schedule.coefficients, torch.float32)
         steps_noise = None if noise is None else self._tensor(noise, torch.float32)
         scale = torch.tensor(guidance_scale, dtype=torch.float32, device=self.device)
+        inputs = LoopInputs(x, context, timesteps, rows, scale, steps_noise)
         if self.fast is not None:
-            return self.fast.denoise(LoopInputs(x, context, timesteps, rows, scale, steps_noise), callback)
-        for i in range(schedule.num_steps):
-            x = self.step(x, timesteps[i], context, scale, rows[i], None if steps_noise is None else steps_noise[i])
-            if callback is not None:
-                callback(i + 1, schedule.num_steps)
-        return x
+            return self.fast.denoise(inputs, callback)
+        return run_loop(self.step, inputs, callback)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

@@ -32,18 +32,16 @@ How it meets the runtime:
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import BackendUnavailableError, CudaError, InvalidInputError, SDEngineError
+from ..errors import CudaError, InvalidInputError, SDEngineError
 from ..runtime.cuda import cuda_array_interface, relaxed_capture_mode
-from ..runtime.device import CudaDevice
-from ..specs import GraphSpec, ShapeRanges, fixed_dims
-from .cuda_backend import NETWORKS, CudaBackend
+from ..specs import GraphSpec, fixed_dims
+from .cuda_backend import NETWORKS
 
 
 class Fp16Body(nn.Module):
@@ -188,21 +186,3 @@ def torch_executors(components: Any, device_index: int = 0,
         out[name] = TorchExecutor(gm.spec, module, components.config, device_index)
     torch.cuda.synchronize(device_index)  # weights were made on torch's stream; the runtime's does not wait for it
     return out
-
-
-def load_torch_cuda_backend(path: str | Path, device_index: int = 0, use_graph: bool = True,
-                            ranges: ShapeRanges | None = None) -> CudaBackend:
-    """The CUDA runtime backend over the model at `path`, PyTorch standing in for the engines."""
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError("torch sees no CUDA GPU: the PyTorch stand-in executors need one; "
-                                      "use --backend onnxruntime or --backend torch on the CPU")
-    from ..models.loading import load_components
-
-    gpu = CudaDevice(device_index)
-    try:
-        components = load_components(path, device=f"cuda:{device_index}", dtype=torch.float16)
-        return CudaBackend(components.config, components.tokenizer, torch_executors(components, device_index),
-                           gpu, ranges, use_graph)
-    except BaseException:
-        gpu.close()
-        raise

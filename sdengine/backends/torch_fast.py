@@ -47,7 +47,7 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "none", 
 
 def _flag(name: str, value: Any) -> bool:
     """A boolean option given as a bool or as text from a command line (true/false, 1/0, on/off)."""
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, bool) or value is None or (isinstance(value, int) and value in (0, 1)):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE

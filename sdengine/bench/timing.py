@@ -55,7 +55,3 @@ def measure(fn: Callable[[], Any], runs: int, warmup: int, wait: Wait) -> Summar
     """`warmup` uncounted calls, then `runs` counted ones, each timed to completion."""
     warm = [timed(fn, wait) for _ in range(warmup)]
     return Summary.of([timed(fn, wait) for _ in range(runs)], warm)
-
-
-def no_wait(_: Any) -> None:
-    """For calls that return only when their work is done (host code, synchronous runtimes)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +45,7 @@ def load_components(path: str | Path, device: str = "cpu", dtype: torch.dtype = 
         config, parts, tokenizer = _read_folder(path)
     else:
         config, parts, tokenizer = _read_single_file(path)
-    if prediction_type:
-        config = dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
-                                                                           prediction_type=prediction_type))
+    config = config.with_prediction_type(prediction_type)
     modules = {"unet": UNet(config.unet), "vae": AutoencoderKL(config.vae),
                "text_encoder": TextEncoder(config.text_encoder)}
     for name, module in modules.items():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -265,20 +265,9 @@ class Allocations:
     def live(self) -> int:
         return len(self._live)
 
-    @property
-    def live_bytes(self) -> int:
-        return sum(b.nbytes for b in self._live.values())
-
     def close(self) -> None:
         """Free every live buffer; the first failure is raised after all were tried."""
-        first: BaseException | None = None
-        for buf in list(self._live.values()):
-            try:
-                buf.free()
-            except Exception as exc:
-                first = first or exc
-        if first is not None:
-            raise first
+        run_all([buf.free for buf in self._live.values()])
 
 
 class Stream:
@@ -415,3 +404,15 @@ def _abandon_capture(stream: Stream) -> None:
             rt.cudaGraphDestroy(graph)
     except Exception:
         pass
+
+
+def run_all(steps: Iterable[Callable[[], None]]) -> None:
+    """Call every step even when some fail (a close path frees all it can), then raise the first error."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:
+            first = first or exc
+    if first is not None:
+        raise first

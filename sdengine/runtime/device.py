@@ -6,13 +6,13 @@ checked, are sdengine.runtime.cuda's.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..errors import InvalidInputError
 from .cuda import (CudaGraph, DeviceBuffer, Event, PinnedBuffer, Allocations, Stream, capture, copy_async,
-                   memset_async, set_device)
+                   memset_async, run_all, set_device)
 
 
 class CudaDevice:
@@ -91,15 +91,3 @@ class CudaDevice:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def run_all(steps: Iterable[Callable[[], None]]) -> None:
-    """Call every step even when some fail (a close path frees all it can), then raise the first error."""
-    first: BaseException | None = None
-    for step in steps:
-        try:
-            step()
-        except Exception as exc:
-            first = first or exc
-    if first is not None:
-        raise first

@@ -156,15 +156,21 @@ class DenoiseLoop:
         else:
             raise InvalidInputError(f"{context.rows} text rows for {batch} latents: give B or 2B rows")
 
+    def _bind_fixed(self, p: Prepared) -> None:
+        """Bind the addresses every step shares: the text embeddings, the scale and (no noise) the zeros."""
+        self.step.set_address(self._text, p.context.ptr)
+        self.step.set_address(self._scale, p.scale.ptr)
+        if not p.key.noise:
+            self.step.set_address(self._noise, p.noise.ptr)
+
     def _enqueue_step(self, p: Prepared, i: int) -> None:
-        """Bind step i's addresses (latent i % 2 -> the other, row i of each array) and enqueue it."""
+        """Bind step i's own addresses (latent i % 2 -> the other, row i of each array) and enqueue it."""
         s = self.step
         s.set_address(self._latent, p.latents[i % 2].ptr)
         s.set_address(self._timestep, p.timesteps.row(i))
-        s.set_address(self._text, p.context.ptr)
-        s.set_address(self._scale, p.scale.ptr)
         s.set_address(self._coefficients, p.coefficients.row(i))
-        s.set_address(self._noise, p.noise.row(i) if p.key.noise else p.noise.ptr)
+        if p.key.noise:
+            s.set_address(self._noise, p.noise.row(i))
         s.set_address(self._next, p.latents[(i + 1) % 2].ptr)
         s.execute(self.device.handle)
 
@@ -176,6 +182,7 @@ class DenoiseLoop:
         """
         n = p.key.steps
         bind_shapes(self.step, self._shapes(p.key.shape))
+        self._bind_fixed(p)
         if self.use_graph if graph is None else graph:
             cached = self.graphs.get(p.key)
             if cached is None:

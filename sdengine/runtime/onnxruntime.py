@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import InvalidInputError, ModelLoadError
-from ..specs import GraphSpec, Range
+from ..specs import GraphSpec
 
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 DEVICE_PROVIDERS = {"cpu": (CPU,), "cuda": (CUDA, CPU)}
@@ -143,9 +143,3 @@ class Graph:
 
     def run(self) -> None:
         self.session.run_with_iobinding(self.binding)
-
-
-def check_dim(value: int, r: Range, what: str, hint: str) -> None:
-    """InvalidInputError unless `value` lies within the exported range `r`."""
-    if value not in r:
-        raise InvalidInputError(f"{what} {value} is outside this ONNX export's range {r.text()}; {hint}")
