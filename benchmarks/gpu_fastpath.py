@@ -123,17 +123,26 @@ def run_diffusers_eager(part) -> None:
     P.measure_diffusers(part, "diffusers-eager", P.load_diffusers(part), part.runs)
 
 
-def run_ours_compiled(part) -> None:
+def _ours_fastest(part, variant: str):
+    """Our fastest path without TensorRT (channels_last + compile + whole-loop graph), or None: no GPU."""
     from sdengine.backends.torch_backend import TorchBackend
 
     import gpu_fastpath_parts as P
 
     if not part.cuda and not part.quick:
-        part.record("skipped", variant="ours-compiled", reason=P.NO_GPU)
-        return
+        part.record("skipped", variant=variant, reason=P.NO_GPU)
+        return None
     options = P.fast_options(channels_last=True, compile_mode=part.state["compile_mode"], cuda_graph=part.cuda,
                              compile_backend=P.compile_backend(part))
-    backend = TorchBackend(P.load_ours(part), part.device, options)
+    return TorchBackend(P.load_ours(part), part.device, options)
+
+
+def run_ours_compiled(part) -> None:
+    import gpu_fastpath_parts as P
+
+    backend = _ours_fastest(part, "ours-compiled")
+    if backend is None:
+        return
     P.warm_compiled(part, "ours-compiled", backend)
     P.measure_ours(part, "ours-compiled", backend, part.runs)
 
@@ -165,16 +174,11 @@ def _cudagraph_counters() -> dict:
 
 
 def run_throughput(part) -> None:
-    from sdengine.backends.torch_backend import TorchBackend
-
     import gpu_fastpath_parts as P
 
-    if not part.cuda and not part.quick:
-        part.record("skipped", variant="throughput", reason=P.NO_GPU)
+    ours = _ours_fastest(part, "throughput")
+    if ours is None:
         return
-    options = P.fast_options(channels_last=True, compile_mode=part.state["compile_mode"], cuda_graph=part.cuda,
-                             compile_backend=P.compile_backend(part))
-    ours = TorchBackend(P.load_ours(part), part.device, options)
     sides = ("ours-compiled", "diffusers-compiled") if importlib.util.find_spec("diffusers") else ("ours-compiled",)
     if len(sides) == 2:
         pipe = P.load_diffusers(part)
