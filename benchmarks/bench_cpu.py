@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from sdengine.cli import main as sdengine_main
-from sdengine.manifest import write_json_atomic
+from sdengine.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPARE = ["--backend", "torch", "onnxruntime", "--compare", "diffusers"]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -34,10 +33,15 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random)")
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels, a multiple of the model's VAE factor (8 for SD, 4 for the demo model; default: the "
+                        "model's size)")
+    p.add_argument("--width", type=int, default=None, help="pixels, as --height")
     p.add_argument("--num-images", type=int, default=1, help="images for the prompt (1-16)")
-    p.add_argument("--out", default="image.png", help="output PNG; several images get -0, -1 ... suffixes")
+    p.add_argument("--out", default="image.png", help="output PNG (default image.png); several images get -0, "
+                   "-1 ... suffixes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the usable cores less one, at least 1; see the README)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda with --backend tensorrt, else cpu")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
@@ -86,22 +90,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _output_paths(out: str, count: int) -> list[Path]:
-    path = Path(out)
-    if path.suffix.lower() != ".png":
-        raise InvalidInputError(f"--out must name a .png file, got {out!r}")
-    if not path.parent.is_dir():
-        raise InvalidInputError(f"the folder of --out, {path.parent}, does not exist")
-    return [path] if count == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+def _check_argv_text(option: str, text: str | None) -> None:
+    """Command-line text that was not UTF-8 arrives with surrogate escapes: refuse it in one line."""
+    bad = next((i for i, c in enumerate(text or "") if "\udc80" <= c <= "\udcff"), None)
+    if bad is not None:
+        raise InvalidInputError(f"{option} is not valid UTF-8: byte 0x{ord(text[bad]) - 0xDC00:02x} at character "
+                                f"{bad}; pass the text in UTF-8")
+
+
+def _peek_config(args: argparse.Namespace):
+    """The model's config read from its small files, before any weights load (None for a single file)."""
+    from .config import ModelConfig
+
+    if args.model is None:
+        from .demo import embedded_model_path
+
+        return ModelConfig.from_diffusers_folder(embedded_model_path())
+    path = Path(args.model).expanduser()
+    if args.backend == "onnxruntime":
+        from .manifest import Manifest
+
+        return Manifest.read(path).config
+    if args.backend == "tensorrt":
+        from .engine_manifest import read
+
+        return read(path).config
+    return ModelConfig.from_diffusers_folder(path) if (path / "model_index.json").is_file() else None
 
 
 def _validate(args: argparse.Namespace) -> None:
-    """Check the cheap parameters before any model is loaded."""
-    from .pipeline import MAX_IMAGES_PER_PROMPT, check_guidance, check_size
+    """Check the cheap parameters, and those the model's config files decide, before any weights load."""
+    from .pipeline import MAX_IMAGES_PER_PROMPT, check_guidance, check_size, output_paths
+    from .schedulers import ddim_schedule
 
-    for name in ("height", "width"):
-        if getattr(args, name) is not None:
-            check_size(name, getattr(args, name), 8)
+    _check_argv_text("the prompt", args.prompt)
+    _check_argv_text("--negative-prompt", args.negative_prompt)
     if not 1 <= args.steps <= MAX_STEPS:
         raise InvalidInputError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
     check_guidance(args.guidance)
@@ -111,10 +134,30 @@ def _validate(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--num-images must be between 1 and {MAX_IMAGES_PER_PROMPT}, got {args.num_images}")
     if args.seed is not None and args.seed < 0:
         raise InvalidInputError(f"--seed must be >= 0, got {args.seed}")
-    if args.backend == "onnxruntime":
-        _validate_onnx(args)
+    if args.threads is not None and args.threads < 1:
+        raise InvalidInputError(f"--threads must be >= 1, got {args.threads}")
+    output_paths(args.out, args.num_images)
+    if args.backend == "onnxruntime" and args.model is None:
+        raise InvalidInputError("--backend onnxruntime needs --model: a folder written by sdengine export "
+                                "(sdengine export --model MODEL --out DIR)")
     if args.backend == "tensorrt":
         _validate_tensorrt(args)
+    config = _peek_config(args)
+    if config is None:  # a single-file checkpoint: the pipeline checks the rest once it is read
+        return
+    config = config.with_prediction_type(args.prediction_type)
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            check_size(f"--{name}", getattr(args, name), config.vae.downscale)
+    try:
+        ddim_schedule(config.scheduler, args.steps, args.eta)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{exc} (--steps {args.steps}, --eta {args.eta:g})") from None
+    if args.backend == "onnxruntime":
+        from .manifest import Manifest
+
+        size = config.default_size
+        Manifest.read(args.model).ranges.check(args.num_images, args.height or size, args.width or size)
 
 
 def _validate_tensorrt(args: argparse.Namespace) -> None:
@@ -129,43 +172,6 @@ def _validate_tensorrt(args: argparse.Namespace) -> None:
 
 def _device(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
-
-
-def _validate_onnx(args: argparse.Namespace) -> None:
-    """Check the request against the export folder's manifest before any session is created."""
-    from .manifest import Manifest
-
-    if args.model is None:
-        raise InvalidInputError("--backend onnxruntime needs --model: a folder written by sdengine export "
-                                "(sdengine export --model MODEL --out DIR)")
-    manifest = Manifest.read(args.model)
-    size = manifest.config.default_size
-    manifest.ranges.check(args.num_images, args.height or size, args.width or size)
-
-
-def _png_info(args: argparse.Namespace, seed: int, width: int, height: int):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    fields = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "steps": args.steps,
-              "guidance_scale": args.guidance, "eta": args.eta, "seed": seed, "width": width, "height": height,
-              "sampler": "DDIM", "model": str(args.model or "embedded demo model"), "software": f"sdengine {__version__}"}
-    for key, value in fields.items():
-        info.add_itxt(key, str(value))
-    info.add_itxt("parameters", ", ".join(f"{k}: {v}" for k, v in fields.items()))
-    return info
-
-
-def _save_png(image, path: Path, info) -> None:
-    """Write to a temporary file beside `path`, then rename: no partial PNG is ever left."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _progress(total_label: str):
@@ -183,14 +189,25 @@ def _progress(total_label: str):
     return update, bar
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    _validate(args)
-    paths = _output_paths(args.out, args.num_images)
-    from .pipeline import load_pipeline
+def _load_options(args: argparse.Namespace) -> dict:
+    """--option KEY=VALUE, plus --threads (default: the usable cores less one) for the CPU backends."""
+    from .backends import default_threads
 
     options = load_options(args.option)
-    pipe = load_pipeline(args.model, backend=args.backend, device=_device(args), prediction_type=args.prediction_type,
-                         **options)
+    if args.backend in ("torch", "onnxruntime") and "threads" not in options:
+        options["threads"] = args.threads or default_threads()
+    elif args.threads is not None:
+        raise InvalidInputError("--threads applies to --backend torch and onnxruntime; TensorRT runs on the GPU")
+    if args.prediction_type:
+        options["prediction_type"] = args.prediction_type
+    return options
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _validate(args)
+    from .pipeline import load_pipeline
+
+    pipe = load_pipeline(args.model, backend=args.backend, device=_device(args), **_load_options(args))
     callback, bar = _progress("denoising")
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
@@ -199,8 +216,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    for image, seed, path in zip(result.images, result.seeds, paths):
-        _save_png(image, path, _png_info(args, seed, *image.size))
+    for path, seed in zip(result.save(args.out), result.seeds):
         print(f"{path} (seed {seed})")
     return 0
 
@@ -225,15 +241,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     results = export_model(args.model, args.out, settings)
     written = sum(r.status == "passed" for r in results)
     print(f"{args.out}: {written} graph(s) written, {len(results) - written} up to date; "
-          f"try: sdengine generate \"a cat\" --backend onnxruntime --model {args.out}")
+          f"try: sdengine generate \"{_example_prompt(args.model)}\" --backend onnxruntime --model {args.out}")
+
+
+def _example_prompt(model: str | None) -> str:
+    """A prompt the model can draw: the demo model knows only coloured shapes."""
+    from .demo import EMBEDDED_MODEL
+
+    if model is None or Path(model).expanduser().resolve() == EMBEDDED_MODEL:
+        return "a green square on a black background"
+    return "an astronaut riding a horse"
     return 0
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
+    if Path(args.out).exists() and not args.force:
+        raise InvalidInputError(f"{args.out} exists; pass --force to replace it, or choose another folder")
     from .models.saving import write_random_model
 
     out = write_random_model(args.out, seed=args.seed, overwrite=args.force)
-    print(f"wrote a random-weight tiny model to {out}; try: sdengine generate \"a cat\" --model {out}")
+    print(f"wrote a random-weight tiny model to {out} (it draws noise); try: sdengine generate \"a cat\" "
+          f"--model {out}")
     return 0
 
 
@@ -251,8 +279,29 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _LowerLevel(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()}))
+
+
+def _log_to_stderr() -> None:
+    """sdengine's warnings as one line each on stderr: `sdengine: warning: ...`."""
+    logger = logging.getLogger("sdengine")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LowerLevel("sdengine: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else list(argv)):
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    _log_to_stderr()
     commands = {"generate": cmd_generate, "export": cmd_export, "tiny-model": cmd_tiny_model,
                 "train-demo": cmd_train_demo, "serve": serve_cli.run, "build": build_cli.run,
                 "bench": bench_cli.run}

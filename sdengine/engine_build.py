@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from .engine_manifest import ENGINE_GRAPHS, FORMAT, BuilderSettings, EngineManifest, GraphEntry, plan_file, \
     profiles, write
 from .errors import InvalidInputError, ModelLoadError, SDEngineError
-from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file, umask_mode, write_bytes_atomic
+from .files import umask_mode, write_bytes_atomic
+from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file
 from .runtime.tensorrt import gpu_identity, import_tensorrt, logger
 from .specs import GRAPHS, Precision, Range, ShapeRanges
 

@@ -27,7 +27,8 @@ from typing import Any, Mapping
 from . import __version__
 from .config import ModelConfig
 from .errors import EngineMismatchError, InvalidInputError, ModelLoadError, UnsupportedModelError
-from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file, write_json_atomic
+from .files import write_json_atomic
+from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file
 from .specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, Precision, ShapeRanges, check_dim, profile
 
 FORMAT, FORMAT_VERSION = "sdengine-engines", 1

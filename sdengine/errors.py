@@ -35,3 +35,7 @@ class CudaError(SDEngineError):
 
 class EngineMismatchError(ModelLoadError):
     """An engine set was built for another GPU, TensorRT version, graph or sdengine: rebuild it."""
+
+
+class NonFiniteOutputError(SDEngineError):
+    """A network produced NaN or infinity and no float32 retry could repair it."""

@@ -6,37 +6,67 @@ from numpy generators seeded per image, so a seed gives the same noise on every 
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from .backends import Backend, StepCallback, load_backend
-from .errors import InvalidInputError
+from .errors import InvalidInputError, NonFiniteOutputError
+from .metadata import GenerationInfo, save_png
 from .schedulers import Schedule, ddim_schedule
 from .specs import MAX_SIDE, MIN_SIDE  # one set of image-side limits for every path
+from .tokenizer import check_text
 
 MAX_IMAGES_PER_PROMPT = 16
 MAX_SEED = 2**63 - 1
+OUTPUT_TYPES = ("pil", "np")
+SAMPLER_NAME = "DDIM"  # A1111's name of the sampler, for the images' metadata
+log = logging.getLogger("sdengine")
 
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """Generated images (PIL) and the seed each one used."""
+    """Generated images (PIL, or float arrays with output_type="np"), each one's seed and parameters.
 
-    images: list
-    seeds: list[int]
+    `seeds[i]` is None when given latents made image i (no seed was used). `vae_fp32_fallback` is True
+    when the decoder's output held NaN or infinity and the images were decoded again in float32.
+    """
+
+    images: Any
+    seeds: list[int | None]
+    infos: list[GenerationInfo] = field(default_factory=list)
+    vae_fp32_fallback: bool = False
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Write the images as PNGs carrying their parameters: `path` for one image, else stem-0, stem-1 ..."""
+        paths = output_paths(path, len(self.infos))
+        if not all(hasattr(image, "save") for image in self.images):
+            raise InvalidInputError('save() writes PIL images; call the pipeline with output_type="pil"')
+        return [save_png(image, p, info) for image, p, info in zip(self.images, paths, self.infos)]
 
 
-def check_size(name: str, value: int, multiple: int) -> int:
-    """An image side: an int in [64, 2048] divisible by the latent factor."""
+def output_paths(path: str | Path, count: int) -> list[Path]:
+    """PNG paths for `count` images: the path itself for one, else with -0, -1 ... before the suffix."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise InvalidInputError(f"images are saved as PNG: give a path ending in .png, got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"the folder {path.parent} does not exist; create it first")
+    return [path] if count == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def check_size(name: str, value: int, factor: int) -> int:
+    """An image side: an int in [64, 2048] divisible by the model's VAE factor (8 for SD, 4 for the demo)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InvalidInputError(f"{name} must be an integer number of pixels, got {value!r}")
-    if not MIN_SIDE <= value <= MAX_SIDE or value % multiple:
-        raise InvalidInputError(f"{name} must be a multiple of {multiple} between {MIN_SIDE} and {MAX_SIDE}, "
-                                f"got {value}")
+    if not MIN_SIDE <= value <= MAX_SIDE or value % factor:
+        raise InvalidInputError(f"{name} must be a multiple of {factor} (this model's VAE factor) between "
+                                f"{MIN_SIDE} and {MAX_SIDE}, got {value}")
     return int(value)
 
 
@@ -52,6 +82,11 @@ def _prompt_list(prompt: str | Sequence[str], what: str) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise InvalidInputError(f"{what} must be a string or a non-empty list of strings")
+    for text in prompts:
+        try:
+            check_text(text)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{what}: {exc}") from None
     return prompts
 
 
@@ -89,21 +124,21 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class Pipeline:
-    """txt2img over any backend."""
+    """txt2img over any backend; `model_name` goes into the images' metadata."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, model_name: str = "", embedded: bool = False) -> None:
         self.backend = backend
         self.config = backend.config
         self.tokenizer = backend.tokenizer
+        self.model_name = model_name or "model"
+        self.embedded = embedded  # the demo model: prompts outside its vocabulary get a warning
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
                  seed: int | Sequence[int] | None = None, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, latents: np.ndarray | None = None,
-                 callback: StepCallback | None = None) -> PipelineResult:
+                 callback: StepCallback | None = None, output_type: str = "pil") -> PipelineResult:
         """Generate images; parameters as in diffusers' StableDiffusionPipeline."""
-        from PIL import Image
-
         prompts = _prompt_list(prompt, "prompt")
         negatives = _prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
         if len(negatives) == 1:
@@ -114,6 +149,8 @@ class Pipeline:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_IMAGES_PER_PROMPT:
             raise InvalidInputError(f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES_PER_PROMPT}], "
                                     f"got {n!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         factor = self.config.vae.downscale
         height = check_size("height", self.config.default_size if height is None else height, factor)
         width = check_size("width", self.config.default_size if width is None else width, factor)
@@ -121,27 +158,84 @@ class Pipeline:
         schedule = ddim_schedule(self.config.scheduler, num_inference_steps, eta)
         batch = len(prompts) * n
         shape = (self.config.unet.in_channels, height // factor, width // factor)
-        seeds = image_seeds(seed, batch)
+        seeds: list[int | None] = list(image_seeds(seed, batch))
         init, noise = initial_noise(seeds, shape, schedule)
         if latents is not None:
-            init = self._given_latents(latents, (batch, *shape))
+            init = self._given_latents(latents, (batch, *shape), factor)
+            if noise is None:  # the seeds drew nothing that made these images
+                seeds = [None] * batch
         rows = [p for p in prompts for _ in range(n)]
         if guidance != 1.0:  # unconditional rows first, as DenoiseStep expects
             rows = [p for p in negatives for _ in range(n)] + rows
         context = self.backend.encode_text(self.tokenizer(rows))
+        if self.embedded:
+            _warn_outside_demo_vocabulary(prompts)
         final = self.backend.denoise(init, context, schedule, guidance, noise, callback)
-        pixels = to_uint8(self.backend.decode(final))
-        return PipelineResult(images=[Image.fromarray(p) for p in pixels], seeds=seeds)
+        images, fallback = self._decode(final)
+        infos = [GenerationInfo(prompt=p, negative_prompt=neg, steps=schedule.num_steps, sampler=SAMPLER_NAME,
+                                guidance_scale=guidance, seed=s, width=width, height=height, model=self.model_name,
+                                eta=float(eta))
+                 for (p, neg), s in zip([(p, q) for p, q in zip(prompts, negatives) for _ in range(n)], seeds)]
+        if output_type == "np":
+            return PipelineResult(to_unit_float(images), seeds, infos, fallback)
+        return PipelineResult(_pil_images(to_uint8(images), infos), seeds, infos, fallback)
+
+    def _decode(self, final: Any) -> tuple[np.ndarray, bool]:
+        """Decode; NaN or infinity (an fp16 VAE overflowing) is decoded again in float32, as A1111 does."""
+        images = self.backend.decode(final)
+        if np.isfinite(images).all():
+            return images, False
+        if not getattr(self.backend, "can_decode_fp32", False):
+            raise NonFiniteOutputError(
+                "the VAE decoder produced NaN or infinite values and this backend has no float32 decoder to retry "
+                "with; " + getattr(self.backend, "fp32_advice", "the model's weights overflow even in float32"))
+        log.warning("the VAE decoder produced NaN or infinite values in float16; decoding again in float32")
+        images = self.backend.decode(final, fp32=True)
+        if not np.isfinite(images).all():
+            raise NonFiniteOutputError("the image holds NaN or infinite values even when decoded in float32: the "
+                                       "denoise loop's latents overflowed; try the CPU in float32 (--device cpu) "
+                                       "or fewer steps, a lower guidance scale")
+        return images, True
 
     @staticmethod
-    def _given_latents(latents: Any, shape: tuple[int, ...]) -> np.ndarray:
+    def _given_latents(latents: Any, shape: tuple[int, ...], factor: int) -> np.ndarray:
         arr = np.asarray(latents, dtype=np.float32)
         if arr.shape != shape:
-            raise InvalidInputError(f"latents must have shape {list(shape)} (images, channels, height/8, width/8), "
-                                    f"got {list(arr.shape)}")
+            raise InvalidInputError(f"latents must have shape {list(shape)} (images, channels, height/{factor}, "
+                                    f"width/{factor}: {factor} is this model's VAE factor), got {list(arr.shape)}")
         if not np.isfinite(arr).all():
             raise InvalidInputError("latents contain NaN or infinite values")
         return arr
+
+
+def to_unit_float(images: np.ndarray) -> np.ndarray:
+    """Float images [B,3,H,W] in [-1,1] -> float32 [B,H,W,3] in [0,1] (diffusers' output_type="np")."""
+    return np.clip(images.astype(np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
+def _pil_images(pixels: np.ndarray, infos: list[GenerationInfo]) -> list:
+    """PIL images carrying their parameters in `info` (what PipelineResult.save writes to the PNG)."""
+    from PIL import Image
+
+    images = []
+    for p, info in zip(pixels, infos):
+        image = Image.fromarray(p)
+        image.info.update(info.text_chunks())
+        images.append(image)
+    return images
+
+
+def _warn_outside_demo_vocabulary(prompts: list[str]) -> None:
+    """The demo model knows six colours and three shapes: say so when a prompt names none of them."""
+    from .demo.shapes import COLOURS, SHAPES
+
+    known = set(COLOURS) | set(SHAPES) | {f"{s}s" for s in SHAPES}
+    for prompt in dict.fromkeys(prompts):
+        words = set(prompt.lower().replace(",", " ").split())
+        if not words & known:
+            log.warning("the embedded demo model only draws a %s in %s; %r names none of them, so the shape and "
+                        "colour are left to chance", ", ".join(SHAPES[:-1]) + " or " + SHAPES[-1],
+                        ", ".join(COLOURS), prompt[:60])
 
 
 def load_pipeline(path: str | None = None, backend: str = "torch", device: str = "cpu", **options: Any) -> Pipeline:
@@ -149,8 +243,16 @@ def load_pipeline(path: str | None = None, backend: str = "torch", device: str =
 
     With no path, the embedded demo model (64x64 pictures of coloured shapes) is used.
     """
-    if path is None:
-        from .demo import embedded_model_path
+    from .demo import EMBEDDED_MODEL, embedded_model_path
 
+    if path is None:
         path = embedded_model_path()
-    return Pipeline(load_backend(path, backend=backend, device=device, **options))
+    embedded = Path(path).expanduser().resolve() == EMBEDDED_MODEL
+    name = "sdengine-demo" if embedded else model_name(path)
+    return Pipeline(load_backend(path, backend=backend, device=device, **options), name, embedded)
+
+
+def model_name(path: str | Path) -> str:
+    """A model's name for metadata, as A1111 names checkpoints: the file or folder name without extension."""
+    p = Path(path)
+    return p.stem if p.suffix.lower() == ".safetensors" else p.name or str(p)

@@ -1,21 +1,29 @@
-"""CLIP BPE tokenizer (Radford et al. 2021, OpenAI CLIP simple_tokenizer) in pure Python."""
+"""CLIP BPE tokenizer in pure Python, id-for-id OpenAI CLIP's simple_tokenizer (as open_clip ships it).
+
+Text is cleaned as the reference does: ftfy.fix_text (mojibake, curly quotes, ligatures, full-width
+forms, control characters, NFC), html.unescape twice, whitespace collapsed, lowercased; then split
+with CLIP's regex and byte-level BPE over the shipped 49,408-token vocabulary.
+"""
 
 from __future__ import annotations
 
 import functools
 import html
 import json
-import unicodedata
-import warnings
+import logging
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
+import ftfy
 import numpy as np
 import regex
 
 from sdengine.assets.clip.derive_vocab import bytes_to_unicode
 from sdengine.errors import InvalidInputError, ModelLoadError
+
+log = logging.getLogger("sdengine")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -26,18 +34,37 @@ _SPLIT = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
+# A high surrogate not followed by a low one, or a low one not preceded by a high one. A well-formed
+# pair (from a UTF-16 source) is text: ftfy.fix_text joins it into the one character it encodes.
+_LONE_SURROGATE = re.compile("[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]")
 _BYTE_ENCODER = bytes_to_unicode()
 _BYTE_DECODER = {c: b for b, c in _BYTE_ENCODER.items()}
+_DROPPED_WORDS = 8  # words of the dropped tail quoted in the truncation log line
+_DROPPED_CHARS = 60  # ... and at most this many characters of them
 
 
-class PromptTruncatedWarning(UserWarning):
-    """A prompt had more tokens than the text encoder's context and its tail was dropped."""
+def check_text(text: str) -> None:
+    """InvalidInputError on a lone surrogate: it is not text, and ftfy would silently turn it into U+FFFD."""
+    found = _LONE_SURROGATE.search(text)
+    if found is None:
+        return
+    code = ord(found.group())
+    more = len(_LONE_SURROGATE.findall(text)) - 1
+    hint = "remove it" + (f" (and {more} more)" if more else "")
+    if 0xDC80 <= code <= 0xDCFF:
+        hint += ("; it most likely came from bytes that are not UTF-8 (a file or a command-line "
+                 "argument in another encoding): pass the text as UTF-8")
+    raise InvalidInputError(f"U+{code:04X} at position {found.start()} is a lone surrogate, "
+                            f"not valid Unicode text: {hint}")
 
 
 def clean_text(text: str) -> str:
-    """CLIP's text cleanup: NFC, html.unescape twice, collapse whitespace, strip, lowercase."""
-    text = unicodedata.normalize("NFC", text)
-    text = html.unescape(html.unescape(text))
+    """OpenAI CLIP's text cleanup: ftfy.fix_text, html.unescape twice, collapse whitespace, lowercase.
+
+    Raises InvalidInputError on a lone surrogate (the reference would read it as U+FFFD).
+    """
+    check_text(text)
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
 
 
@@ -226,7 +253,7 @@ class ClipTokenizer:
         return symbols
 
     def encode(self, text: str) -> list[int]:
-        """BPE ids of text, without BOS/EOS."""
+        """BPE ids of text, without BOS/EOS (InvalidInputError on a lone surrogate)."""
         if not isinstance(text, str):
             raise InvalidInputError(f"prompt must be a str, got {type(text).__name__}")
         return [self._vocab[s] for word in _SPLIT.findall(clean_text(text))
@@ -240,6 +267,10 @@ class ClipTokenizer:
         unknown = [i for i in ids if i not in self._id_to_token]
         if unknown:
             raise InvalidInputError(f"ids not in the vocabulary: {unknown[:5]}")
+        return self._text_of(ids)
+
+    def _text_of(self, ids: list[int]) -> str:
+        """Text of known ids, BOS and EOS skipped (decode without its checks and SD 2.x trimming)."""
         chars = []
         for i in ids:
             if i in (self.bos_id, self.eos_id):
@@ -251,16 +282,27 @@ class ClipTokenizer:
         data = bytes(_BYTE_DECODER[c] for c in "".join(chars))
         return data.decode("utf-8", errors="replace").strip()
 
+    def _dropped_words(self, dropped: list[int]) -> str:
+        """The first few words of a dropped tail, for the truncation log line."""
+        end, words = 0, 0
+        while end < len(dropped) and words < _DROPPED_WORDS and end < 4 * _DROPPED_WORDS:
+            words += self._id_to_token[dropped[end]].endswith(END_OF_WORD)
+            end += 1
+        text = self._text_of(dropped[:end]).strip(" \ufffd")  # multi-byte characters cut at either end
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+        if len(text) > _DROPPED_CHARS:
+            text, end = text[:_DROPPED_CHARS], 0
+        return text + (" ..." if end < len(dropped) else "")
+
     def _row(self, prompt: str) -> list[int]:
-        """BOS + ids + EOS for one prompt, truncated to max_length with a warning."""
+        """BOS + ids + EOS for one prompt, truncated to max_length (one log line says what was dropped)."""
         ids = self.encode(prompt)
         room = self._max_length - 2
         if len(ids) > room:
             dropped = ids[room:]
-            warnings.warn(
-                f"prompt is longer than the {room} tokens CLIP reads: dropped the last "
-                f"{len(dropped)} token(s): {self.decode(dropped)!r}",
-                PromptTruncatedWarning, stacklevel=3)
+            if log.isEnabledFor(logging.WARNING):
+                log.warning('prompt is %d tokens long; CLIP reads %d: dropped the last %d token(s) ("%s")',
+                            len(ids), room, len(dropped), self._dropped_words(dropped))
             ids = ids[:room]
         return [self.bos_id, *ids, self.eos_id]
 
@@ -271,7 +313,10 @@ class ClipTokenizer:
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise InvalidInputError("prompts must be a str or a list of str")
         out = np.full((len(prompts), self._max_length), self.pad_id, dtype=np.int64)
+        rows: dict[str, list[int]] = {}  # a prompt repeated in the batch is tokenized (and logged) once
         for b, prompt in enumerate(prompts):
-            row = self._row(prompt)
+            row = rows.get(prompt)
+            if row is None:
+                row = rows[prompt] = self._row(prompt)
             out[b, : len(row)] = row
         return out

@@ -68,12 +68,14 @@ def test_every_subject_has_sane_figures(bench):
         assert "VmHWM" in r["memory"]["host_method"] or "VmRSS" in r["memory"]["host_method"]
 
 
-def test_end_to_end_covers_the_stages(bench):
-    """A pipeline call runs the text encoder, the loop and the decoder, so it cannot take much less than them."""
+def test_end_to_end_and_the_stages_are_all_reported(bench):
+    """Every subject has e2e and each stage as its own series, each defined in the document (no timing is
+    asserted: on a shared machine wall-clock ratios are not facts; figures belong in benchmarks/)."""
     doc, _, _ = bench
     for r in doc["subjects"]:
-        parts = sum(r["series"][k]["p50_s"] for k in ("text_encoder", "denoise_loop", "vae_decode"))
-        assert r["series"]["e2e"]["p50_s"] >= 0.7 * parts, r["label"]
+        assert set(r["series"]) == {"e2e", "tokenizer", "text_encoder", "denoise_loop", "vae_decode"}, r["label"]
+        assert r["throughput"][0]["seconds_per_call"] == r["series"]["e2e"]  # batch 1 is the e2e series
+    assert {"e2e", "tokenizer", "text_encoder", "denoise_step", "vae_decode"} <= set(doc["definitions"])
 
 
 def test_each_subject_ran_where_it_should(bench):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import stat
 import subprocess
 import sys
 
@@ -10,11 +12,19 @@ import pytest
 from PIL import Image
 
 import sdengine
+from a1111_infotext import parse
+from torch_block import BLOCK_TORCH
 
 
-def run(*args, cwd=None):
+def run(*args, cwd=None, **kwargs):
     return subprocess.run([sys.executable, "-m", "sdengine", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+                          timeout=300, **kwargs)
+
+
+def one_line_error(r, text: str) -> None:
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], r.stderr
 
 
 def test_version():
@@ -34,6 +44,20 @@ def test_generate_writes_png_with_metadata(tiny_model_dir, tmp_path):
     assert image.size == (80, 64)
     assert image.text["prompt"] == "a photo of a cat"
     assert image.text["seed"] == "12" and image.text["steps"] == "4" and image.text["negative_prompt"] == "blurry"
+    fields = parse(image.text["parameters"])  # as A1111's PNG-info tab reads it
+    assert (fields["Prompt"], fields["Negative prompt"], fields["Steps"], fields["Sampler"]) == (
+        "a photo of a cat", "blurry", "4", "DDIM")
+    assert (fields["CFG scale"], fields["Seed"], fields["Size-1"], fields["Size-2"], fields["Eta DDIM"]) == (
+        "5", "12", "80", "64", "0.5")
+    assert fields["Model"] == tiny_model_dir.name
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_png_permissions_follow_the_umask(tiny_model_dir, tmp_path, umask):
+    out = tmp_path / "p.png"
+    r = run("generate", "a cat", "--model", str(tiny_model_dir), "--steps", "1", "--out", str(out), umask=umask)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
 
 
 def test_tiny_model_command(tmp_path):
@@ -41,7 +65,7 @@ def test_tiny_model_command(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m" / "model_index.json").is_file()
     again = run("tiny-model", str(tmp_path / "m"))
-    assert again.returncode != 0 and "exists" in again.stderr
+    one_line_error(again, "exists; pass --force to replace it")
 
 
 BAD = [
@@ -57,6 +81,10 @@ BAD = [
     (["--num-images", "17"], "--num-images"),
     (["--model", "/no/such/model"], "does not exist"),
     (["--out", "x.jpg"], ".png"),
+    (["--out", "no/such/dir/x.png"], "does not exist; create it first"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--steps", "1000"], "outside the trained range 0..999; use fewer steps (--steps 1000"),
+    (["--height", "66"], "--height must be a multiple of 8 (this model's VAE factor) between 64 and 2048, got 66"),
 ]
 
 
@@ -98,7 +126,7 @@ def test_first_readme_command_uses_the_embedded_model(tmp_path):
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     image = Image.open(tmp_path / "image.png")
-    assert image.text["model"] == "embedded demo model"
+    assert image.text["model"] == "sdengine-demo"
     verdict = checker.check(image)
     assert (verdict.colour, verdict.shape, verdict.background) == ("red", "circle", "white")
 
@@ -115,3 +143,84 @@ def test_generate_passes_backend_options(tiny_model_dir, tmp_path):
     bad = run(*common, "--out", str(tmp_path / "bad.png"), "--option", "no_such_option=1")
     assert bad.returncode == 2 and "no_such_option" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_no_arguments_prints_the_help():
+    r = run()
+    assert r.returncode == 0 and "usage: sdengine" in r.stdout and "generate" in r.stdout and not r.stderr
+
+
+def test_prompt_that_is_not_utf8_is_one_line(tmp_path):
+    """argv bytes that are not UTF-8 arrive as surrogate escapes: one line, exit 2, no PNG."""
+    r = subprocess.run([sys.executable.encode(), b"-m", b"sdengine", b"generate", b"a red \xff circle", b"--out",
+                        str(tmp_path / "x.png").encode()], capture_output=True, timeout=300)
+    r.stderr = r.stderr.decode("utf-8", "replace")
+    one_line_error(r, "the prompt is not valid UTF-8: byte 0xff at character 6")
+    assert not list(tmp_path.iterdir())
+
+
+def test_torch_backend_without_torch_is_one_line(tmp_path):
+    """In an install without torch, the default backend says so and names --backend onnxruntime."""
+    code = BLOCK_TORCH + f"""
+from sdengine.cli import main
+sys.exit(main(["generate", "a red circle", "--steps", "2", "--out", {str(tmp_path / "x.png")!r}]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    one_line_error(r, "the torch backend needs PyTorch, which is not installed")
+    assert "--backend onnxruntime" in r.stderr
+
+
+def test_steps_are_checked_before_the_weights_load(tiny_model_dir, tmp_path):
+    """--steps past the schedule is refused from the config files: broken weights are never read."""
+    model = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    r = run("generate", "a cat", "--model", str(model), "--steps", "1000", "--out", str(tmp_path / "x.png"))
+    one_line_error(r, "outside the trained range 0..999")
+
+
+def test_long_prompt_warning_is_one_short_line(tiny_model_dir, tmp_path):
+    r = run("generate", "a cat " + "in a very detailed garden " * 400, "--model", str(tiny_model_dir), "--steps",
+            "1", "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdengine: warning: ") and len(lines[0]) < 240, r.stderr
+
+
+def test_demo_model_warns_about_prompts_outside_its_vocabulary(tmp_path):
+    r = run("generate", "a dog", "--steps", "2", "--out", str(tmp_path / "dog.png"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "demo model only draws a circle, square or triangle" in lines[0], r.stderr
+    quiet = run("generate", "a purple triangle on a gray background", "--steps", "2", "--out",
+                str(tmp_path / "t.png"))
+    assert quiet.returncode == 0 and not quiet.stderr.strip(), quiet.stderr
+
+
+@pytest.mark.parametrize("cores, threads", [({0}, 1), ({0, 1}, 1), ({0, 1, 2, 3}, 3), (set(range(16)), 15)])
+def test_default_threads_leave_one_core(monkeypatch, cores, threads):
+    from sdengine.backends import default_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: cores, raising=False)
+    assert default_threads() == threads
+
+
+def test_threads_option(tiny_model_dir, tmp_path):
+    """--threads N reaches torch."""
+    code = f"""
+import torch
+from sdengine.cli import main
+assert main(["generate", "a cat", "--model", {str(tiny_model_dir)!r}, "--steps", "1", "--threads", "1",
+             "--out", {str(tmp_path / "x.png")!r}]) == 0
+print(torch.get_num_threads())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "1", r.stderr
+
+
+def test_export_suggests_a_prompt_the_model_knows():
+    from sdengine.cli import _example_prompt
+    from sdengine.demo.shapes import COLOURS, SHAPES
+
+    words = set(_example_prompt(None).split())
+    assert words & set(COLOURS) and words & set(SHAPES)

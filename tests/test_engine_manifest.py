@@ -13,7 +13,7 @@ from sdengine.cli import build_parser
 from sdengine.config import ModelConfig
 from sdengine.engine_build import BuildSettings, build_ranges
 from sdengine.errors import EngineMismatchError, InvalidInputError, ModelLoadError, UnsupportedModelError
-from sdengine.manifest import write_json_atomic
+from sdengine.files import write_json_atomic
 from sdengine.specs import GRAPHS, Range, ShapeRanges, profile
 
 PLANS = {"text_encoder": b"te" * 50, "denoise_step": b"ds" * 80, "vae_decoder": b"vd" * 60}

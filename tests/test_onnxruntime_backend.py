@@ -102,6 +102,30 @@ def test_cli_generate_refuses_shapes_outside_the_export(onnx_fp32_dir, tmp_path,
     assert r.returncode == 2 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_cli_backend_options_are_checked(onnx_fp32_dir, tmp_path):
+    """Every backend names the options it takes: a torch option on onnxruntime is one line, exit 2."""
+    r = run_cli("generate", "a cat", "--backend", "onnxruntime", "--model", str(onnx_fp32_dir), "--steps", "2",
+                "--out", str(tmp_path / "x.png"), "--option", "compile=true", torch_blocked=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "does not take the option(s) compile; it takes: providers, threads, prediction_type" in r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("backend, options, match", [
+    ("onnxruntime", {"compile": True}, "onnxruntime backend does not take the option\\(s\\) compile"),
+    ("onnxruntime", {"threads": 0}, "threads must be an integer >= 1"),
+    ("tensorrt", {"channels_last": True}, "tensorrt backend does not take the option\\(s\\) channels_last; "
+                                          "it takes: prediction_type, use_graph"),
+    ("torch", {"providers": ["CPUExecutionProvider"]}, "torch backend does not take the option\\(s\\) providers"),
+])
+def test_backend_options_are_checked_first(onnx_fp32_dir, backend, options, match):
+    from sdengine.backends import load_backend
+
+    with pytest.raises(InvalidInputError, match=match):
+        load_backend(str(onnx_fp32_dir), backend=backend, device="cuda" if backend == "tensorrt" else "cpu",
+                     **options)
+
+
 def test_shape_outside_range_is_refused(ort_pipeline):
     with pytest.raises(InvalidInputError, match="height 256 is outside.*--height"):
         ort_pipeline("a cat", num_inference_steps=2, height=256)

@@ -202,6 +202,29 @@ def test_generation_returns_pngs_with_their_seeds(server):
     assert decode_png(body["data"][0]["b64_json"]).size == (64, 80)
 
 
+def test_pngs_carry_their_parameters_and_openai_extras_are_accepted(server):
+    """A1111's `parameters` text in every PNG; OpenAI's quality and style are accepted and ignored."""
+    from a1111_infotext import parse
+
+    status, _, body = generate(server.port, {"prompt": "a red circle", "negative_prompt": "blurry", "seed": 3,
+                                             "steps": 2, "guidance_scale": 4, "quality": "hd", "style": "vivid"})
+    assert status == 200, body
+    fields = parse(decode_png(body["data"][0]["b64_json"]).text["parameters"])
+    assert (fields["Prompt"], fields["Negative prompt"], fields["Seed"], fields["Steps"], fields["CFG scale"]) == (
+        "a red circle", "blurry", "3", "2", "4")
+    assert (fields["Size-1"], fields["Size-2"], fields["Model"]) == ("64", "64", "tiny")
+
+
+def test_models_lists_the_served_model(server):
+    """GET /v1/models: OpenAI's list shape, which OpenAI-compatible tools call first."""
+    status, _, raw = http(server.port, "GET", "/v1/models")
+    body = json.loads(raw)
+    assert status == 200 and body["object"] == "list" and len(body["data"]) == 1
+    model = body["data"][0]
+    assert model["id"] == "tiny" and model["object"] == "model" and model["owned_by"] == "sdengine"
+    assert isinstance(model["created"], int)
+
+
 # ---- concurrency -----------------------------------------------------------------------------------------------
 def test_burst_over_the_queue_gets_429_and_the_rest_succeed(server):
     before = metrics(server.port)
@@ -297,7 +320,7 @@ def test_sigterm_finishes_running_work_and_exits_0(start_server):
 # ---- bad input -------------------------------------------------------------------------------------------------
 LONG = "cat " * 80  # 80 tokens: CLIP reads 75
 BAD = [
-    ({"prompt": "a", "size": "65x64"}, 422, "size", "multiple of 8"),
+    ({"prompt": "a", "size": "65x64"}, 422, "size", "width must be a multiple of 8 (this model's VAE factor)"),
     ({"prompt": "a", "size": "56x64"}, 422, "size", "between 64 and 2048"),
     ({"prompt": "a", "size": "256x256"}, 422, "size", "at most 16384"),
     ({"prompt": "a", "size": "64"}, 422, "size", "WIDTHxHEIGHT"),
@@ -320,7 +343,10 @@ BAD = [
     ({"prompt": ["a", "b"]}, 422, "prompt", "string"),
     ({"prompt": LONG}, 422, "prompt", "80 tokens"),
     ({"prompt": "a", "negative_prompt": LONG}, 422, "negative_prompt", "80 tokens"),
-    ({"prompt": "a", "quality": "hd"}, 422, "quality", "unknown field"),
+    ({"prompt": "a", "quality": 3}, 422, "quality", "must be a string (it is accepted and ignored)"),
+    ({"prompt": "a", "colour": "red"}, 422, "colour", "unknown field"),
+    (b'{"prompt": "a \\ud800 b"}', 422, "prompt", "prompt: "),
+    (b'{"prompt": "a", "negative_prompt": "\\udcff"}', 422, "negative_prompt", "negative_prompt: "),
     ({"prompt": "a", "response_format": "url"}, 422, "response_format", "only \"b64_json\""),
     ({"prompt": "a", "seed": -1}, 422, "seed", "between 0"),
     ({"prompt": "a", "seed": 1.5}, 422, "seed", "integer"),
@@ -442,3 +468,33 @@ def test_metrics_renderer():
         "# HELP x_total Things.", "# TYPE x_total counter", 'x_total{kind="a"} 0', 'x_total{kind="b\\"\\\\"} 1',
         "# HELP y_seconds Time.", "# TYPE y_seconds histogram", 'y_seconds_bucket{le="0.1"} 1',
         'y_seconds_bucket{le="1"} 2', 'y_seconds_bucket{le="+Inf"} 3', "y_seconds_sum 5.55", "y_seconds_count 3"]
+
+
+def test_fp32_decoder_fallbacks_are_counted():
+    """A batch whose images were decoded again in float32 counts once in sdengine_vae_fp32_fallbacks_total."""
+    from sdengine.metadata import GenerationInfo
+    from sdengine.pipeline import PipelineResult
+    from sdengine.serve.app import Service
+    from sdengine.serve.schema import GenerationRequest
+    from sdengine.serve.settings import ServeSettings
+
+    info = GenerationInfo("a", "", 2, "DDIM", 7.5, 1, 64, 64, "m")
+    service = Service(ServeSettings())
+    for fallback in (True, False, True):
+        service.pipeline = lambda *a, fallback=fallback, **k: PipelineResult(["image"], [1], [info], fallback)
+        request = GenerationRequest("a", "", 1, 64, 64, 2, 7.5, 0.0, 1)
+        assert service._compute([request], lambda step, total: None) == [("image", info)]
+    assert service.metrics.vae_fp32_fallbacks.value() == 2
+    assert "sdengine_vae_fp32_fallbacks_total 2" in service.metrics.render()
+
+
+def test_the_readme_client_snippet_saves_the_images(server, tmp_path):
+    """The README's curl | python3 snippet, run on a response of this server (Python >= 3.10 syntax)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    request = json.loads(re.search(r"-d '(\{\"prompt\": \"a red circle.*?\})'", readme).group(1))
+    code = re.search(r"\| python3 -c '(.*?)'\n", readme, re.S).group(1)
+    status, _, raw = http(server.port, "POST", "/v1/images/generations", {**request, "steps": 2})
+    assert status == 200
+    r = subprocess.run([sys.executable, "-c", code], input=raw, capture_output=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img-1.png", "img-2.png"]

@@ -4,35 +4,47 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import shutil
-import warnings
+import unicodedata
 import zipfile
 from pathlib import Path
 
+import ftfy
 import numpy as np
 import pytest
 
 from sdengine.assets.clip import derive_vocab
-from sdengine.errors import ModelLoadError
-from sdengine.tokenizer import ClipTokenizer, PromptTruncatedWarning
+from sdengine.errors import InvalidInputError, ModelLoadError, SDEngineError
+from sdengine.tokenizer import ClipTokenizer
+
+try:
+    import hypothesis
+    from hypothesis import strategies as st
+except ImportError:  # the `test` extra installs it; without it only the fuzz tests are skipped
+    hypothesis = None
 
 ASSETS = Path(derive_vocab.__file__).resolve().parent
+OPENCLIP_IDS = Path(__file__).resolve().parent / "data" / "openclip_ids.json"
 WHEEL = Path("/tmp/oc/open_clip_torch-3.3.0-py3-none-any.whl")
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
 LONG_PROMPT = " ".join(["a majestic castle on a hill at sunset, highly detailed"] * 12) + " zebra"
 
-# Prompts compared id-for-id with transformers' CLIPTokenizer. Left out on purpose, where
-# sdengine follows OpenAI CLIP's simple_tokenizer and transformers 5 (Rust tokenizers) does not
+# Prompts compared id-for-id with transformers' CLIPTokenizer (the Rust tokenizers backend; it
+# runs no ftfy). Every one is text ftfy.fix_text leaves as it is (but for NFC, which transformers
+# does too): see test_parity_prompts_are_ftfy_neutral. The reference itself is pinned in
+# tests/data/openclip_ids.json (test_matches_openclip_*). Left out on purpose, where sdengine follows
+# OpenAI CLIP's simple_tokenizer and transformers 5 does not
 # (see test_follows_openai_clip_where_transformers_differs):
+#   - anything ftfy.fix_text repairs: curly quotes, ligatures, full-width forms (U+3000 too),
+#     mojibake, C0/C1 control characters such as \x1c-\x1f, terminal escapes;
 #   - HTML entities ("&amp;"): OpenAI CLIP unescapes them twice, transformers keeps them;
 #   - Greek final capital sigma ("ΟΔΟΣ"): Python's str.lower() gives "ς", Rust's per-char
 #     lowercase gives "σ";
-#   - ASCII separators \x1c-\x1f: whitespace to Python's str.split(), not to Rust's \s;
 #   - "<|ENDOFTEXT|>" in upper case: OpenAI lowercases it into the EOS token, transformers matches
 #     special tokens case-sensitively before lowercasing;
 #   - code points unassigned in Python 3.11's Unicode 14 tables (the `regex` module and
 #     tokenizers classify them with other Unicode versions).
-# ftfy's mojibake repairs (OpenAI CLIP runs ftfy.fix_text) are done by neither: only its NFC step.
 PARITY_PROMPTS = [
     "a photo of a cat",
     "A Photo Of A CAT",
@@ -58,7 +70,7 @@ PARITY_PROMPTS = [
     "a <|endoftext|> b",
     "o'clock rock'n'roll",
     "ALL CAPS SHOUTING",
-    "tabs\tand\u00a0non-breaking\u3000spaces",
+    "tabs\tand\u00a0non-breaking\u2003spaces",
     "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
     "#hashtag @mention ~tilde `backtick` ^caret |pipe|",
     "photorealistic, unreal engine 5, octane render, hdr",
@@ -96,12 +108,21 @@ def test_pinned_ids(tok):
     assert tok.encode("a photo of a cat") == CAT_IDS[1:-1]
 
 
+def _ftfy_neutral(text: str) -> bool:
+    """ftfy.fix_text changes nothing in text but for NFC (which transformers applies too)."""
+    return ftfy.fix_text(text) == unicodedata.normalize("NFC", text)
+
+
+def test_parity_prompts_are_ftfy_neutral():
+    changed = [p for p in PARITY_PROMPTS if not _ftfy_neutral(p)]
+    assert not changed, f"ftfy changes these, transformers would not: {changed}"
+
+
 @pytest.mark.parametrize("prompt", PARITY_PROMPTS)
 def test_parity_with_transformers(tok, oracle, prompt):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PromptTruncatedWarning)
-        ours = tok(prompt)[0].tolist()
-    assert ours == oracle(prompt)
+    """Equal to transformers' CLIPTokenizer on text ftfy leaves as it is (transformers runs no ftfy)."""
+    assert _ftfy_neutral(prompt)
+    assert tok(prompt)[0].tolist() == oracle(prompt)
 
 
 def test_batch_matches_rows(tok):
@@ -120,26 +141,62 @@ def test_html_entities_are_unescaped(tok, oracle):
 
 def test_follows_openai_clip_where_transformers_differs(tok):
     assert tok.encode("ΟΔΟΣ") == tok.encode("οδος") != tok.encode("οδοσ")
-    assert tok.encode("a\x1cb\x1fc") == tok.encode("a b c")
+    assert tok.encode("a\x1cb\x1fc") == tok.encode("abc")  # ftfy drops the control characters
     assert tok.encode("<|ENDOFTEXT|> x") == [tok.eos_id, tok.encode("x")[0]]
+    # ftfy: curly quotes straightened, ligatures split, full-width forms narrowed, mojibake decoded.
+    assert tok.encode("\u2019curly\u2019 \u201cquotes\u201d") == tok.encode("'curly' \"quotes\"")
+    assert tok.encode("\ufb01ne") == tok.encode("fine")
+    assert tok.encode("\uff21\uff22\uff23") == tok.encode("abc")
+    assert tok.encode("Caf\u00c3\u00a9") == tok.encode("café")
 
 
-def test_truncation_warns_and_ends_with_eos(tok):
-    with pytest.warns(PromptTruncatedWarning) as record:
+def _truncation_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "sdengine" and "CLIP reads" in r.getMessage()]
+
+
+def test_truncation_logs_and_ends_with_eos(tok, caplog):
+    ids = tok.encode(LONG_PROMPT)
+    with caplog.at_level(logging.WARNING, logger="sdengine"):
         row = tok(LONG_PROMPT)[0]
-    message = str(record[0].message)
-    assert "zebra" in message and "detailed" in message
-    dropped = len(tok.encode(LONG_PROMPT)) - 75
-    assert f"{dropped} token" in message
+    (record,) = _truncation_records(caplog)
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert message.startswith(f"prompt is {len(ids)} tokens long; CLIP reads 75: dropped the last "
+                              f"{len(ids) - 75} token(s) (")
+    assert tok.decode(ids[75:]).split()[0] in message and message.endswith(' ...")')
+    assert "zebra" not in message  # only the first few dropped words
     assert row[76] == tok.eos_id and row[0] == tok.bos_id
-    assert row[1:76].tolist() == tok.encode(LONG_PROMPT)[:75]
+    assert row[1:76].tolist() == ids[:75]
 
 
-def test_no_warning_when_it_fits(tok):
+@pytest.mark.parametrize("prompt", [
+    "a " * 5000,
+    "masterpiece, best quality, " * 1250,
+    "\u4e00" * 2500,  # one word of 5,000 tokens: no spaces to cut at
+    "supercalifragilisticexpialidocious" * 520,
+], ids=["words", "commas", "cjk_one_word", "latin_one_word"])
+def test_truncation_line_is_short_for_a_huge_prompt(tok, caplog, prompt):
+    assert len(tok.encode(prompt)) >= 5000
+    with caplog.at_level(logging.WARNING, logger="sdengine"):
+        tok(prompt)
+    (record,) = _truncation_records(caplog)
+    message = record.getMessage()
+    assert len(message) < 200 and "\n" not in message, message
+    assert message.endswith(' ...")') and "\ufffd" not in message
+
+
+def test_truncation_logged_once_per_distinct_prompt(tok, caplog):
+    with caplog.at_level(logging.WARNING, logger="sdengine"):
+        batch = tok([LONG_PROMPT, "a photo of a cat", LONG_PROMPT, LONG_PROMPT + " again"])
+    assert len(_truncation_records(caplog)) == 2
+    assert (batch[0] == batch[2]).all() and batch[1].tolist()[:7] == CAT_IDS
+
+
+def test_no_log_when_it_fits(tok, caplog):
     exact = " ".join(["cat"] * 75)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PromptTruncatedWarning)
+    with caplog.at_level(logging.DEBUG, logger="sdengine"):
         row = tok(exact)[0]
+    assert not caplog.records
     assert row[76] == tok.eos_id and (row[1:76] == 2368).all()
 
 
@@ -176,10 +233,13 @@ def test_from_folder_sd1_and_insane_max_length(tmp_path):
     assert sd1.pad_id == 49407 and sd1.max_length == 77
 
 
-def test_from_folder_short_max_length(tmp_path):
+def test_from_folder_short_max_length(tmp_path, caplog):
     sd = ClipTokenizer.from_folder(_tokenizer_folder(tmp_path, None, {"model_max_length": 8}))
-    with pytest.warns(PromptTruncatedWarning):
+    with caplog.at_level(logging.WARNING, logger="sdengine"):
         row = sd("one two three four five six seven")[0]
+    (record,) = _truncation_records(caplog)
+    assert record.getMessage() == ('prompt is 7 tokens long; CLIP reads 6: dropped the last 1 token(s) '
+                                   '("seven")')
     assert row.shape == (8,) and row[-1] == 49407
 
 
@@ -273,3 +333,142 @@ def test_derive_reproduces_shipped_files(tmp_path):
     assert derive_vocab.main([str(WHEEL), "--out", str(tmp_path)]) == 0
     for name in ("vocab.json", "merges.txt"):
         assert (tmp_path / name).read_bytes() == (ASSETS / name).read_bytes(), name
+
+
+# --- Reference ids: open_clip's SimpleTokenizer (OpenAI CLIP's simple_tokenizer), pinned by
+# --- tests/data/make_openclip_ids.py in tests/data/openclip_ids.json.
+
+def _openclip_data() -> dict:
+    return json.loads(OPENCLIP_IDS.read_text(encoding="ascii"))
+
+
+OPENCLIP_CASES = _openclip_data()["cases"]
+
+
+def _row_matches(row: list[int], ids: list[int], pad_id: int) -> bool:
+    """row (padded to 77 with pad_id) is ids (BOS..EOS, unpadded) then padding."""
+    return row[: len(ids)] == ids and all(i == pad_id for i in row[len(ids):])
+
+
+@pytest.mark.parametrize("case", OPENCLIP_CASES, ids=[c["name"] for c in OPENCLIP_CASES])
+def test_matches_openclip_case(tok, case, caplog):
+    with caplog.at_level(logging.ERROR, logger="sdengine"):  # long_prompt is truncated
+        row = tok(case["text"])[0].tolist()
+    assert _row_matches(row, case["ids"], tok.pad_id), (case["text"], row[: len(case["ids"]) + 1])
+
+
+def test_matches_openclip_random_strings(tok):
+    data = _openclip_data()
+    randoms = data["random"]
+    assert len(randoms) == data["generator"]["random_count"] == 2000
+    differ = [(text, ids, row) for text, ids in randoms
+              if not _row_matches(row := tok(text)[0].tolist(), ids, tok.pad_id)]
+    examples = "\n".join(f"  {text!a}: reference {ids}, sdengine {row[: len(ids)]}"
+                         for text, ids, row in differ[:5])
+    pinned_with = data["generator"]["versions"]["ftfy"]
+    assert not differ, (f"{len(differ)} of {len(randoms)} random strings differ from open_clip (ids pinned with "
+                        f"ftfy {pinned_with}, ftfy here {ftfy.__version__}):\n{examples}")
+
+
+def test_surrogate_pair_is_joined_as_the_reference_does(tok):
+    # A well-formed UTF-16 pair in a str is one character to ftfy (and to the reference).
+    assert tok.encode("\ud83d\ude00 x") == tok.encode("\U0001f600 x")
+
+
+# --- Lone surrogates: not text. The reference (ftfy) would read each as U+FFFD; sdengine refuses.
+
+@pytest.mark.parametrize("text, code, position, undecodable", [
+    ("\ud800", "U+D800", 0, False),
+    ("a photo \udfff", "U+DFFF", 8, False),
+    ("\ude00\ud83d", "U+DE00", 0, False),  # a pair in the wrong order: two lone surrogates
+    ("ok \ud83d then", "U+D83D", 3, False),
+    (b"caf\xe9 au lait".decode("utf-8", "surrogateescape"), "U+DCE9", 3, True),  # Latin-1 argv
+    (b"\xff".decode("utf-8", "surrogateescape"), "U+DCFF", 0, True),
+], ids=["high", "low", "reversed_pair", "high_in_text", "latin1_argv", "byte_ff"])
+def test_lone_surrogate_is_refused(tok, text, code, position, undecodable):
+    for call in (tok.encode, tok, lambda t: tok(["a photo of a cat", t])):
+        with pytest.raises(InvalidInputError) as info:
+            call(text)
+        message = str(info.value)
+        assert f"{code} at position {position}" in message and "not valid Unicode text: remove it" in message
+        assert ("bytes that are not UTF-8" in message) == undecodable
+        assert "\n" not in message and "prompt" not in message and len(message) < 250
+
+
+def test_html_surrogate_charref_is_not_refused(tok):
+    # html.unescape turns "&#xD800;" into U+FFFD, as the reference reads it: text, not a surrogate.
+    assert tok.encode("&#xD800;") == tok.encode("\ufffd")
+
+
+# --- Property-based fuzzing: any str and any bytes decoded with surrogateescape.
+
+def _has_surrogate(text: str) -> bool:
+    return any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    """A surrogate that is not half of a high-then-low pair (an independent, plain loop)."""
+    i = 0
+    while i < len(text):
+        c = ord(text[i])
+        if 0xD800 <= c <= 0xDBFF and i + 1 < len(text) and 0xDC00 <= ord(text[i + 1]) <= 0xDFFF:
+            i += 2
+            continue
+        if 0xD800 <= c <= 0xDFFF:
+            return True
+        i += 1
+    return False
+
+
+def _check_tokenizes(tok: ClipTokenizer, text: str) -> None:
+    """Valid text tokenizes to well-formed rows; a lone surrogate raises InvalidInputError, nothing else."""
+    try:
+        ids = tok.encode(text)
+        rows = tok([text, "a photo of a cat"])
+    except SDEngineError as exc:
+        assert isinstance(exc, InvalidInputError) and _has_lone_surrogate(text), (text, exc)
+        return
+    assert not _has_lone_surrogate(text), text
+    assert all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids)
+    assert rows.shape == (2, 77) and rows.dtype == np.int64
+    for row in rows.tolist():
+        assert row[0] == tok.bos_id and tok.eos_id in row[1:]
+    n = min(len(ids), 75)
+    assert rows[0, 1:n + 1].tolist() == ids[:n] and rows[0, n + 1] == tok.eos_id
+
+
+if hypothesis is None:
+    def test_fuzz_needs_hypothesis():
+        pytest.skip("the fuzz tests need hypothesis: pip install -e '.[test]'")
+else:
+    # database=None: no example database under .hypothesis/ (hypothesis still caches its Unicode tables
+    # there); print_blob: a failure prints the @reproduce_failure line that replays it.
+    FUZZ = hypothesis.settings(max_examples=300, deadline=None, database=None, print_blob=True)
+    SNIPPETS = ["&amp;", "&amp;amp;", "&#xD800;", "\u2019s", "\u201c", "\ufb01", "Caf\u00c3\u00a9", "\uff21",
+                "<|endoftext|>", "<|startoftext|>", "'ll", "\x1b[31m", "\r\n", "\u200d", "\u0301", "\ud83d\ude00"]
+    ANY_TEXT = st.lists(st.one_of(st.characters(exclude_categories=()),  # any code point, Cs included
+                                  st.characters(categories=["Cs"]),  # rare among 1.1M code points: drawn on purpose
+                                  st.sampled_from(SNIPPETS)), max_size=60).map("".join)
+    VALID_TEXT = st.lists(st.one_of(st.characters(),  # no surrogates: hypothesis leaves Cs out by default
+                                    st.sampled_from([s for s in SNIPPETS if not _has_surrogate(s)])),
+                          max_size=120).map("".join)
+    BYTES_TEXT = st.binary(max_size=120).map(lambda b: b.decode("utf-8", "surrogateescape"))
+
+    @FUZZ
+    @hypothesis.given(text=ANY_TEXT)
+    def test_fuzz_any_text(tok, text):
+        _check_tokenizes(tok, text)
+
+    @FUZZ
+    @hypothesis.given(text=VALID_TEXT)
+    def test_fuzz_valid_text_never_raises(tok, text):
+        assert not _has_surrogate(text)
+        ids = tok.encode(text)
+        row = tok(text)[0].tolist()
+        n = min(len(ids), 75)
+        assert len(row) == 77 and row[0] == tok.bos_id and row[1:n + 1] == ids[:n] and row[n + 1] == tok.eos_id
+
+    @FUZZ
+    @hypothesis.given(text=BYTES_TEXT)
+    def test_fuzz_undecodable_bytes(tok, text):
+        _check_tokenizes(tok, text)

@@ -6,12 +6,14 @@ hands host numpy arrays in and gets the decoded image back as numpy.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+import importlib.util
+import os
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import InvalidInputError
+from ..errors import BackendUnavailableError, InvalidInputError
 from ..schedulers import Schedule
 from ..tokenizer import ClipTokenizer
 
@@ -32,13 +34,56 @@ class Backend(Protocol):
                 noise: np.ndarray | None, callback: StepCallback | None = None) -> Any:
         """Run every step of `schedule` from latents [B,C,h,w]; noise [N,B,C,h,w] when eta > 0."""
 
-    def decode(self, latents: Any) -> np.ndarray:
-        """Scaled latents -> float32 images [B, 3, H, W] in about [-1, 1], on the host."""
+    def decode(self, latents: Any, fp32: bool = False) -> np.ndarray:
+        """Scaled latents -> float32 images [B, 3, H, W] in about [-1, 1], on the host.
+
+        fp32=True decodes in float32 whatever the backend's precision (the pipeline asks for it when the
+        normal decode gave NaN or infinity); a backend that cannot raises NonFiniteOutputError.
+        """
+
+
+def reject_unknown_options(backend: str, given: Mapping[str, Any], accepted: Iterable[str]) -> None:
+    """InvalidInputError naming the options a backend does not take and the ones it does."""
+    if given:
+        raise InvalidInputError(f"the {backend} backend does not take the option(s) {', '.join(sorted(given))}; "
+                                f"it takes: {', '.join(accepted)}")
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """CPU threads for the command line and the server: the usable cores less one, at least 1.
+
+    A thread team as large as the machine stalls whenever anything else takes a core: on the 2-core
+    machine, beside one busy process, the demo model's 20 steps took 1.1-1.8 s at 2 threads against
+    0.3-0.4 s at 1 thread (benchmarks/RESULTS.md, "CPU threads under contention").
+    """
+    return max(1, usable_cores() - 1)
+
+
+def _require_torch() -> None:
+    """One line instead of a ModuleNotFoundError when the torch backend is asked for without torch."""
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except ImportError:  # a broken install, or an import hook refusing it
+        found = False
+    if not found:
+        raise BackendUnavailableError(
+            "the torch backend needs PyTorch, which is not installed: pip install torch (see the README's set-up) "
+            "and pip install 'sdengine[torch]', or run an exported folder without torch: "
+            "--backend onnxruntime --model DIR (sdengine export)")
 
 
 def load_backend(path: str | None, backend: str = "torch", device: str = "cpu", **options: Any) -> Backend:
     """The named backend over `path` (torch: a model; onnxruntime: an ONNX export; tensorrt: an engine set)."""
     if backend == "torch":
+        _require_torch()
         from .torch_backend import TorchBackend
 
         return TorchBackend.load(path, device=device, **options)

@@ -93,7 +93,10 @@ class CudaBackend:
         self._check_latents(x.shape)
         return self.loop.run(x, context, schedule, guidance_scale, noise, callback)
 
-    def decode(self, latents: Any) -> np.ndarray:
+    can_decode_fp32 = False  # one fp16 decoder engine per set
+    fp32_advice = "the engine set's decoder is fp16; run the model with --backend torch or an fp32 ONNX export"
+
+    def decode(self, latents: Any, fp32: bool = False) -> np.ndarray:
         """Scaled latents (a device buffer from denoise, or numpy) -> float32 images [B, 3, H, W] on the host."""
         if not hasattr(latents, "ptr"):
             array = np.ascontiguousarray(latents, dtype=np.float32)

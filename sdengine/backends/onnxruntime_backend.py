@@ -24,7 +24,7 @@ from ..runtime.onnxruntime import TENSORRT, Buffer, Graph, resolve_providers, te
 from ..schedulers import Schedule
 from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, Precision, check_dim, dim_ranges, profile
 from ..tokenizer import ClipTokenizer
-from . import StepCallback
+from . import StepCallback, reject_unknown_options
 
 _SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs; every graph is verified
 _REEXPORT = "re-export with sdengine export --batch/--height/--width MIN:MAX covering it"
@@ -53,8 +53,12 @@ class OnnxRuntimeBackend:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", providers: Sequence[str] | None = None,
-             threads: int | None = None, prediction_type: str | None = None) -> "OnnxRuntimeBackend":
+             threads: int | None = None, prediction_type: str | None = None,
+             **unknown: Any) -> "OnnxRuntimeBackend":
         """Verify the export folder at `path` (manifest, graph hashes, external data) and open its sessions."""
+        reject_unknown_options("onnxruntime", unknown, ("providers", "threads", "prediction_type"))
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InvalidInputError(f"onnxruntime option threads must be an integer >= 1, got {threads!r}")
         if path is None:
             raise InvalidInputError("the onnxruntime backend needs --model: a folder written by sdengine export")
         chosen = resolve_providers(device, providers)
@@ -159,7 +163,15 @@ class OnnxRuntimeBackend:
                 callback(i + 1, n)
         return ping
 
-    def decode(self, latents: Buffer | np.ndarray) -> np.ndarray:
+    can_decode_fp32 = False  # the export holds one decoder graph; an fp16 one is not decoded again in fp32
+
+    @property
+    def fp32_advice(self) -> str:
+        if self.manifest.precision is Precision.FP16:
+            return "export the model without --fp16 (sdengine export --out DIR) and run that folder"
+        return "the float32 VAE decoder produced them: the model's VAE weights are broken or overflow"
+
+    def decode(self, latents: Buffer | np.ndarray, fp32: bool = False) -> np.ndarray:
         """Scaled latents -> float32 images [B, 3, H, W] on the host (the graph divides by scaling_factor)."""
         if not isinstance(latents, Buffer):
             array = np.ascontiguousarray(latents, dtype=np.float32)

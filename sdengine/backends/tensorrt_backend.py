@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from ..errors import InvalidInputError
 from ..runtime.cuda import import_cudart, set_device
 from ..runtime.device import CudaDevice, run_all
 from ..tokenizer import ClipTokenizer
+from . import reject_unknown_options
 from .cuda_backend import NETWORKS, CudaBackend
 
 
@@ -40,8 +42,9 @@ def check_available(device: str = "cuda") -> None:
 
 
 def load(path: str | Path | None, device: str = "cuda", prediction_type: str | None = None,
-         use_graph: bool = True) -> CudaBackend:
+         use_graph: bool = True, **unknown: Any) -> CudaBackend:
     """A CudaBackend over the engine set at `path`; everything allocated is released if any step fails."""
+    reject_unknown_options("tensorrt", unknown, ("prediction_type", "use_graph"))
     check_available(device)
     if path is None:
         raise InvalidInputError("the tensorrt backend needs --model: an engine set folder written by sdengine build")

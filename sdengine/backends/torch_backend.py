@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,21 @@ from ..errors import InvalidInputError
 from ..models.loading import Components, load_components
 from ..models.step import DenoiseStep
 from ..schedulers import Schedule
-from . import StepCallback
+from . import StepCallback, reject_unknown_options
 from .torch_fast import OPTION_NAMES, FastOptions, FastPath, LoopInputs, parse_options, run_loop
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _dtype(value: Any) -> torch.dtype | None:
+    """A torch dtype, or its name as given on a command line (--option dtype=float16)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _DTYPES:
+        return _DTYPES[value.strip().lower()]
+    raise InvalidInputError(f"torch backend option dtype must be one of {', '.join(_DTYPES)}, got {value!r}")
 
 
 class TorchBackend:
@@ -32,6 +46,7 @@ class TorchBackend:
         self.step = DenoiseStep(components.unet)
         self.options = options or FastOptions()
         self.fast = None
+        self._vae_fp32: Any = None  # a float32 copy of the VAE, made on the first non-finite fp16 decode
         if self.options.active:
             self.fast = FastPath(components.unet, components.vae, self.config.vae.scaling_factor, self.dtype,
                                  self.options)
@@ -39,21 +54,25 @@ class TorchBackend:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
              prediction_type: str | None = None, channels_last: Any = False, compile: Any = False,
-             cuda_graph: Any = False, compile_backend: Any = "inductor", **unknown: Any) -> "TorchBackend":
+             cuda_graph: Any = False, compile_backend: Any = "inductor", threads: int | None = None,
+             **unknown: Any) -> "TorchBackend":
         """Load weights to `device`: fp32 on the CPU and fp16 on CUDA unless `dtype` says otherwise.
 
-        channels_last, compile (True or a torch.compile mode) and cuda_graph select the fast path.
+        channels_last, compile (True or a torch.compile mode) and cuda_graph select the fast path;
+        threads sets torch's CPU threads for the whole process.
         """
-        if unknown:
-            raise InvalidInputError(f"unknown torch backend option(s) {', '.join(sorted(unknown))}; it takes "
-                                    f"dtype, prediction_type, {', '.join(OPTION_NAMES)}")
+        reject_unknown_options("torch", unknown, ("dtype", "prediction_type", "threads", *OPTION_NAMES))
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise InvalidInputError(f"torch backend option threads must be an integer >= 1, got {threads!r}")
+            torch.set_num_threads(threads)  # process-wide: torch has one intra-op pool
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InvalidInputError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
         if device != "cpu" and not device.startswith("cuda"):
             raise InvalidInputError(f"unknown device {device!r}; use cpu or cuda")
         options = parse_options(device, channels_last=channels_last, compile=compile, cuda_graph=cuda_graph,
                                 compile_backend=compile_backend)
-        dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+        dtype = _dtype(dtype) or (torch.float16 if device.startswith("cuda") else torch.float32)
         components = load_components(path, device=device, dtype=dtype, prediction_type=prediction_type)
         return cls(components, device, options)
 
@@ -77,10 +96,24 @@ class TorchBackend:
             return self.fast.denoise(inputs, callback)
         return run_loop(self.step, inputs, callback)
 
+    @property
+    def can_decode_fp32(self) -> bool:
+        """A float32 retry differs from the normal decode only when the VAE runs in a lower precision."""
+        return self.dtype != torch.float32
+
+    @property
+    def fp32_advice(self) -> str:
+        return "the VAE produced them in float32: the checkpoint's VAE weights are broken or overflow"
+
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
+    def decode(self, latents: torch.Tensor, fp32: bool = False) -> np.ndarray:
+        if fp32 and self.can_decode_fp32:
+            if self._vae_fp32 is None:
+                self._vae_fp32 = copy.deepcopy(self.components.vae).float()
+            z = latents.float() / self.config.vae.scaling_factor
+            return self._vae_fp32.decode(z).float().cpu().numpy()
         if self.fast is not None:
-            return self.fast.decode(latents).cpu().numpy()
+            return self.fast.decode(latents).float().cpu().numpy()
         z = latents / self.config.vae.scaling_factor
         return self.components.vae.decode(z.to(self.dtype)).float().cpu().numpy()
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import InvalidInputError, ModelLoadError, SDEngineError
-from ..manifest import MANIFEST, Manifest, write_json_atomic
+from ..files import write_json_atomic
+from ..manifest import MANIFEST, Manifest
 from . import report
 from .settings import BenchSettings, Subject
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError, SDEngineError
-from ..manifest import write_json_atomic
+from ..files import write_json_atomic
 from .memory import GpuPeak, HostPeak, device_name
 from .settings import STAGES, BenchSettings, Subject
 from .stages import SdengineStages

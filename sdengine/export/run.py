@@ -19,8 +19,8 @@ import torch
 
 from .. import __version__
 from ..errors import SDEngineError
-from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_KEY, META_SOURCE, REPORT, \
-    sha256_file, write_json_atomic
+from ..files import write_json_atomic
+from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_KEY, META_SOURCE, REPORT, sha256_file
 from ..models.loading import Components, load_components
 from ..specs import GRAPHS, ShapeRanges, profile, validation_points
 from .settings import GRAPH_ORDER, ExportSettings

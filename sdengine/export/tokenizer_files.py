@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from ..manifest import TOKENIZER_DIR, umask_mode
+from ..files import umask_mode
+from ..manifest import TOKENIZER_DIR
 from ..tokenizer import ClipTokenizer
 
 _CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "clip"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
 from ..errors import InvalidInputError
+from ..files import temporary_folder
 from .text_encoder import TextEncoder
 from .unet import UNet
 from .vae import AutoencoderKL
@@ -61,7 +61,7 @@ def save_diffusers_folder(out: str | Path, config: ModelConfig, unet: UNet, vae:
     if out.exists() and not overwrite:
         raise InvalidInputError(f"{out} exists; choose another folder or remove it first")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temporary_folder(out)
     try:
         _write_json(tmp / "model_index.json", model_index())
         parts = {"unet": (unet, config.unet.to_diffusers(), "diffusion_pytorch_model"),

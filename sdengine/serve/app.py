@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import logging
 import time
 from typing import Any, Callable
@@ -21,7 +20,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, NonFiniteOutputError
+from ..metadata import GenerationInfo, png_bytes
+from ..pipeline import model_name
 from .batcher import Batcher, BatchAbandoned, Job, ModelThread, QueueFull, Unavailable
 from .metrics import CONTENT_TYPE, ServeMetrics
 from .schema import MAX_BODY_BYTES, GenerationRequest, Limits, RequestError, parse_generation
@@ -41,13 +42,9 @@ def error_response(status: int, message: str, param: str | None = None,
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _png_b64(images: list) -> list[str]:
-    out = []
-    for image in images:
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-    return out
+def _png_b64(images: list[tuple[Any, GenerationInfo]]) -> list[str]:
+    """PNGs carrying their generation parameters (A1111's `parameters` text), base64-encoded."""
+    return [base64.b64encode(png_bytes(image, info)).decode("ascii") for image, info in images]
 
 
 class Service:
@@ -57,6 +54,8 @@ class Service:
         self.settings = settings
         self.loader = loader or _load_pipeline
         self.metrics = ServeMetrics(settings.backend, str(settings.model or "embedded demo model"), __version__)
+        self.model_id = "sdengine-demo" if settings.model is None else model_name(settings.model)
+        self.created = int(time.time())
         self.state = "loading"
         self.error: BaseException | None = None
         self.on_fatal: Callable[[], None] = lambda: None  # set by the CLI: stop the server
@@ -131,7 +130,9 @@ class Service:
                                num_inference_steps=first.steps, guidance_scale=first.guidance_scale, eta=first.eta,
                                seed=[s for r in requests for s in r.seeds], width=first.width, height=first.height,
                                callback=callback)
-        return result.images
+        if result.vae_fp32_fallback:
+            self.metrics.vae_fp32_fallbacks.inc()
+        return list(zip(result.images, result.infos))
 
     # ---- routes -----------------------------------------------------------------------------------
     async def live(self, request: Request) -> Response:
@@ -140,6 +141,11 @@ class Service:
     async def ready(self, request: Request) -> Response:
         ok = self.state == "ready"
         return JSONResponse({"ready": ok, "state": self.state}, status_code=200 if ok else 503)
+
+    async def models(self, request: Request) -> Response:
+        """OpenAI's model list (GET /v1/models): the one model this server holds."""
+        return JSONResponse({"object": "list", "data": [{"id": self.model_id, "object": "model",
+                                                         "created": self.created, "owned_by": "sdengine"}]})
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
@@ -203,6 +209,8 @@ class Service:
             return "unavailable", error_response(503, str(exc), headers={"Retry-After": "5"})
         except InvalidInputError as exc:  # a limit the backend found that the schema did not know
             return "invalid", error_response(422, str(exc))
+        except NonFiniteOutputError as exc:  # the model overflowed and no float32 retry could repair it
+            return "error", error_response(500, str(exc))
         self.metrics.compute_seconds.observe(job.finished - job.started)
         encoded = await asyncio.to_thread(_png_b64, images)
         self.metrics.images.inc(len(encoded))
@@ -244,16 +252,12 @@ async def _disconnected(request: Request) -> None:
 
 def _load_pipeline(settings: ServeSettings) -> Any:
     """In the model thread: load the pipeline with the settings' backend, device and threads."""
+    from ..backends import default_threads
     from ..pipeline import load_pipeline
 
     options: dict[str, Any] = {}
-    if settings.threads is not None:
-        if settings.backend == "torch":
-            import torch
-
-            torch.set_num_threads(settings.threads)
-        elif settings.backend == "onnxruntime":  # TensorRT runs on the GPU: no CPU threads to set
-            options["threads"] = settings.threads
+    if settings.backend in ("torch", "onnxruntime"):  # TensorRT runs on the GPU: no CPU threads to set
+        options["threads"] = settings.threads or default_threads()
     return load_pipeline(settings.model, backend=settings.backend, device=settings.device, **options)
 
 
@@ -298,6 +302,7 @@ def create_app(service: Service) -> Starlette:
                               headers=getattr(exc, "headers", None))
 
     routes = [Route("/v1/images/generations", service.generate, methods=["POST"]),
+              Route("/v1/models", service.models, methods=["GET"]),
               Route("/v2/health/live", service.live, methods=["GET"]),
               Route("/v2/health/ready", service.ready, methods=["GET"]),
               Route("/metrics", service.metrics_text, methods=["GET"])]

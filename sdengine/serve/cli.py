@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "from sdengine build)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda with --backend tensorrt, else cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of the backend (default: its own)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the backend (default: the usable cores less one, at least 1)")
     p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     p.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port}; 0 picks a free one)")
     p.add_argument("--max-queue", type=int, default=d.max_queue,

@@ -174,6 +174,8 @@ class ServeMetrics:
                                      initial=[{"outcome": o} for o in BATCH_OUTCOMES]))
         self.batch_images = r.add(Histogram("sdengine_batch_images", "Images per denoise loop.", BATCH_BUCKETS))
         self.steps = r.add(Counter("sdengine_denoise_steps_total", "Denoise steps run (one per loop iteration)."))
+        self.vae_fp32_fallbacks = r.add(Counter("sdengine_vae_fp32_fallbacks_total", "Batches whose decoded images "
+                                                "held NaN or infinity and were decoded again in float32."))
         self.queue_seconds = r.add(Histogram("sdengine_queue_seconds", "Seconds a request waited before its "
                                              "batch started.", LATENCY_BUCKETS))
         self.compute_seconds = r.add(Histogram("sdengine_compute_seconds", "Seconds of the batch that served a "

@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import InvalidInputError
-from ..pipeline import MAX_SEED, MIN_SIDE, MAX_SIDE
+from ..pipeline import MAX_SEED, check_size
 from ..schedulers import SchedulerConfig, ddim_schedule
 
 MAX_BODY_BYTES = 64 * 1024
 SIZE_RE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
-# OpenAI's fields we implement or accept; `model` and `user` are accepted and ignored (one model is served).
+# OpenAI's fields we implement or accept; `model`, `user`, `quality` and `style` are accepted and ignored
+# (one model is served; OpenAI's quality and style select among its own models' settings).
+IGNORED = ("model", "user", "quality", "style")
 FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "seed", "steps", "guidance_scale", "eta",
-          "model", "user")
+          *IGNORED)
 
 
 class RequestError(Exception):
@@ -39,8 +41,6 @@ class Limits:
 
     factor: int                      # VAE downscale: sides are multiples of it
     default_size: tuple[int, int]    # (width, height) when `size` is absent
-    min_side: int = MIN_SIDE
-    max_side: int = MAX_SIDE
     width_range: tuple[int, int] | None = None   # an engine profile's width min..max, if any
     height_range: tuple[int, int] | None = None
     max_pixels: int = 512 * 512
@@ -144,9 +144,10 @@ def _text(data: dict, name: str, limits: Limits, required: bool) -> str:
 
 
 def _side(name: str, value: int, limits: Limits, profile: tuple[int, int] | None) -> None:
-    if value % limits.factor or not limits.min_side <= value <= limits.max_side:
-        raise _invalid(f"size: {name} {value} must be a multiple of {limits.factor} between {limits.min_side} "
-                       f"and {limits.max_side}", "size")
+    try:
+        check_size(name, value, limits.factor)
+    except InvalidInputError as exc:
+        raise _invalid(f"size: {exc}", "size") from None
     if profile is not None and not profile[0] <= value <= profile[1]:
         raise _invalid(f"size: {name} {value} is outside the loaded engine's range {profile[0]}..{profile[1]}",
                        "size")
@@ -179,9 +180,9 @@ def parse_generation(body: bytes, limits: Limits) -> GenerationRequest:
     if fmt is not None and fmt != "b64_json":
         raise _invalid(f"response_format {json.dumps(fmt)} is not supported; only \"b64_json\" is",
                        "response_format")
-    for name in ("model", "user"):
+    for name in IGNORED:
         if data.get(name) is not None and not isinstance(data[name], str):
-            raise _invalid(f"{name} must be a string", name)
+            raise _invalid(f"{name} must be a string (it is accepted and ignored)", name)
     prompt = _text(data, "prompt", limits, required=True)
     negative = _text(data, "negative_prompt", limits, required=False)
     n = _int(data, "n", 1, 1, limits.max_images)

@@ -1,0 +1,46 @@
+"""Writing files whole or not at all: a temporary name beside the target, then one rename.
+
+Temporary files and folders get the permissions an ordinary open() or mkdir() would give (the process
+umask applied), not the 0o600/0o700 of tempfile.mkstemp/mkdtemp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def umask_mode(mode: int) -> int:
+    """`mode` less the process umask (what open() would have given; mkstemp/mkdtemp use 0o600/0o700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def write_bytes_atomic(path: Path, data: Any) -> None:
+    """Write a bytes-like object (a TensorRT IHostMemory too) to a temporary file beside `path`, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, umask_mode(0o666))
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside `path`, then rename it into place."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def temporary_folder(out: Path) -> Path:
+    """A new folder beside `out`, with mkdir's permissions, to be renamed onto `out` when complete."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, umask_mode(0o777))
+    return tmp

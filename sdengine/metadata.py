@@ -1,0 +1,93 @@
+"""Generation parameters carried by every image: A1111's `parameters` text plus one PNG text chunk per field.
+
+The `parameters` chunk is written exactly in AUTOMATIC1111's infotext format, so image viewers and A1111's
+PNG-info tab read it:
+
+    PROMPT
+    Negative prompt: NEGATIVE            (only when there is one)
+    Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: NAME, Version: sdengine 0.1.0
+
+A value holding a comma, a colon or a newline is written as a JSON string, as A1111 quotes it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .files import write_bytes_atomic
+
+PARAMETERS = "parameters"  # the PNG text key A1111 reads
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    """What produced one image; `seed` is None when given latents (and no per-step noise) made it."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str
+    guidance_scale: float
+    seed: int | None
+    width: int
+    height: int
+    model: str
+    eta: float = 0.0
+
+    def infotext(self) -> str:
+        """The A1111 `parameters` text."""
+        fields: dict[str, Any] = {"Steps": self.steps, "Sampler": self.sampler,
+                                  "CFG scale": _number(self.guidance_scale)}
+        if self.seed is not None:
+            fields["Seed"] = self.seed
+        fields["Size"] = f"{self.width}x{self.height}"
+        fields["Model"] = self.model
+        if self.eta:
+            fields["Eta DDIM"] = _number(self.eta)
+        fields["Version"] = f"sdengine {__version__}"
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items()))
+        return "\n".join(lines)
+
+    def text_chunks(self) -> dict[str, str]:
+        """PNG text chunks: `parameters` (A1111) and one chunk per field for programs that read them."""
+        fields = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "steps": self.steps,
+                  "sampler": self.sampler, "guidance_scale": _number(self.guidance_scale), "eta": _number(self.eta),
+                  "seed": "" if self.seed is None else self.seed, "width": self.width, "height": self.height,
+                  "model": self.model, "software": f"sdengine {__version__}"}
+        return {PARAMETERS: self.infotext(), **{k: str(v) for k, v in fields.items()}}
+
+
+def png_bytes(image: Any, info: GenerationInfo | None = None) -> bytes:
+    """A PIL image as PNG bytes, with the generation parameters as international text chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    chunks = PngInfo()
+    for key, value in (info.text_chunks() if info is not None else {}).items():
+        chunks.add_itxt(key, value)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=chunks)
+    return buf.getvalue()
+
+
+def save_png(image: Any, path: str | Path, info: GenerationInfo | None = None) -> Path:
+    """Write a PNG whole or not at all (temporary name, then rename), with ordinary file permissions."""
+    path = Path(path)
+    write_bytes_atomic(path, png_bytes(image, info))
+    return path
