@@ -72,10 +72,10 @@ class Part:
 
     def initial_latents(self, batch: int = 1) -> np.ndarray:
         from sdengine.pipeline import initial_noise
-        from sdengine.schedulers import ddim_schedule
+        from sdengine.samplers import build_schedule
 
         f = self.config.vae.downscale
-        schedule = ddim_schedule(self.config.scheduler, self.steps)
+        schedule = build_schedule(self.config.scheduler, "ddim", self.steps)
         shape = (self.config.unet.in_channels, self.side // f, self.side // f)
         return initial_noise([SEED + i for i in range(batch)], shape, schedule)[0]
 
@@ -134,9 +134,9 @@ def save_output(part: Part, name: str, latents: np.ndarray, image: np.ndarray) -
 def ours_outputs(part: Part, backend: Any) -> tuple[np.ndarray, np.ndarray]:
     """The final latents and image the pipeline makes for SEED (same noise as Pipeline(seed=SEED))."""
     from sdengine.pipeline import to_uint8
-    from sdengine.schedulers import ddim_schedule
+    from sdengine.samplers import build_schedule
 
-    schedule = ddim_schedule(part.config.scheduler, part.steps)
+    schedule = build_schedule(part.config.scheduler, "ddim", part.steps)
     context = backend.encode_text(backend.tokenizer([NEGATIVE, PROMPT]))
     final = backend.denoise(part.initial_latents(), context, schedule, GUIDANCE, None)
     return final.float().cpu().numpy()[0], to_uint8(backend.decode(final))[0]
@@ -167,9 +167,9 @@ def measure_ours(part: Part, name: str, backend: Any, runs: int, batch: int = 1,
 
 def stage_times(part: Part, name: str, backend: Any, reps: int = 3) -> None:
     """Median seconds of text encoding, the denoise loop and the VAE decode (each between syncs)."""
-    from sdengine.schedulers import ddim_schedule
+    from sdengine.samplers import build_schedule
 
-    schedule, ids = ddim_schedule(part.config.scheduler, part.steps), backend.tokenizer([NEGATIVE, PROMPT])
+    schedule, ids = build_schedule(part.config.scheduler, "ddim", part.steps), backend.tokenizer([NEGATIVE, PROMPT])
     init, spans = part.initial_latents(), {"encode_text_s": [], "denoise_s": [], "decode_s": []}
     for _ in range(reps):
         if part.left() < 10:
@@ -214,11 +214,11 @@ def compile_backend(part: Part) -> str:
 
 def warm_compiled(part: Part, name: str, backend: Any) -> None:
     """First denoise (compile + warm-up + capture) and first decode (compile), timed apart."""
-    from sdengine.schedulers import ddim_schedule
+    from sdengine.samplers import build_schedule
 
     import torch._dynamo.utils as dynamo_utils
 
-    schedule = ddim_schedule(part.config.scheduler, part.steps)
+    schedule = build_schedule(part.config.scheduler, "ddim", part.steps)
     part.record("compile-start", variant=name, mode=backend.options.effective_mode)
     context = backend.encode_text(backend.tokenizer([NEGATIVE, PROMPT]))
     part.sync()

@@ -41,13 +41,14 @@ def tiny_components() -> tuple[Any, Any]:
 
 def _inputs(config: Any, case: tuple, seed: int) -> tuple[Any, np.ndarray, np.ndarray | None, list[str]]:
     from sdengine.pipeline import initial_noise
-    from sdengine.schedulers import ddim_schedule
+    from sdengine.samplers import build_schedule
 
     b, n, g, eta, h, w = case
     f = config.vae.downscale
-    schedule = ddim_schedule(config.scheduler, n, eta)
+    schedule = build_schedule(config.scheduler, "ddim", n, eta)
     init, noise = initial_noise([seed + i for i in range(b)], (config.unet.in_channels, h // f, w // f), schedule)
-    rows = [PROMPT] * b if g == 1.0 else [NEGATIVE] * b + [PROMPT] * b
+    init = init * np.float32(schedule.init_scale)
+    rows = [PROMPT] * b if g <= 1.0 else [NEGATIVE] * b + [PROMPT] * b
     return schedule, init, noise, rows
 
 
@@ -84,12 +85,13 @@ def tiny_case(cb: Any, ref: Any, case: tuple, seed: int) -> dict[str, Any]:
 def _outside_range(cb: Any) -> dict[str, Any]:
     """A 256-pixel request to a backend built for 64..128: a clear error, and no buffer allocated for it."""
     from sdengine.errors import InvalidInputError
-    from sdengine.schedulers import ddim_schedule
+    from sdengine.samplers import build_schedule
 
     emb = cb.encode_text(cb.tokenizer([NEGATIVE, PROMPT]))
     live = cb.device.memory.live
     try:
-        cb.denoise(np.zeros((1, 4, 32, 32), np.float32), emb, ddim_schedule(cb.config.scheduler, 3), 7.5, None)
+        cb.denoise(np.zeros((1, 4, 32, 32), np.float32), emb, build_schedule(cb.config.scheduler, "ddim", 3), 7.5,
+                   None)
         return {"ok": False, "error": None}
     except InvalidInputError as exc:
         return {"ok": cb.device.memory.live == live, "error": str(exc)}
@@ -151,13 +153,13 @@ def _sd15_loop() -> tuple[Any, Any, Any, int]:
 
 def _sd15_timings(args: Any, cfg: Any, device: Any, loop: Any) -> dict[str, Any]:
     from sdengine.runtime.loop import TextEmbeddings
-    from sdengine.schedulers import ddim_schedule
+    from sdengine.samplers import build_schedule
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 4, 64, 64), dtype=np.float32)
     emb = TextEmbeddings(device.empty((2, 77, cfg.text_encoder.hidden_size)), 2)
     device.upload(emb.buffer, rng.standard_normal(emb.buffer.shape, dtype=np.float32))
-    n, full = ddim_schedule(cfg.scheduler, args.timing_steps), ddim_schedule(cfg.scheduler, args.full_steps)
+    n, full = (build_schedule(cfg.scheduler, "ddim", steps) for steps in (args.timing_steps, args.full_steps))
 
     def prep(s: Any) -> Any:
         return loop.prepare(x, emb, s, 7.5, None)

@@ -81,7 +81,7 @@ def eager_step_ms(loop: Any, device: Any, prepared: Any) -> tuple[list[float], A
 
 
 class NoiseRowStep:
-    """A torch-free Executor of the denoise-step spec: next_latent = this step's noise row (one device copy)."""
+    """A torch-free Executor of the denoise-step spec: slot 0 of next_state = this row's noise (one device copy)."""
 
     def __init__(self) -> None:
         from sdengine.specs import DENOISE_STEP, GRAPHS
@@ -109,7 +109,7 @@ class NoiseRowStep:
         if self.calls == self.fail_at:
             raise RuntimeError("planned failure inside the capture")
         rt = cuda.import_cudart()
-        cuda.check(rt.cudaMemcpyAsync(self.ptrs[self.out], self.ptrs[self.noise], int(np.prod(self.shape)) * 4,
+        cuda.check(rt.cudaMemcpyAsync(self.ptrs[self.out], self.ptrs[self.noise], int(np.prod(self.shape[1:])) * 4,
                                       rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream), "cudaMemcpyAsync")
 
     def close(self) -> None:
@@ -186,7 +186,10 @@ def _loop_checks(device: Any, rng: np.random.Generator) -> dict[str, Any]:
     from sdengine.config import ModelConfig
     from sdengine.errors import InvalidInputError
     from sdengine.runtime.loop import DenoiseLoop, TextEmbeddings
-    from sdengine.schedulers import ddim_schedule
+    from sdengine.samplers import build_schedule
+
+    def ddim_schedule(cfg: Any, n: int, eta: float = 0.0) -> Any:
+        return build_schedule(cfg, "ddim", n, eta)
 
     cfg, step = ModelConfig.sd15(), NoiseRowStep()
     loop, r = DenoiseLoop(device, step, cfg), {}

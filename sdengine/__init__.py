@@ -12,7 +12,7 @@ from .errors import (InvalidInputError, ModelLoadError, PickleCheckpointError, S
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_pipeline", "SDEngineError", "InvalidInputError", "ModelLoadError",
+__all__ = ["__version__", "load_pipeline", "sampler_names", "SDEngineError", "InvalidInputError", "ModelLoadError",
            "PickleCheckpointError", "UnsupportedModelError", "WeightsMismatchError"]
 
 
@@ -21,3 +21,10 @@ def load_pipeline(path: Any = None, backend: str = "torch", device: str = "cpu",
     from .pipeline import load_pipeline as _load
 
     return _load(path, backend=backend, device=device, **options)
+
+
+def sampler_names() -> tuple[str, ...]:
+    """The samplers `pipe(..., scheduler=NAME)` takes (A1111's display names are accepted too)."""
+    from .samplers import sampler_names as names
+
+    return names()

@@ -14,6 +14,7 @@ from .errors import InvalidInputError, SDEngineError
 from . import build_cli  # loads no tensorrt or torch
 from .bench import cli as bench_cli  # loads no torch
 from .bench.settings import load_options
+from .samplers import build_schedule, canonical_name, sampler_names  # numpy only
 from .serve import cli as serve_cli  # loads no uvicorn, starlette or torch
 
 MAX_STEPS = 1000
@@ -29,9 +30,12 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="torch (the reference, default), onnxruntime (an exported folder; no torch needed) or "
                         "tensorrt (an engine set on an NVIDIA GPU; no torch needed)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (1-1000, default 50)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (1-1000, default 50)")
+    p.add_argument("--scheduler", default="ddim", metavar="NAME",
+                   help="the sampler: " + ", ".join(sampler_names()) + " (default ddim; A1111's names such as "
+                        "\"DPM++ 2M Karras\" or \"Euler a\" work too)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic, 1 DDPM-like (ddim only)")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random)")
     p.add_argument("--height", type=int, default=None,
                    help="pixels, a multiple of the model's VAE factor (8 for SD, 4 for the demo model; default: the "
@@ -64,6 +68,9 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", default=None, help="pixels, as --height")
     p.add_argument("--static", action="store_true", help="fixed shapes: one value each (default: the model's "
                                                          "size, 1 image)")
+    p.add_argument("--state-slots", type=int, default=None,
+                   help="the denoise step's sampler state (default 4: every sampler; 2: DDIM, DDPM, Euler, Euler a, "
+                        "LCM, Heun and DPM++ 2M; 1: the single-step samplers only)")
     p.add_argument("--force", action="store_true", help="re-export graphs that are up to date")
 
 
@@ -121,7 +128,6 @@ def _peek_config(args: argparse.Namespace):
 def _validate(args: argparse.Namespace) -> None:
     """Check the cheap parameters, and those the model's config files decide, before any weights load."""
     from .pipeline import MAX_IMAGES_PER_PROMPT, check_guidance, check_size, output_paths
-    from .schedulers import ddim_schedule
 
     _check_argv_text("the prompt", args.prompt)
     _check_argv_text("--negative-prompt", args.negative_prompt)
@@ -142,6 +148,7 @@ def _validate(args: argparse.Namespace) -> None:
                                 "(sdengine export --model MODEL --out DIR)")
     if args.backend == "tensorrt":
         _validate_tensorrt(args)
+    canonical_name(args.scheduler)
     config = _peek_config(args)
     if config is None:  # a single-file checkpoint: the pipeline checks the rest once it is read
         return
@@ -150,14 +157,18 @@ def _validate(args: argparse.Namespace) -> None:
         if getattr(args, name) is not None:
             check_size(f"--{name}", getattr(args, name), config.vae.downscale)
     try:
-        ddim_schedule(config.scheduler, args.steps, args.eta)
+        schedule = build_schedule(config.scheduler, args.scheduler, args.steps, args.eta)
     except InvalidInputError as exc:
-        raise InvalidInputError(f"{exc} (--steps {args.steps}, --eta {args.eta:g})") from None
+        raise InvalidInputError(f"{exc} (--scheduler {args.scheduler}, --steps {args.steps}, --eta {args.eta:g})") \
+            from None
     if args.backend == "onnxruntime":
         from .manifest import Manifest
+        from .samplers.table import fit_slots
 
         size = config.default_size
-        Manifest.read(args.model).ranges.check(args.num_images, args.height or size, args.width or size)
+        ranges = Manifest.read(args.model).ranges
+        ranges.check(args.num_images, args.height or size, args.width or size)
+        fit_slots(schedule, ranges.slots, "re-export with sdengine export --state-slots {slots} or more")
 
 
 def _validate_tensorrt(args: argparse.Namespace) -> None:
@@ -212,7 +223,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, eta=args.eta, seed=args.seed, height=args.height,
-                      width=args.width, num_images_per_prompt=args.num_images, callback=callback)
+                      width=args.width, num_images_per_prompt=args.num_images, callback=callback,
+                      scheduler=args.scheduler)
     finally:
         if bar is not None:
             bar.close()
@@ -226,8 +238,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     ranges = {name: None if getattr(args, name) is None else parse_range(getattr(args, name), name)
               for name in ("batch", "height", "width")}
+    slots = {} if args.state_slots is None else {"state_slots": args.state_slots}
     settings = ExportSettings(precision="fp16" if args.fp16 else "fp32", opset=args.opset, static=args.static,
-                              force=args.force, **ranges)
+                              force=args.force, **ranges, **slots)
     if args.model is None:
         from .demo import embedded_model_path
 

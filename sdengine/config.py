@@ -28,7 +28,6 @@ _UNET_FIXED = {
     "addition_embed_type": None,
     "num_class_embeds": None,
     "encoder_hid_dim": None,
-    "time_cond_proj_dim": None,
     "time_embedding_type": "positional",
     "timestep_post_act": None,
     "resnet_time_scale_shift": "default",
@@ -96,6 +95,7 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     sample_size: int = 64
+    time_cond_proj_dim: int | None = None  # LCM-distilled U-Nets: the guidance scale's embedding width
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
@@ -152,6 +152,7 @@ class UNetConfig:
             flip_sin_to_cos=bool(d.get("flip_sin_to_cos", True)),
             freq_shift=int(d.get("freq_shift", 0)),
             sample_size=int(d.get("sample_size", 64)),
+            time_cond_proj_dim=None if d.get("time_cond_proj_dim") is None else int(d["time_cond_proj_dim"]),
         )
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -173,6 +174,7 @@ class UNetConfig:
             "flip_sin_to_cos": self.flip_sin_to_cos,
             "freq_shift": self.freq_shift,
             "sample_size": self.sample_size,
+            "time_cond_proj_dim": self.time_cond_proj_dim,
             "act_fn": "silu",
             "center_input_sample": False,
             "downsample_padding": 1,

@@ -77,9 +77,10 @@ def build_ranges(onnx_ranges: ShapeRanges, factor: int, settings: BuildSettings)
             raise InvalidInputError(f"the ONNX export is static ({_describe(onnx_ranges)}): its engines take one value "
                                     f"for --batch, --height and --width")
         values = {n: getattr(onnx_ranges, n).opt if v is None else v[0] for n, v in given.items()}
-        ranges = ShapeRanges(*(Range(values[n], values[n], values[n]) for n in _DIMS), static=True)
+        ranges = ShapeRanges(*(Range(values[n], values[n], values[n]) for n in _DIMS), static=True,
+                             slots=onnx_ranges.slots)
     else:
-        ranges = ShapeRanges(*(_narrow(given[n], getattr(onnx_ranges, n)) for n in _DIMS))
+        ranges = ShapeRanges(*(_narrow(given[n], getattr(onnx_ranges, n)) for n in _DIMS), slots=onnx_ranges.slots)
     ranges.check_sides(factor)
     for name in _DIMS:
         r, o = getattr(ranges, name), getattr(onnx_ranges, name)

@@ -31,7 +31,7 @@ from .files import write_json_atomic
 from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file
 from .specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, Precision, ShapeRanges, check_dim, profile
 
-FORMAT, FORMAT_VERSION = "sdengine-engines", 1
+FORMAT, FORMAT_VERSION = "sdengine-engines", 2  # 2: the denoise step takes a sampler state
 PLAN_SUFFIX = ".plan"
 ENGINE_GRAPHS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs
 OPT_LEVELS = range(0, 6)

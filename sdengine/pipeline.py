@@ -1,4 +1,4 @@
-"""Text-to-image: tokenize, encode, DDIM loop with classifier-free guidance, decode (DESIGN.md, data flow).
+"""Text-to-image: tokenize, encode, the sampler's loop with classifier-free guidance, decode (DESIGN.md).
 
 The call follows diffusers' StableDiffusionPipeline names. Initial latents and per-step noise come
 from numpy generators seeded per image, so a seed gives the same noise on every backend.
@@ -18,14 +18,13 @@ import numpy as np
 from .backends import Backend, StepCallback, load_backend
 from .errors import InvalidInputError, NonFiniteOutputError
 from .metadata import GenerationInfo, save_png
-from .schedulers import Schedule, ddim_schedule
+from .samplers import Schedule, build_schedule
 from .specs import MAX_SIDE, MIN_SIDE  # one set of image-side limits for every path
 from .tokenizer import check_text
 
 MAX_IMAGES_PER_PROMPT = 16
 MAX_SEED = 2**63 - 1
 OUTPUT_TYPES = ("pil", "np")
-SAMPLER_NAME = "DDIM"  # A1111's name of the sampler, for the images' metadata
 log = logging.getLogger("sdengine")
 
 
@@ -70,8 +69,14 @@ def check_size(name: str, value: int, factor: int) -> int:
     return int(value)
 
 
+def uses_guidance(config: Any, guidance_scale: float) -> bool:
+    """Classifier-free guidance runs (two U-Net rows per image) when g > 1, as in diffusers; an LCM U-Net
+    takes g as an embedding instead."""
+    return guidance_scale > 1.0 and config.unet.time_cond_proj_dim is None
+
+
 def check_guidance(guidance_scale: float) -> float:
-    """Classifier-free guidance scale: finite and >= 0 (1 disables the unconditional pass)."""
+    """Classifier-free guidance scale: finite and >= 0 (at most 1: the conditional pass alone, as in diffusers)."""
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.number)) \
             or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise InvalidInputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
@@ -108,13 +113,14 @@ def image_seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...], schedule: Schedule) -> tuple[np.ndarray, np.ndarray | None]:
-    """Initial latents [B,*shape] and, when eta > 0, per-step noise [N,B,*shape], one generator per image."""
+    """Unit Gaussian initial noise [B,*shape] and, for a stochastic sampler, per-row noise [R,B,*shape]: one
+    PCG64 generator per image, so an image's noise is its seed's on every backend and in every batch."""
     gens = [np.random.Generator(np.random.PCG64(s)) for s in seeds]
-    latents = np.stack([g.standard_normal(shape, dtype=np.float32) for g in gens]) * schedule.init_noise_sigma
+    latents = np.stack([g.standard_normal(shape, dtype=np.float32) for g in gens])
     if not schedule.needs_noise:
-        return latents.astype(np.float32), None
-    noise = np.stack([g.standard_normal((schedule.num_steps, *shape), dtype=np.float32) for g in gens], axis=1)
-    return latents.astype(np.float32), noise
+        return latents, None
+    noise = np.stack([g.standard_normal((schedule.num_rows, *shape), dtype=np.float32) for g in gens], axis=1)
+    return latents, noise
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -137,8 +143,14 @@ class Pipeline:
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
                  seed: int | Sequence[int] | None = None, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, latents: np.ndarray | None = None,
-                 callback: StepCallback | None = None, output_type: str = "pil") -> PipelineResult:
-        """Generate images; parameters as in diffusers' StableDiffusionPipeline."""
+                 callback: StepCallback | None = None, output_type: str = "pil",
+                 scheduler: str = "ddim") -> PipelineResult:
+        """Generate images; parameters as in diffusers' StableDiffusionPipeline.
+
+        `scheduler` names the sampler (sdengine.sampler_names(); A1111's names too); `latents` is unit
+        Gaussian noise, scaled by the sampler's initial sigma as diffusers does; guidance_scale > 1 runs
+        classifier-free guidance (an LCM U-Net takes it as an embedding instead).
+        """
         prompts = _prompt_list(prompt, "prompt")
         negatives = _prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
         if len(negatives) == 1:
@@ -155,7 +167,7 @@ class Pipeline:
         height = check_size("height", self.config.default_size if height is None else height, factor)
         width = check_size("width", self.config.default_size if width is None else width, factor)
         guidance = check_guidance(guidance_scale)
-        schedule = ddim_schedule(self.config.scheduler, num_inference_steps, eta)
+        schedule = build_schedule(self.config.scheduler, scheduler, num_inference_steps, eta)
         batch = len(prompts) * n
         shape = (self.config.unet.in_channels, height // factor, width // factor)
         seeds: list[int | None] = list(image_seeds(seed, batch))
@@ -164,15 +176,16 @@ class Pipeline:
             init = self._given_latents(latents, (batch, *shape), factor)
             if noise is None:  # the seeds drew nothing that made these images
                 seeds = [None] * batch
+        init = (init * np.float32(schedule.init_scale)).astype(np.float32)
         rows = [p for p in prompts for _ in range(n)]
-        if guidance != 1.0:  # unconditional rows first, as DenoiseStep expects
+        if uses_guidance(self.config, guidance):  # unconditional rows first, as DenoiseStep expects
             rows = [p for p in negatives for _ in range(n)] + rows
         context = self.backend.encode_text(self.tokenizer(rows))
         if self.embedded:
             _warn_outside_demo_vocabulary(prompts)
         final = self.backend.denoise(init, context, schedule, guidance, noise, callback)
         images, fallback = self._decode(final)
-        infos = [GenerationInfo(prompt=p, negative_prompt=neg, steps=schedule.num_steps, sampler=SAMPLER_NAME,
+        infos = [GenerationInfo(prompt=p, negative_prompt=neg, steps=schedule.steps, sampler=schedule.label,
                                 guidance_scale=guidance, seed=s, width=width, height=height, model=self.model_name,
                                 eta=float(eta))
                  for (p, neg), s in zip([(p, q) for p, q in zip(prompts, negatives) for _ in range(n)], seeds)]

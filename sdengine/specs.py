@@ -24,9 +24,10 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InvalidInputError
-from .schedulers import ddim_schedule
+from .samplers.table import row_width
 
 MIN_SIDE, MAX_SIDE, MAX_BATCH = 64, 2048, 64
+STATE_SLOTS = 4  # the denoise step's state by default: enough for every sampler (sdengine.samplers.SLOTS_MAX)
 TEXT_ENCODER, DENOISE_STEP, UNET, VAE_DECODER, VAE_ENCODER = (
     "text_encoder", "denoise_step", "unet", "vae_decoder", "vae_encoder")
 
@@ -70,12 +71,17 @@ class Range:
 
 @dataclass(frozen=True)
 class ShapeRanges:
-    """Images per prompt batch and image sides in pixels that an export accepts."""
+    """Images per prompt batch and image sides in pixels that an export accepts, and its state slots.
+
+    `slots` is the denoise step's state size S (latent + S-1 history slots): 1 runs the single-step
+    samplers (DDIM, DDPM, Euler, Euler a, LCM), 2 adds Heun and DPM++ 2M, 4 every sampler.
+    """
 
     batch: Range
     height: Range
     width: Range
     static: bool = False
+    slots: int = STATE_SLOTS
 
     @classmethod
     def default(cls, config: ModelConfig, static: bool = False) -> "ShapeRanges":
@@ -98,6 +104,8 @@ class ShapeRanges:
             raise InvalidInputError(f"batch range {self.batch.text()} must lie within 1..{MAX_BATCH}")
         if self.static and any(r.min != r.max for r in (self.batch, self.height, self.width)):
             raise InvalidInputError("a static export takes one value for batch, height and width, not a range")
+        if not isinstance(self.slots, int) or not 1 <= self.slots <= STATE_SLOTS:
+            raise InvalidInputError(f"state slots must be between 1 and {STATE_SLOTS}, got {self.slots!r}")
 
     def request(self, batch: int, height: int, width: int) -> tuple[tuple[str, str, int, Range], ...]:
         """(what, option, value, range) of each dimension of a request: images, height, width."""
@@ -111,11 +119,11 @@ class ShapeRanges:
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch": _range_list(self.batch), "height": _range_list(self.height),
-                "width": _range_list(self.width), "static": self.static}
+                "width": _range_list(self.width), "static": self.static, "slots": self.slots}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ShapeRanges":
-        return cls(Range(*d["batch"]), Range(*d["height"]), Range(*d["width"]), bool(d["static"]))
+        return cls(Range(*d["batch"]), Range(*d["height"]), Range(*d["width"]), bool(d["static"]), int(d["slots"]))
 
 
 def check_dim(value: int, r: Range, what: str, hint: str, where: str = "this ONNX export's range {}") -> None:
@@ -177,6 +185,7 @@ class GraphSpec:
 # Symbols of the dynamic dimensions. `rows` is B, or 2B with guidance (unconditional rows first).
 DYNAMIC_DIMS = ("batch", "batch_x2", "rows", "latent_height", "latent_width", "height", "width")
 _LATENT = ("batch", "channels", "latent_height", "latent_width")
+_STATE = ("slots", *_LATENT)
 
 GRAPHS: dict[str, GraphSpec] = {
     TEXT_ENCODER: GraphSpec(
@@ -188,17 +197,18 @@ GRAPHS: dict[str, GraphSpec] = {
         doc="CLIP text transformer: token ids -> text embeddings"),
     DENOISE_STEP: GraphSpec(
         DENOISE_STEP, "unet",
-        inputs=(TensorSpec("latent", "float32", _LATENT, doc="x_t"),
-                TensorSpec("timestep", "float32", (1,), "timestep", "training timestep t"),
+        inputs=(TensorSpec("state", "float32", _STATE, "state", "slot 0: x_t; slots 1..S-1: the sampler's history"),
+                TensorSpec("timestep", "float32", (1,), "timestep", "the row's (possibly fractional) timestep"),
                 TensorSpec("text_embeddings", "float32", ("batch_x2", "sequence", "hidden"),
                            doc="unconditional rows first, then conditional"),
                 TensorSpec("guidance_scale", "float32", (1,), "guidance", "g"),
-                TensorSpec("coefficients", "float32", (3,), "coefficients", "(a, b, c) of the step's row"),
+                TensorSpec("coefficients", "float32", ("row",), "coefficients",
+                           "the row's A (S x S, row-major), b (S), c (S)"),
                 TensorSpec("noise", "float32", _LATENT, doc="z (zeros when c = 0)")),
-        outputs=(TensorSpec("next_latent", "float32", _LATENT,
-                            doc="a x + b (m_u + g (m_c - m_u)) + c z, computed in fp32"),),
-        doc="U-Net on 2B rows + classifier-free guidance + scheduler update (DESIGN.md)",
-        fp32_inputs=("timestep",)),
+        outputs=(TensorSpec("next_state", "float32", _STATE,
+                            doc="A state + b (m_u + g (m_c - m_u)) + c z, computed in fp32"),),
+        doc="U-Net on 2B rows + classifier-free guidance + the sampler's update (DESIGN.md)",
+        fp32_inputs=("timestep", "guidance_scale")),
     UNET: GraphSpec(
         UNET, "unet",
         inputs=(TensorSpec("sample", "float32", ("rows", "channels", "latent_height", "latent_width")),
@@ -221,10 +231,14 @@ GRAPHS: dict[str, GraphSpec] = {
 }
 
 
-def fixed_dims(config: ModelConfig) -> dict[str, int]:
-    """The dimensions a model fixes: CLIP's sequence, the text width, the latent channels."""
-    return {"sequence": config.text_encoder.max_position_embeddings,
-            "hidden": config.text_encoder.hidden_size, "channels": config.unet.in_channels}
+def fixed_dims(config: ModelConfig, slots: int | None = None) -> dict[str, int]:
+    """The dimensions a model fixes: CLIP's sequence, the text width, the latent channels; with `slots`
+    (an export's state size) also the state's slots and the coefficient row's width."""
+    out = {"sequence": config.text_encoder.max_position_embeddings,
+           "hidden": config.text_encoder.hidden_size, "channels": config.unet.in_channels}
+    if slots is not None:
+        out.update(slots=slots, row=row_width(slots))
+    return out
 
 
 def dim_ranges(config: ModelConfig, ranges: ShapeRanges) -> dict[str, Range]:
@@ -233,7 +247,7 @@ def dim_ranges(config: ModelConfig, ranges: ShapeRanges) -> dict[str, Range]:
     out = {"batch": b, "batch_x2": b.scaled(2), "rows": Range(b.min, 2 * b.opt, 2 * b.max),
            "height": ranges.height, "width": ranges.width,
            "latent_height": ranges.height.divided(f), "latent_width": ranges.width.divided(f)}
-    out.update({k: Range(v, v, v) for k, v in fixed_dims(config).items()})
+    out.update({k: Range(v, v, v) for k, v in fixed_dims(config, ranges.slots).items()})
     return out
 
 
@@ -248,16 +262,20 @@ def profile(spec: GraphSpec, config: ModelConfig, ranges: ShapeRanges) -> dict[s
 
 
 def point_dims(config: ModelConfig, batch: int, latent_height: int, latent_width: int,
-               rows: int | None = None) -> dict[str, int]:
-    """Values of every symbol at one shape point (`rows` defaults to 2B, the guided case)."""
+               rows: int | None = None, slots: int | None = None) -> dict[str, int]:
+    """Values of every symbol at one shape point (`rows` defaults to 2B, the guided case; `slots`, the
+    state size, is needed for the denoise step only)."""
     f = config.vae.downscale
     return {"batch": batch, "batch_x2": 2 * batch, "rows": 2 * batch if rows is None else rows,
             "latent_height": latent_height, "latent_width": latent_width,
-            "height": latent_height * f, "width": latent_width * f, **fixed_dims(config)}
+            "height": latent_height * f, "width": latent_width * f, **fixed_dims(config, slots)}
 
 
 def shapes(spec: GraphSpec, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
     """Concrete shape of every input and output at one point (from point_dims)."""
+    missing = sorted({d for t in spec.inputs + spec.outputs for d in t.dims if isinstance(d, str)} - set(dims))
+    if missing:
+        raise ValueError(f"the {spec.name} graph's shapes need {', '.join(missing)} (point_dims(..., slots=S))")
     return {t.name: tuple(d if isinstance(d, int) else int(dims[d]) for d in t.dims)
             for t in spec.inputs + spec.outputs}
 
@@ -266,20 +284,24 @@ def validation_points(config: ModelConfig, ranges: ShapeRanges) -> list[dict[str
     """Two shape points: the opt shape, and one more image with other (odd where possible) sides and rows."""
     d = dim_ranges(config, ranges)
     b, lh, lw = d["batch"], d["latent_height"], d["latent_width"]
-    first = point_dims(config, b.opt, lh.opt, lw.opt)
+    first = point_dims(config, b.opt, lh.opt, lw.opt, slots=ranges.slots)
     h2 = lh.min if lh.min != lh.opt else lh.max
     w2 = next((w for w in (lw.opt + 1, lw.opt - 1) if lw.min <= w <= lw.max), lw.opt)
     b2 = min(b.max, b.opt + 1)
     rows2 = 2 * b2 if ranges.static else min(d["rows"].max, max(d["rows"].min, 2 * b2 - 1))  # an odd row count
-    return [first, point_dims(config, b2, h2, w2, rows=rows2)]
+    return [first, point_dims(config, b2, h2, w2, rows=rows2, slots=ranges.slots)]
 
 
 def sample_inputs(spec: GraphSpec, config: ModelConfig, dims: Mapping[str, int],
                   rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Fresh random inputs at one shape point, drawn like real ones (a real schedule row, real token rows)."""
+    """Fresh random inputs at one shape point, drawn like real ones (a real sampler row, real token rows).
+
+    The denoise step gets a row of a multistep sampler that reads every history slot it has, and a
+    state whose history slots are filled too, so validation exercises the whole update.
+    """
     shp = shapes(spec, dims)
-    sched = ddim_schedule(config.scheduler, 50, eta=1.0)
-    step = int(rng.integers(sched.num_steps))
+    sched = _validation_schedule(config, dims.get("slots", 1))
+    step = int(rng.integers(sched.num_rows))
     out: dict[str, np.ndarray] = {}
     for t in spec.inputs:
         kind, shape = t.sample, shp[t.name]
@@ -297,6 +319,17 @@ def sample_inputs(spec: GraphSpec, config: ModelConfig, dims: Mapping[str, int],
             value = rng.standard_normal(shape)
         out[t.name] = np.ascontiguousarray(value, dtype=t.dtype)
     return out
+
+
+def _validation_schedule(config: ModelConfig, slots: int) -> Any:
+    """50 rows of the sampler that uses the most of `slots` (noise included where it can), padded to them."""
+    from .samplers import build_schedule
+
+    for name, eta in (("unipc", 0.0), ("dpmpp_2m_sde", 0.0), ("ddim", 1.0)):
+        sched = build_schedule(config.scheduler, name, 50, eta)
+        if sched.slots <= slots:
+            return sched.padded(slots)
+    raise ValueError(f"no sampler fits {slots} state slots")
 
 
 def _token_rows(shape: tuple[int, ...], config: ModelConfig, rng: np.random.Generator) -> np.ndarray:

@@ -179,11 +179,24 @@ def vae_decoder(latent: np.ndarray) -> np.ndarray:
     return np.tanh(latent[:, :3]).repeat(f, axis=2).repeat(f, axis=3).astype(np.float32)
 
 
+def guided_output(x: np.ndarray, t: float, ctx2: np.ndarray, g: float) -> np.ndarray:
+    """m = m_u + g (m_c - m_u) of the stand-in U-Net over 2B text rows (unconditional first)."""
+    mu, mc = np.split(model_output(np.concatenate([x, x]), t, ctx2), 2)
+    return (mu + np.float32(g) * (mc - mu)).astype(np.float32)
+
+
+def state_update(state: np.ndarray, m: np.ndarray, row: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """A state + b m + c z over S slots, written out with numpy (the graphs' arithmetic)."""
+    s = state.shape[0]
+    a, b, c = row[: s * s].reshape(s, s), row[s * s: s * s + s], row[s * s + s:]
+    out = np.einsum("ij,j...->i...", a, state) + b.reshape(-1, 1, 1, 1, 1) * m + c.reshape(-1, 1, 1, 1, 1) * z
+    return out.astype(np.float32)
+
+
 def _step(v: dict) -> dict:
-    x, ctx = v["latent"], v["text_embeddings"]
-    mu, mc = np.split(model_output(np.concatenate([x, x]), float(v["timestep"][0]), ctx), 2)
-    a, b, c = v["coefficients"]
-    return {"next_latent": (a * x + b * (mu + v["guidance_scale"][0] * (mc - mu)) + c * v["noise"]).astype(np.float32)}
+    state = v["state"]
+    m = guided_output(state[0], float(v["timestep"][0]), v["text_embeddings"], v["guidance_scale"][0])
+    return {"next_state": state_update(state, m, v["coefficients"], v["noise"])}
 
 
 FUNCTIONS = {DENOISE_STEP: _step, VAE_DECODER: lambda v: {"image": vae_decoder(v["latent"])},
@@ -200,7 +213,8 @@ class NumpyExecutor:
         self.runs, self.closed, self.profile_batch = 0, False, profile_batch
 
     def set_input_shape(self, name, shape):
-        if self.profile_batch is not None and name == "latent" and shape[0] > self.profile_batch:
+        batch = shape[1] if name == "state" else shape[0]
+        if self.profile_batch is not None and name in ("latent", "state") and batch > self.profile_batch:
             raise InvalidInputError(f"batch {shape[0]} is outside the profile")
         self.shapes[name] = tuple(shape)
 
@@ -210,8 +224,10 @@ class NumpyExecutor:
             rows = s["input_ids"][0]
             return (rows, s["input_ids"][1], CONFIG.text_encoder.hidden_size) if name == "last_hidden_state" \
                 else (rows, CONFIG.text_encoder.hidden_size)
+        if self.spec.name == DENOISE_STEP:
+            return s["state"]
         b, _, h, w = s["latent"]
-        return s["latent"] if self.spec.name == DENOISE_STEP else (b, 3, h * f, w * f)
+        return (b, 3, h * f, w * f)
 
     def set_address(self, name, ptr):
         self.ptrs[name] = ptr

@@ -124,12 +124,12 @@ def test_build_writes_the_engine_set(onnx_fp16_dir, tmp_path, fake_trt, capsys):
     assert [c.builder_optimization_level for c in configs] == [4] * 3
     assert all(c.flags == ["refit"] and c.pools == {"workspace": int(1.5 * 2**30)} for c in configs)
     assert len({id(c.cache) for c in configs}) == 1  # one timing cache shared by the three builds
-    assert configs[1].profiles[0].shapes["latent"] == [[1, 4, 8, 8], [1, 4, 8, 8], [2, 4, 16, 16]]
+    assert configs[1].profiles[0].shapes["state"] == [[4, 1, 4, 8, 8], [4, 1, 4, 8, 8], [4, 2, 4, 16, 16]]
     assert "timestep" not in configs[1].profiles[0].shapes  # fixed-shape inputs need no profile entry
     verify_plans(m)
     manifest, engines = load_engine_set(out, gpu_name=FAKE_GPU[0], compute_capability=FAKE_GPU[1], trt=fake_trt)
     assert set(engines) == set(ENGINE_GRAPHS) and manifest == m
-    engines["denoise_step"].set_input_shape("latent", (2, 4, 16, 8))
+    engines["denoise_step"].set_input_shape("state", (4, 2, 4, 16, 8))
     for e in engines.values():
         e.close()
 
@@ -138,7 +138,7 @@ def test_failed_build_keeps_the_previous_set(onnx_fp16_dir, tmp_path, fake_trt, 
     out = tmp_path / "tiny"
     assert main(["build", "--onnx", str(onnx_fp16_dir), "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    fake_trt.Builder.fail_on = {"next_latent"}  # the denoise_step build returns None
+    fake_trt.Builder.fail_on = {"next_state"}  # the denoise_step build returns None
     assert main(["build", "--onnx", str(onnx_fp16_dir), "--out", str(out), "--static"]) == 2
     err = capsys.readouterr().err
     assert "could not build the denoise_step engine" in err and "rerun with --verbose" in err

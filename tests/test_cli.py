@@ -52,6 +52,16 @@ def test_generate_writes_png_with_metadata(tiny_model_dir, tmp_path):
     assert fields["Model"] == tiny_model_dir.name
 
 
+def test_scheduler_option_and_its_label(tiny_model_dir, tmp_path):
+    out = tmp_path / "e.png"
+    r = run("generate", "a cat", "--model", str(tiny_model_dir), "--steps", "3", "--scheduler", "DPM++ 2M Karras",
+            "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert parse(Image.open(out).text["parameters"])["Sampler"] == "DPM++ 2M Karras"
+    help_text = run("generate", "--help").stdout
+    assert all(name in help_text for name in sdengine.sampler_names())
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_png_permissions_follow_the_umask(tiny_model_dir, tmp_path, umask):
     out = tmp_path / "p.png"
@@ -83,7 +93,9 @@ BAD = [
     (["--out", "x.jpg"], ".png"),
     (["--out", "no/such/dir/x.png"], "does not exist; create it first"),
     (["--threads", "0"], "--threads must be >= 1"),
-    (["--steps", "1000"], "outside the trained range 0..999; use fewer steps (--steps 1000"),
+    (["--scheduler", "nope"], "unknown sampler 'nope'; choose one of: ddim, ddpm, euler"),
+    (["--scheduler", "euler", "--eta", "0.5"], "eta is DDIM's setting"),
+    (["--steps", "1000"], "(--scheduler ddim, --steps 1000, --eta 0)"),
     (["--height", "66"], "--height must be a multiple of 8 (this model's VAE factor) between 64 and 2048, got 66"),
 ]
 

@@ -18,12 +18,12 @@ from torch_block import BLOCK_TORCH
 from sdengine.errors import BackendUnavailableError, CudaError, EngineMismatchError, InvalidInputError
 from sdengine.runtime import cuda
 from sdengine.runtime.device import CudaDevice
-from sdengine.schedulers import ddim_schedule
+from sdengine.samplers import build_schedule, sampler_names
 from sdengine.specs import DENOISE_STEP, TEXT_ENCODER, VAE_DECODER, ShapeRanges
 
 real_rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
-from fake_cuda import (CONFIG, OK, FakeRuntime, NumpyExecutor, model_output, text_encoder,  # noqa: E402
-                       vae_decoder)
+from fake_cuda import (CONFIG, OK, FakeRuntime, NumpyExecutor, guided_output, state_update,  # noqa: E402
+                       text_encoder, vae_decoder)
 
 HAS_GPU = real_rt.cudaGetDeviceCount()[0] == OK and real_rt.cudaGetDeviceCount()[1] > 0
 
@@ -36,17 +36,19 @@ def fake(monkeypatch) -> FakeRuntime:
 
 
 def reference_loop(x, ctx2, schedule, g, noise):
-    """The DDIM recursion written out: what the loop must compute through its buffers."""
-    for i in range(schedule.num_steps):
-        mu, mc = np.split(model_output(np.concatenate([x, x]), float(schedule.timesteps[i]), ctx2), 2)
-        a, b, c = schedule.coefficients[i].astype(np.float32)
-        x = a * x + b * (mu + np.float32(g) * (mc - mu)) + (0 if noise is None else c * noise[i])
-    return x.astype(np.float32)
+    """The sampler's recursion written out over its state: what the loop must compute through its buffers."""
+    state = np.zeros((schedule.slots, *x.shape), np.float32)
+    state[0] = x
+    for i in range(schedule.num_rows):
+        m = guided_output(state[0], float(np.float32(schedule.timesteps[i])), ctx2, g)
+        z = np.zeros_like(x) if noise is None else noise[i]
+        state = state_update(state, m, schedule.coefficients[i], z)
+    return state[0]
 
 
-def _inputs(batch: int, steps: int, eta: float, seed: int):
+def _inputs(batch: int, steps: int, eta: float, seed: int, sampler: str = "ddim"):
     rng = np.random.default_rng(seed)
-    schedule = ddim_schedule(CONFIG.scheduler, steps, eta=eta)
+    schedule = build_schedule(CONFIG.scheduler, sampler, steps, eta=eta)
     x = rng.standard_normal((batch, 4, 4, 6), dtype=np.float32)
     ctx = rng.standard_normal((2 * batch, 77, CONFIG.text_encoder.hidden_size), dtype=np.float32)
     noise = rng.standard_normal((steps, *x.shape), dtype=np.float32) if eta else None
@@ -191,7 +193,8 @@ def test_loop_eager_and_replayed_graph_follow_the_recursion(fake, batch, steps, 
     want = reference_loop(x, ctx, schedule, 7.5, noise)
     emb = _embeddings(device, ctx, 2 * batch)
     eager = loop.launch(loop.prepare(x, emb, schedule, 7.5, noise), graph=False)
-    assert eager is loop.buffer(("latent_a", "latent_b")[steps % 2], x.shape)  # N even: back in the first buffer
+    state_shape = (schedule.slots, *x.shape)
+    assert eager.base is loop.buffer(("state_a", "state_b")[steps % 2], state_shape)  # N even: the first buffer
     eager_out = device.download(eager)
     np.testing.assert_allclose(eager_out, want, rtol=1e-6, atol=1e-6)
     done = []
@@ -205,6 +208,27 @@ def test_loop_eager_and_replayed_graph_follow_the_recursion(fake, batch, steps, 
     replay = device.download(loop.launch(loop.prepare(x2, emb, schedule2, 3.0, noise2), graph=True))
     assert loop.step.runs - runs == steps and len(loop.graphs) == 1 and len(fake.execs) == 1
     np.testing.assert_allclose(replay, reference_loop(x2, ctx2, schedule2, 3.0, noise2), rtol=1e-6, atol=1e-6)
+    loop.close()
+    device.close()
+    assert not any(fake.live().values())
+
+
+@pytest.mark.parametrize("sampler", sampler_names())
+def test_every_sampler_runs_as_one_captured_loop(fake, sampler):
+    """Each sampler's table through the loop: eager equals the recursion, the captured graph equals eager."""
+    device, loop = _loop(fake)
+    steps = 4 if sampler == "lcm" else 6
+    schedule, x, ctx, _ = _inputs(2, steps, 0.0, seed=7, sampler=sampler)
+    noise = np.random.default_rng(8).standard_normal((schedule.num_rows, *x.shape), dtype=np.float32) \
+        if schedule.needs_noise else None
+    emb = _embeddings(device, ctx, 4)
+    want = reference_loop(x, ctx, schedule, 7.5, noise)
+    eager = device.download(loop.launch(loop.prepare(x, emb, schedule, 7.5, noise), graph=False))
+    np.testing.assert_allclose(eager, want, rtol=1e-5, atol=1e-5)
+    runs = loop.step.runs
+    graph = device.download(loop.launch(loop.prepare(x, emb, schedule, 7.5, noise), graph=True))
+    assert np.array_equal(graph, eager) and len(loop.graphs) == 1
+    assert loop.step.runs - runs == schedule.num_rows + 1  # the warm-up row, then the captured loop once
     loop.close()
     device.close()
     assert not any(fake.live().values())
@@ -266,9 +290,10 @@ def test_pipeline_over_the_cuda_backend_matches_the_numpy_recursion(fake):
     for guidance, eta in ((7.5, 0.0), (1.0, 1.0)):
         result = pipe("a red circle", negative_prompt="blue", num_inference_steps=3, guidance_scale=guidance,
                       eta=eta, seed=11, height=64, width=72)
-        schedule = ddim_schedule(CONFIG.scheduler, 3, eta)
+        schedule = build_schedule(CONFIG.scheduler, "ddim", 3, eta)
         x, noise = initial_noise([11], (4, 8, 9), schedule)
-        rows = ["blue", "a red circle"] if guidance != 1.0 else ["a red circle", "a red circle"]
+        x = x * np.float32(schedule.init_scale)
+        rows = ["blue", "a red circle"] if guidance > 1.0 else ["a red circle", "a red circle"]
         ctx = text_encoder(backend.tokenizer(rows).astype(np.int32))[0]
         want = to_uint8(vae_decoder(reference_loop(x, ctx, schedule, guidance, noise)))
         assert np.array_equal(np.asarray(result.images[0]), want[0])

@@ -10,14 +10,15 @@ from torch_block import BLOCK_TORCH
 
 def test_runtime_imports_without_torch():
     code = BLOCK_TORCH + """
-import sdengine, sdengine.runtime, sdengine.config, sdengine.schedulers, sdengine.tokenizer, sdengine.errors
+import sdengine, sdengine.runtime, sdengine.config, sdengine.schedulers, sdengine.samplers, sdengine.tokenizer
+import sdengine.errors
 import sdengine.runtime.cuda, sdengine.runtime.device, sdengine.runtime.loop, sdengine.backends.cuda_backend
 import sdengine.backends.tensorrt_backend
 from sdengine.config import ModelConfig
-from sdengine.schedulers import ddim_schedule
+from sdengine.samplers import build_schedule
 from sdengine.tokenizer import ClipTokenizer
 assert ClipTokenizer.default()("a photo of a cat")[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
-assert ddim_schedule(ModelConfig().scheduler, 20).num_steps == 20
+assert build_schedule(ModelConfig().scheduler, "ddim", 20).num_rows == 20
 try:
     import torch
 except ImportError:

@@ -258,12 +258,17 @@ def test_compatible_requests_share_one_denoise_loop(server):
     with ThreadPoolExecutor(3) as pool:
         same = [pool.submit(generate, server.port, {"prompt": p, "steps": 2, "seed": 1}) for p in ("a cat", "a dog")]
         wait_for(lambda: metrics(server.port)["sdengine_queue_depth"] == 2, 60, "two queued requests")
-        other = pool.submit(generate, server.port, {"prompt": "a cat", "steps": 3, "seed": 1})  # another key
+        other = pool.submit(generate, server.port, {"prompt": "a cat", "steps": 2, "seed": 1,
+                                                    "scheduler": "Euler a"})  # another sampler: another table
         wait_for(lambda: metrics(server.port)["sdengine_queue_depth"] == 3, 60, "three queued requests")
         blocker.close()
-        assert [f.result(timeout=120)[0] for f in (*same, other)] == [200, 200, 200]
+        results = [f.result(timeout=120) for f in (*same, other)]
+        assert [r[0] for r in results] == [200, 200, 200]
+    from a1111_infotext import parse
+
+    assert parse(decode_png(results[2][2]["data"][0]["b64_json"]).text["parameters"])["Sampler"] == "Euler a"
     after = metrics(server.port)
-    # Two loops: the two 2-step requests together, then the 3-step one alone.
+    # Two loops: the two DDIM requests together, then the Euler a one alone.
     assert grew(before, after, "sdengine_batch_images_count") == 2
     assert grew(before, after, "sdengine_batch_images_sum") == 3
     assert grew(before, after, 'sdengine_batch_images_bucket{le="1"}') == 1
@@ -345,6 +350,9 @@ BAD = [
     ({"prompt": "a", "negative_prompt": LONG}, 422, "negative_prompt", "80 tokens"),
     ({"prompt": "a", "quality": 3}, 422, "quality", "must be a string (it is accepted and ignored)"),
     ({"prompt": "a", "colour": "red"}, 422, "colour", "unknown field"),
+    ({"prompt": "a", "scheduler": "dpm"}, 422, "scheduler", "dpmpp_2m_karras"),
+    ({"prompt": "a", "scheduler": 2}, 422, "scheduler", "must be a string"),
+    ({"prompt": "a", "scheduler": "euler", "eta": 0.5}, 422, "eta", "eta"),
     (b'{"prompt": "a \\ud800 b"}', 422, "prompt", "prompt: "),
     (b'{"prompt": "a", "negative_prompt": "\\udcff"}', 422, "negative_prompt", "negative_prompt: "),
     ({"prompt": "a", "response_format": "url"}, 422, "response_format", "only \"b64_json\""),
@@ -431,6 +439,18 @@ def test_a_model_that_fails_to_load_exits_non_zero(start_server, tmp_path):
 
 
 # ---- in-process units: limits from an engine profile, metrics text -----------------------------------------
+def test_batch_key_separates_sampler_tables():
+    from sdengine.serve.schema import GenerationRequest
+
+    base = GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.0, 1, "ddim")
+    same = GenerationRequest("b", "x", 2, 64, 64, 20, 7.5, 0.0, 9, "ddim")
+    assert base.batch_key == same.batch_key
+    for other in (GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.0, 1, "euler_a"),
+                  GenerationRequest("a", "", 1, 64, 64, 21, 7.5, 0.0, 1, "ddim"),
+                  GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.3, 1, "ddim")):
+        assert other.batch_key != base.batch_key
+
+
 def test_limits_follow_the_engine_profile():
     from types import SimpleNamespace
 

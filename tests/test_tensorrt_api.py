@@ -153,12 +153,12 @@ def _output(rank):
 IO = {  # fake plans' IO, as a build from the tiny model's dynamic fp16 export would give
     TEXT_ENCODER: {"input_ids": _input("int32", [-1, 77], [1, 77], [8, 77]),
                    "last_hidden_state": _output(3), "pooled_output": _output(2)},
-    DENOISE_STEP: {"latent": _input("float32", [-1, 4, -1, -1], [1, 4, 8, 8], [4, 4, 32, 32]),
+    DENOISE_STEP: {"state": _input("float32", [4, -1, 4, -1, -1], [4, 1, 4, 8, 8], [4, 4, 4, 32, 32]),
                    "timestep": _input("float32", [1]),
                    "text_embeddings": _input("float32", [-1, 77, 32], [2, 77, 32], [8, 77, 32]),
-                   "guidance_scale": _input("float32", [1]), "coefficients": _input("float32", [3]),
+                   "guidance_scale": _input("float32", [1]), "coefficients": _input("float32", [24]),
                    "noise": _input("float32", [-1, 4, -1, -1], [1, 4, 8, 8], [4, 4, 32, 32]),
-                   "next_latent": _output(4)},
+                   "next_state": _output(5)},
 }
 
 
@@ -222,18 +222,18 @@ def test_context_gets_user_managed_memory(tmp_path, trt):
 def test_shapes_are_checked_against_the_profile_before_tensorrt(tmp_path, trt):
     e = engine(tmp_path, trt, DENOISE_STEP)
     ctx = e._engine.contexts[0]
-    e.set_input_shape("latent", (2, 4, 12, 8))
+    e.set_input_shape("state", (4, 2, 4, 12, 8))
     e.set_input_shape("timestep", (1,))  # a fixed-shape input: its own shape is the profile
-    assert ctx.shapes == {"latent": (2, 4, 12, 8), "timestep": (1,)}
-    for name, shape in (("latent", (5, 4, 8, 8)), ("latent", (1, 4, 8)), ("timestep", (2,)),
-                        ("text_embeddings", (2, 77, 64))):
+    assert ctx.shapes == {"state": (4, 2, 4, 12, 8), "timestep": (1,)}
+    for name, shape in (("state", (4, 5, 4, 8, 8)), ("state", (4, 1, 4, 8)), ("state", (2, 1, 4, 8, 8)),
+                        ("timestep", (2,)), ("coefficients", (3,)), ("text_embeddings", (2, 77, 64))):
         with pytest.raises(InvalidInputError, match=r"outside the engine's profile.*sdengine build "
                                                     r"--batch/--height/--width"):
             e.set_input_shape(name, shape)
     with pytest.raises(InvalidInputError, match="not an input"):
-        e.set_input_shape("next_latent", (1, 4, 8, 8))
-    assert set(ctx.shapes) == {"latent", "timestep"}  # nothing out of range reached TensorRT
-    assert e.profile("latent") == ((1, 4, 8, 8), (1, 4, 8, 8), (4, 4, 32, 32))
+        e.set_input_shape("next_state", (4, 1, 4, 8, 8))
+    assert set(ctx.shapes) == {"state", "timestep"}  # nothing out of range reached TensorRT
+    assert e.profile("state") == ((4, 1, 4, 8, 8), (4, 1, 4, 8, 8), (4, 4, 4, 32, 32))
 
 
 def test_failed_calls_raise(tmp_path, trt):

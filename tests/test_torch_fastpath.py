@@ -14,7 +14,7 @@ from sdengine.backends.torch_fast import FastOptions, LoopGraphs, LoopInputs, pa
 from sdengine.errors import InvalidInputError
 from sdengine.models.step import DenoiseStep
 from sdengine.pipeline import Pipeline, initial_noise
-from sdengine.schedulers import ddim_schedule
+from sdengine.samplers import build_schedule
 
 # fp32 on the CPU: channels_last only reorders the convolutions' sums, so the final latents agree to
 # rounding (relative L2 below 1e-5 after 8 steps) and the uint8 images to at most one level.
@@ -33,7 +33,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 def final_latents(backend: TorchBackend, seeds: list[int], eta: float = 0.0) -> torch.Tensor:
     """The denoise loop's output for `seeds` (guidance 7.5, empty negative prompt)."""
     cfg = backend.config
-    schedule = ddim_schedule(cfg.scheduler, STEPS, eta)
+    schedule = build_schedule(cfg.scheduler, "ddim", STEPS, eta)
     side = cfg.unet.sample_size
     init, noise = initial_noise(seeds, (cfg.unet.in_channels, side, side), schedule)
     ids = backend.tokenizer([""] * len(seeds) + ["a red circle"] * len(seeds))
@@ -120,12 +120,13 @@ def eager_stand_in(fn):
 
 def loop_inputs(backend: TorchBackend, seeds: list[int], steps: int = STEPS, eta: float = 0.0) -> LoopInputs:
     cfg = backend.config
-    schedule = ddim_schedule(cfg.scheduler, steps, eta)
+    schedule = build_schedule(cfg.scheduler, "ddim", steps, eta)
     side = cfg.unet.sample_size
     init, noise = initial_noise(seeds, (cfg.unet.in_channels, side, side), schedule)
+    state = init[None] * np.float32(schedule.init_scale)  # [S=1, B, C, h, w]
     with torch.inference_mode():
         ctx = backend.encode_text(backend.tokenizer([""] * len(seeds) + ["a square"] * len(seeds)))
-        return LoopInputs(torch.from_numpy(init), ctx, torch.from_numpy(schedule.timesteps),
+        return LoopInputs(torch.from_numpy(state), ctx, torch.from_numpy(schedule.timesteps.astype(np.float32)),
                           torch.from_numpy(schedule.coefficients), torch.tensor(7.5),
                           None if noise is None else torch.from_numpy(noise))
 

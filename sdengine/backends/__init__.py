@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import BackendUnavailableError, InvalidInputError
-from ..schedulers import Schedule
+from ..samplers.table import Schedule
 from ..tokenizer import ClipTokenizer
 
 StepCallback = Callable[[int, int], None]

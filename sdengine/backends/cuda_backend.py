@@ -18,7 +18,7 @@ from ..errors import InvalidInputError, ModelLoadError
 from ..runtime.device import CudaDevice, run_all
 from ..runtime.executor import Executor
 from ..runtime.loop import DenoiseLoop, StepCallback, TextEmbeddings, bind_shapes
-from ..schedulers import Schedule
+from ..samplers.table import Schedule
 from ..specs import DENOISE_STEP, TEXT_ENCODER, VAE_DECODER, Range, ShapeRanges, check_dim, dim_ranges, point_dims, \
     shapes
 from ..tokenizer import ClipTokenizer
@@ -38,7 +38,8 @@ class CudaBackend:
         self.config, self.tokenizer, self.device, self.ranges = config, tokenizer, device, ranges
         self.executors = dict(executors)
         self.dims: dict[str, Range] | None = None if ranges is None else dim_ranges(config, ranges)
-        self.loop = DenoiseLoop(device, self.executors[DENOISE_STEP], config, use_graph)
+        self.loop = DenoiseLoop(device, self.executors[DENOISE_STEP], config, use_graph,
+                                slots=None if ranges is None else ranges.slots)
         self._buffers: dict[tuple, Any] = {}
 
     def _buffer(self, role: str, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
@@ -54,8 +55,9 @@ class CudaBackend:
 
     def _check_latents(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 4 or shape[1] != self.config.unet.in_channels:
-            raise InvalidInputError(f"latents must be [images, {self.config.unet.in_channels}, height/8, width/8], "
-                                    f"got {list(shape)}")
+            f = self.config.vae.downscale
+            raise InvalidInputError(f"latents must be [images, {self.config.unet.in_channels}, height/{f}, "
+                                    f"width/{f}], got {list(shape)}")
         f = self.config.vae.downscale
         self._check_dim(shape[0], "batch", "images")
         self._check_dim(shape[2] * f, "height", "height")
@@ -86,7 +88,7 @@ class CudaBackend:
 
     def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None) -> Any:
-        """Every step of `schedule`; the device buffer holding the final latent (valid until the next call)."""
+        """Every row of `schedule`; a view of the final latents on the device (valid until the next call)."""
         if not isinstance(context, TextEmbeddings):
             raise InvalidInputError("context must be what this backend's encode_text returned")
         x = np.ascontiguousarray(latents, dtype=np.float32)

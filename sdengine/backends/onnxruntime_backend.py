@@ -20,14 +20,15 @@ import numpy as np
 
 from ..errors import InvalidInputError, ModelLoadError
 from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_DIR, Manifest
-from ..runtime.onnxruntime import TENSORRT, Buffer, Graph, resolve_providers, tensorrt_options
-from ..schedulers import Schedule
+from ..runtime.onnxruntime import TENSORRT, Buffer, BufferView, Graph, resolve_providers, tensorrt_options
+from ..samplers.table import Schedule, fit_slots
 from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, Precision, check_dim, dim_ranges, profile
 from ..tokenizer import ClipTokenizer
 from . import StepCallback, reject_unknown_options
 
 _SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs; every graph is verified
 _REEXPORT = "re-export with sdengine export --batch/--height/--width MIN:MAX covering it"
+_REEXPORT_SLOTS = "re-export with sdengine export --state-slots {slots} (the default, 4, runs every sampler)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,32 +137,36 @@ class OnnxRuntimeBackend:
         return buf
 
     def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
-                noise: np.ndarray | None, callback: StepCallback | None = None) -> Buffer:
-        """Every step of `schedule` through the step graph; returns the final latent buffer."""
+                noise: np.ndarray | None, callback: StepCallback | None = None) -> BufferView:
+        """Every row of `schedule` through the step graph; returns a view of the final latents (slot 0)."""
         latents = np.ascontiguousarray(latents, dtype=np.float32)
         self._check_latents(latents.shape)
-        b, n = latents.shape[0], schedule.num_steps
+        schedule = fit_slots(schedule, self.ranges.slots, _REEXPORT_SLOTS)
+        b, n, slots = latents.shape[0], schedule.num_rows, schedule.slots
         step = self.graphs[DENOISE_STEP]
-        ping, pong = self._buffer("latent_a", latents.shape), self._buffer("latent_b", latents.shape)
-        ping.write(latents)
+        state_shape = (slots, *latents.shape)
+        ping, pong = self._buffer("state_a", state_shape), self._buffer("state_b", state_shape)
+        first = np.zeros(state_shape, np.float32)
+        first[0] = latents
+        ping.write(first)
         timesteps = Buffer.holding(schedule.timesteps.astype(np.float32).reshape(n, 1), self._where)
-        rows = Buffer.holding(schedule.coefficients.astype(np.float32).reshape(n, 3), self._where)
+        rows = Buffer.holding(schedule.coefficients.astype(np.float32), self._where)
         steps_noise = None if noise is None else Buffer.holding(np.asarray(noise, np.float32), self._where)
         zeros = self._buffer("zeros", latents.shape)  # c = 0 without noise; never written
         scale = Buffer.holding(np.array([guidance_scale], np.float32), self._where)
         step.bind_buffer("text_embeddings", self._guided_context(context, b))
         step.bind_buffer("guidance_scale", scale)
         for i in range(n):
-            step.bind("latent", ping.ptr, ping.shape)
+            step.bind("state", ping.ptr, ping.shape)
             step.bind("timestep", timesteps.row(i), (1,))
-            step.bind("coefficients", rows.row(i), (3,))
-            step.bind("noise", zeros.ptr if steps_noise is None else steps_noise.row(i), ping.shape)
-            step.bind_output("next_latent", pong)
+            step.bind("coefficients", rows.row(i), rows.shape[1:])
+            step.bind("noise", zeros.ptr if steps_noise is None else steps_noise.row(i), latents.shape)
+            step.bind_output("next_state", pong)
             step.run()
             ping, pong = pong, ping
             if callback is not None:
                 callback(i + 1, n)
-        return ping
+        return ping.first(latents.shape)
 
     can_decode_fp32 = False  # the export holds one decoder graph; an fp16 one is not decoded again in fp32
 
@@ -171,9 +176,9 @@ class OnnxRuntimeBackend:
             return "export the model without --fp16 (sdengine export --out DIR) and run that folder"
         return "the float32 VAE decoder produced them: the model's VAE weights are broken or overflow"
 
-    def decode(self, latents: Buffer | np.ndarray, fp32: bool = False) -> np.ndarray:
+    def decode(self, latents: Buffer | BufferView | np.ndarray, fp32: bool = False) -> np.ndarray:
         """Scaled latents -> float32 images [B, 3, H, W] on the host (the graph divides by scaling_factor)."""
-        if not isinstance(latents, Buffer):
+        if not isinstance(latents, (Buffer, BufferView)):
             array = np.ascontiguousarray(latents, dtype=np.float32)
             self._check_latents(array.shape)
             latents = Buffer.holding(array, self._where)

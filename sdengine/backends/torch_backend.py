@@ -12,7 +12,7 @@ import torch
 from ..errors import InvalidInputError
 from ..models.loading import Components, load_components
 from ..models.step import DenoiseStep
-from ..schedulers import Schedule
+from ..samplers import Schedule
 from . import StepCallback, reject_unknown_options
 from .torch_fast import OPTION_NAMES, FastOptions, FastPath, LoopInputs, parse_options, run_loop
 
@@ -86,15 +86,16 @@ class TorchBackend:
     @torch.inference_mode()
     def denoise(self, latents: np.ndarray, context: Any, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None) -> torch.Tensor:
-        x = self._tensor(latents, torch.float32)
-        timesteps = self._tensor(schedule.timesteps)
-        rows = self._tensor(schedule.coefficients, torch.float32)
-        steps_noise = None if noise is None else self._tensor(noise, torch.float32)
-        scale = torch.tensor(guidance_scale, dtype=torch.float32, device=self.device)
-        inputs = LoopInputs(x, context, timesteps, rows, scale, steps_noise)
-        if self.fast is not None:
-            return self.fast.denoise(inputs, callback)
-        return run_loop(self.step, inputs, callback)
+        """Every row of `schedule` from the initial latents [B,C,h,w]; the final latents on the device."""
+        state = np.zeros((schedule.slots, *np.shape(latents)), np.float32)
+        state[0] = latents
+        inputs = LoopInputs(self._tensor(state, torch.float32), context,
+                            self._tensor(schedule.timesteps, torch.float32),
+                            self._tensor(schedule.coefficients, torch.float32),
+                            torch.tensor(guidance_scale, dtype=torch.float32, device=self.device),
+                            None if noise is None else self._tensor(noise, torch.float32))
+        final = run_loop(self.step, inputs, callback) if self.fast is None else self.fast.denoise(inputs, callback)
+        return final[0]
 
     @property
     def can_decode_fp32(self) -> bool:

@@ -5,7 +5,7 @@ them through unchanged:
 
 - channels_last: U-Net and VAE weights in channels_last (NHWC) memory format: cuDNN runs NHWC tensor-core
   convolutions, and the spatial transformers' [B,C,H,W] -> [B,HW,C] token reshape becomes a view.
-- compile: torch.compile (dynamic=False) of the denoise step (U-Net + guidance + scheduler update, so the
+- compile: torch.compile (dynamic=False) of the denoise step (U-Net + guidance + sampler update, so the
   update fuses into the U-Net's last kernels; GroupNorm+SiLU fuse too) and of the VAE decoder. True means
   mode "default"; or name a mode of COMPILE_MODES. Every new shape compiles again (a minute or more for
   SD 1.5 on a GPU): warm up the shapes you serve at start-up.
@@ -107,10 +107,10 @@ class GraphStep(nn.Module):
         super().__init__()
         self.step = step
 
-    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+    def forward(self, state: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 guidance_scale: torch.Tensor, coefficients: torch.Tensor,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        return self.step(latent, timestep, context, guidance_scale, coefficients, noise).contiguous()
+        return self.step(state, timestep, context, guidance_scale, coefficients, noise).contiguous()
 
 
 class LatentDecoder(nn.Module):
@@ -129,16 +129,16 @@ class LatentDecoder(nn.Module):
 class LoopInputs:
     """Device tensors of one denoise call; a captured loop reads a static copy of them."""
 
-    latents: torch.Tensor  # [B,C,h,w] fp32
+    state: torch.Tensor  # [S,B,C,h,w] fp32: slot 0 the latent, the rest the sampler's history
     context: torch.Tensor  # [R,77,D], R = 2B with guidance
-    timesteps: torch.Tensor  # [N] int64
-    rows: torch.Tensor  # [N,3] fp32 coefficient rows
+    timesteps: torch.Tensor  # [N] fp32 (fractional for sigma samplers)
+    rows: torch.Tensor  # [N, S(S+2)] fp32 coefficient rows
     scale: torch.Tensor  # [] fp32 guidance scale
-    noise: torch.Tensor | None = None  # [N,B,C,h,w] fp32 when eta > 0
+    noise: torch.Tensor | None = None  # [N,B,C,h,w] fp32 for stochastic samplers
 
     def key(self) -> tuple:
-        """What a captured loop is specialised to: shapes, dtypes, step count, noise or not."""
-        return (tuple(self.latents.shape), tuple(self.context.shape), self.context.dtype,
+        """What a captured loop is specialised to: shapes, dtypes, row count, noise or not."""
+        return (tuple(self.state.shape), tuple(self.context.shape), self.context.dtype,
                 int(self.timesteps.shape[0]), self.noise is not None)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -150,8 +150,9 @@ class LoopInputs:
 
 def run_loop(step: Callable[..., torch.Tensor], inputs: LoopInputs,
              callback: StepCallback | None = None) -> torch.Tensor:
-    """Every step of the schedule from inputs.latents, each binding its own timestep, row and noise."""
-    x, n = inputs.latents, int(inputs.timesteps.shape[0])
+    """Every row of the schedule from inputs.state, each binding its own timestep, row and noise; the final
+    state (its slot 0 is the latent)."""
+    x, n = inputs.state, int(inputs.timesteps.shape[0])
     for i in range(n):
         x = step(x, inputs.timesteps[i], inputs.context, inputs.scale, inputs.rows[i],
                  None if inputs.noise is None else inputs.noise[i])

@@ -19,8 +19,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from ..pipeline import Pipeline, initial_noise
-from ..schedulers import ddim_schedule
+from ..pipeline import Pipeline, initial_noise, uses_guidance
+from ..samplers import build_schedule
 from .settings import BenchSettings
 from .timing import Wait
 
@@ -96,11 +96,12 @@ class SdengineStages(Stages):
         self.height = settings.height or config.default_size
         self.width = settings.width or config.default_size
         self.wait = backend_wait(backend)
-        self.rows = [settings.prompt] if settings.guidance == 1.0 else ["", settings.prompt]
-        self.schedule = ddim_schedule(config.scheduler, settings.steps, 0.0)
+        self.rows = ["", settings.prompt] if uses_guidance(config, settings.guidance) else [settings.prompt]
+        self.schedule = build_schedule(config.scheduler, "ddim", settings.steps, 0.0)
         f = config.vae.downscale
         shape = (config.unet.in_channels, self.height // f, self.width // f)
-        self.latents, self.noise = initial_noise([settings.seed], shape, self.schedule)
+        unit, self.noise = initial_noise([settings.seed], shape, self.schedule)
+        self.latents = unit * self.schedule.init_scale
 
     def e2e(self, batch: int) -> Any:
         s = self.s

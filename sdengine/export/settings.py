@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import InvalidInputError
-from ..specs import GRAPHS, MAX_BATCH, Precision, Range, ShapeRanges
+from ..specs import GRAPHS, MAX_BATCH, STATE_SLOTS, Precision, Range, ShapeRanges
 
 DEFAULT_OPSET = 17
 OPSETS = range(17, 21)  # LayerNormalization needs 17; the TorchScript exporter stops at 20
@@ -51,6 +51,7 @@ class ExportSettings:
     static: bool = False
     force: bool = False
     graphs: tuple[str, ...] = field(default=GRAPH_ORDER)
+    state_slots: int = STATE_SLOTS  # the denoise step's sampler state (README, "Samplers")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision(self.precision))
@@ -67,6 +68,8 @@ class ExportSettings:
                 raise InvalidInputError(f"--{name} values must be multiples of 8 pixels, got {values}")
         if self.static and any(v is not None and len(set(v)) > 1 for v in (self.batch, self.height, self.width)):
             raise InvalidInputError("--static takes one value for --batch, --height and --width, not a range")
+        if isinstance(self.state_slots, bool) or self.state_slots not in range(1, STATE_SLOTS + 1):
+            raise InvalidInputError(f"--state-slots must be between 1 and {STATE_SLOTS}, got {self.state_slots!r}")
 
     def ranges(self, config: ModelConfig) -> ShapeRanges:
         """The shape ranges for `config`, checked against its latent factor."""
@@ -75,11 +78,12 @@ class ExportSettings:
             b, h, w = (default_value if given is None else given[0] for given, default_value in
                        ((self.batch, default.batch.opt), (self.height, default.height.opt),
                         (self.width, default.width.opt)))
-            ranges = ShapeRanges(Range(b, b, b), Range(h, h, h), Range(w, w, w), static=True)
+            ranges = ShapeRanges(Range(b, b, b), Range(h, h, h), Range(w, w, w), static=True,
+                                 slots=self.state_slots)
         else:
             ranges = ShapeRanges(_range(self.batch, default.batch, "batch"),
                                  _range(self.height, default.height, "height"),
-                                 _range(self.width, default.width, "width"))
+                                 _range(self.width, default.width, "width"), slots=self.state_slots)
         ranges.check_sides(config.vae.downscale)
         return ranges
 

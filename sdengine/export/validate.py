@@ -67,9 +67,10 @@ def psnr_db(got: np.ndarray, ref: np.ndarray) -> float:
     return 200.0 if mse == 0 else 10 * math.log10(1.0 / mse) if math.isfinite(mse) else math.nan
 
 
-def check_io(model: onnx.ModelProto, spec: GraphSpec, config: ModelConfig, static_dims: dict[str, int] | None) -> None:
+def check_io(model: onnx.ModelProto, spec: GraphSpec, config: ModelConfig, static_dims: dict[str, int] | None,
+             slots: int | None = None) -> None:
     """Names, element types and dimensions of the graph's inputs and outputs as the spec says."""
-    fixed = fixed_dims(config)
+    fixed = fixed_dims(config, slots)
     for declared, wanted in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
         names = [v.name for v in declared]
         if names != [t.name for t in wanted]:
@@ -103,7 +104,7 @@ def structural_checks(path: Path, spec: GraphSpec, config: ModelConfig, ranges: 
                                                data_prop=True)
         inferred = onnx.load(str(out), load_external_data=False)
     checks["shape_inference"] = "ok"
-    check_io(inferred, spec, config, validation_points(config, ranges)[0] if ranges.static else None)
+    check_io(inferred, spec, config, validation_points(config, ranges)[0] if ranges.static else None, ranges.slots)
     checks["io_matches_spec"] = "ok"
     return checks
 

@@ -129,27 +129,47 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](x, context), temb)
 
 
-class TimestepEmbedding(nn.Module):
-    """Two linear layers with SiLU on the sinusoidal timestep features (keys linear_1, linear_2)."""
+def guidance_embedding(scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's embedding of the guidance scale w = g - 1: sin/cos of 1000 w at geometric frequencies
+    (Luo et al. 2023, after VDM's timestep embedding), [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=scale.device) * -(math.log(10000.0) / (half - 1)))
+    args = ((scale.float().reshape(-1) - 1.0) * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([args.sin(), args.cos()], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
 
-    def __init__(self, dim: int, out: int) -> None:
+
+class TimestepEmbedding(nn.Module):
+    """Two linear layers with SiLU on the sinusoidal timestep features (keys linear_1, linear_2); LCM's
+    U-Nets add a projection of the guidance embedding first (cond_proj)."""
+
+    def __init__(self, dim: int, out: int, cond_dim: int | None = None) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(dim, out)
         self.linear_2 = nn.Linear(out, out)
+        if cond_dim is not None:
+            self.cond_proj = nn.Linear(cond_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            x = x + self.cond_proj(condition)
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
 class UNet(nn.Module):
     """eps_theta(latent [B,C,h,w], timestep [B] or scalar, text [B,77,D]) -> eps or v [B,C,h,w]."""
 
+    @property
+    def takes_guidance(self) -> bool:
+        """An LCM-distilled U-Net: the guidance scale goes in as an embedding, not as two passes."""
+        return self.cfg.time_cond_proj_dim is not None
+
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
         chs, n, layers = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(chs[0], cfg.time_embed_dim)
+        self.time_embedding = TimestepEmbedding(chs[0], cfg.time_embed_dim, cfg.time_cond_proj_dim)
         self.down_blocks = nn.ModuleList()
         for i in range(n):
             in_ch = chs[max(i - 1, 0)]
@@ -166,11 +186,14 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """timestep_cond: an LCM U-Net's guidance embedding [B, time_cond_proj_dim] (guidance_embedding)."""
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         t = timestep_embedding(timestep, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
                                self.cfg.freq_shift)
-        temb = self.time_embedding(t.to(sample.dtype))
+        cond = None if timestep_cond is None else timestep_cond.to(sample.dtype)
+        temb = self.time_embedding(t.to(sample.dtype), cond)
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:

@@ -1,12 +1,14 @@
-"""The denoise loop over any Executor: fixed buffers, per-step rows, ping-pong latents, one CUDA graph.
+"""The denoise loop over any Executor: fixed buffers, per-row coefficients, ping-pong states, one CUDA graph.
 
-For one call of N steps: the latent, the timesteps [N,1], the coefficient rows [N,3], the guidance
-scale and (eta > 0) the noise [N,B,C,h,w] are uploaded once into buffers allocated once per shape;
-the text embeddings are copied into a loop-owned [2B,77,D] buffer (B rows are duplicated: guidance 1,
-as the ONNX Runtime backend does). Step i binds row i of each array, reads latent buffer i % 2 and
-writes the other, so the result of N steps is in buffer N % 2. Every address a step binds therefore
-depends only on (shape, N, noise or not): the whole loop is captured once per such key as one CUDA
-graph and replayed; later calls re-upload their data into the same buffers before the launch.
+For one call of N rows (a sampler's table, sdengine.samplers): the initial state [S,B,C,h,w] (slot 0
+the latent, the history slots zero), the timesteps [N,1], the coefficient rows [N,S(S+2)], the guidance
+scale and, for a stochastic sampler, the noise [N,B,C,h,w] are uploaded once into buffers allocated
+once per shape; the text embeddings are copied into a loop-owned [2B,77,D] buffer (B rows are
+duplicated: guidance 1, as the ONNX Runtime backend does). Row i binds row i of each array, reads state
+buffer i % 2 and writes the other, so the result of N rows is in buffer N % 2. Every address a row binds
+therefore depends only on (shape, N, noise or not): the whole loop is captured once per such key as one
+CUDA graph and replayed; later calls re-upload their data into the same buffers before the launch. Every
+sampler runs this way: none needs the host between rows.
 
 The device is injected (`device`): sdengine.runtime.device.CudaDevice on a GPU; the tests run the same
 loop over a host-memory stand-in. No torch here.
@@ -21,7 +23,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import EngineMismatchError, InvalidInputError
-from ..schedulers import Schedule
+from ..samplers.table import Schedule, fit_slots
 from ..specs import DENOISE_STEP, point_dims, shapes
 from .executor import Executor
 
@@ -55,11 +57,31 @@ class TextEmbeddings:
 
 
 @dataclass(frozen=True)
+class LatentView:
+    """Slot 0 of a state buffer seen as latents [B,C,h,w]: an address, a shape and a dtype, no copy."""
+
+    base: Any
+    shape: tuple[int, ...]
+
+    @property
+    def ptr(self) -> int:
+        return self.base.ptr
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
 class LoopKey:
     """What fixes every address of a loop, so one captured graph serves every call with the same key."""
 
-    shape: tuple[int, ...]
-    steps: int
+    shape: tuple[int, ...]  # the state's [S,B,C,h,w]
+    steps: int              # rows
     noise: bool
 
 
@@ -68,7 +90,7 @@ class Prepared:
     """A call's data uploaded into the key's buffers, ready to launch."""
 
     key: LoopKey
-    latents: tuple[Any, Any]
+    latents: tuple[Any, Any]  # the two state buffers
     timesteps: Any
     coefficients: Any
     noise: Any            # [N,B,C,h,w] rows, or the zeros buffer (c = 0)
@@ -91,11 +113,14 @@ def bind_shapes(executor: Executor, values: Mapping[str, tuple[int, ...]]) -> No
 class DenoiseLoop:
     """N denoise steps over one step executor, eager or as one cached CUDA graph per LoopKey."""
 
-    def __init__(self, device: Device, step: Executor, config: ModelConfig, use_graph: bool = True) -> None:
+    def __init__(self, device: Device, step: Executor, config: ModelConfig, use_graph: bool = True,
+                 slots: int | None = None) -> None:
+        """`slots`: the step graph's fixed state size (an engine's), or None for a step that takes any."""
         if step.spec.name != DENOISE_STEP:
             raise InvalidInputError(f"the denoise loop runs the {DENOISE_STEP} graph, not {step.spec.name}")
         self.device, self.step, self.config, self.use_graph = device, step, config, use_graph
-        (self._latent, self._timestep, self._text, self._scale, self._coefficients,
+        self.slots = slots
+        (self._state, self._timestep, self._text, self._scale, self._coefficients,
          self._noise) = step.spec.input_names
         (self._next,) = step.spec.output_names
         self._buffers: dict[tuple, Any] = {}
@@ -110,20 +135,25 @@ class DenoiseLoop:
                 self.device.zero(self._buffers[key])
         return self._buffers[key]
 
-    def _shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-        b, _, lh, lw = shape
-        return shapes(self.step.spec, point_dims(self.config, b, lh, lw))
+    def _shapes(self, state_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        slots, b, _, lh, lw = state_shape
+        return shapes(self.step.spec, point_dims(self.config, b, lh, lw, slots=slots))
 
     def prepare(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None) -> Prepared:
         """Upload one call's data into the buffers of its key (enqueued on the device's stream)."""
         x = np.ascontiguousarray(latents, dtype=np.float32)
-        n, b = schedule.num_steps, x.shape[0]
-        key = LoopKey(x.shape, n, noise is not None)
-        shp = self._shapes(x.shape)
+        if self.slots is not None:
+            schedule = fit_slots(schedule, self.slots, "rebuild the engines from an export with --state-slots "
+                                                       "{slots} or more (the default, 4, runs every sampler)")
+        n, b = schedule.num_rows, x.shape[0]
+        state = np.zeros((schedule.slots, *x.shape), np.float32)
+        state[0] = x
+        key = LoopKey(state.shape, n, noise is not None)
+        shp = self._shapes(state.shape)
         dev = self.device
-        bufs = (self.buffer("latent_a", x.shape), self.buffer("latent_b", x.shape))
-        dev.upload(bufs[0], x)
+        bufs = (self.buffer("state_a", state.shape), self.buffer("state_b", state.shape))
+        dev.upload(bufs[0], state)
         ts = self.buffer("timesteps", (n, *shp[self._timestep]))
         dev.upload(ts, schedule.timesteps.astype(np.float32).reshape(ts.shape))
         rows = self.buffer("coefficients", (n, *shp[self._coefficients]))
@@ -133,7 +163,7 @@ class DenoiseLoop:
         else:
             steps_noise = self.buffer("noise", (n, *x.shape))
             if np.shape(noise) != steps_noise.shape:
-                raise InvalidInputError(f"noise has shape {list(np.shape(noise))}; {n} steps of latents "
+                raise InvalidInputError(f"noise has shape {list(np.shape(noise))}; {n} rows of latents "
                                         f"{list(x.shape)} need {list(steps_noise.shape)}")
             dev.upload(steps_noise, noise)
         scale = self.buffer("guidance_scale", shp[self._scale])
@@ -166,7 +196,7 @@ class DenoiseLoop:
     def _enqueue_step(self, p: Prepared, i: int) -> None:
         """Bind step i's own addresses (latent i % 2 -> the other, row i of each array) and enqueue it."""
         s = self.step
-        s.set_address(self._latent, p.latents[i % 2].ptr)
+        s.set_address(self._state, p.latents[i % 2].ptr)
         s.set_address(self._timestep, p.timesteps.row(i))
         s.set_address(self._coefficients, p.coefficients.row(i))
         if p.key.noise:
@@ -174,11 +204,11 @@ class DenoiseLoop:
         s.set_address(self._next, p.latents[(i + 1) % 2].ptr)
         s.execute(self.device.handle)
 
-    def launch(self, p: Prepared, callback: StepCallback | None = None, graph: bool | None = None) -> Any:
-        """Enqueue the N steps (eagerly, or by launching the key's graph); the buffer holding the result.
+    def launch(self, p: Prepared, callback: StepCallback | None = None, graph: bool | None = None) -> LatentView:
+        """Enqueue the N rows (eagerly, or by launching the key's graph); a view of the final latents.
 
-        The result buffer is the loop's own: valid until the next call with the same latent shape. With
-        the graph, `callback` is called once, with (N, N), after the launch is enqueued.
+        The result is the loop's own state buffer's slot 0: valid until the next call with the same state
+        shape. With the graph, `callback` is called once, with (N, N), after the launch is enqueued.
         """
         n = p.key.steps
         bind_shapes(self.step, self._shapes(p.key.shape))
@@ -193,7 +223,7 @@ class DenoiseLoop:
                 callback(n, n)
         else:
             self._enqueue_steps(p, callback)
-        return p.latents[n % 2]
+        return LatentView(p.latents[n % 2], p.key.shape[1:])
 
     def _enqueue_steps(self, p: Prepared, callback: StepCallback | None = None) -> None:
         for i in range(p.key.steps):
@@ -202,8 +232,8 @@ class DenoiseLoop:
                 callback(i + 1, p.key.steps)
 
     def run(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
-            noise: np.ndarray | None, callback: StepCallback | None = None) -> Any:
-        """prepare + launch: every step of `schedule` from `latents`; the buffer holding the final latent."""
+            noise: np.ndarray | None, callback: StepCallback | None = None) -> LatentView:
+        """prepare + launch: every row of `schedule` from `latents`; a view of the final latents."""
         return self.launch(self.prepare(latents, context, schedule, guidance_scale, noise), callback)
 
     def close(self) -> None:

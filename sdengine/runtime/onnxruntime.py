@@ -83,6 +83,10 @@ class Buffer:
     def ptr(self) -> int:
         return int(self.array.ctypes.data) if self.value is None else int(self.value.data_ptr())
 
+    def first(self, shape: Sequence[int]) -> "BufferView":
+        """The leading elements of this buffer seen as `shape` (slot 0 of a state), without a copy."""
+        return BufferView(self, tuple(int(s) for s in shape))
+
     def row(self, i: int) -> int:
         """Address of row i along the first axis."""
         return self.ptr + i * int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
@@ -97,6 +101,22 @@ class Buffer:
     def read(self) -> np.ndarray:
         """A host copy of the contents."""
         return self.array.copy() if self.value is None else self.value.numpy()
+
+
+class BufferView:
+    """A view of a Buffer's leading elements: what binding needs (ptr, shape, dtype) and a host read."""
+
+    def __init__(self, base: Buffer, shape: tuple[int, ...]) -> None:
+        if int(np.prod(shape)) > int(np.prod(base.shape)):
+            raise ValueError(f"a view {shape} is larger than its buffer {base.shape}")
+        self.base, self.shape, self.dtype, self.device = base, shape, base.dtype, base.device
+
+    @property
+    def ptr(self) -> int:
+        return self.base.ptr
+
+    def read(self) -> np.ndarray:
+        return self.base.read().reshape(-1)[: int(np.prod(self.shape))].reshape(self.shape)
 
 
 class Graph:
@@ -135,7 +155,7 @@ class Graph:
         """Bind input `name` to the tensor at `ptr`."""
         self.binding.bind_input(name, self.device, 0, np.dtype(dtype), list(shape), ptr)
 
-    def bind_buffer(self, name: str, buf: Buffer) -> None:
+    def bind_buffer(self, name: str, buf: Buffer | BufferView) -> None:
         self.bind(name, buf.ptr, buf.shape, buf.dtype)
 
     def bind_output(self, name: str, buf: Buffer) -> None:

@@ -129,7 +129,7 @@ class Service:
                                negative_prompt=[r.negative_prompt for r in requests for _ in range(r.n)],
                                num_inference_steps=first.steps, guidance_scale=first.guidance_scale, eta=first.eta,
                                seed=[s for r in requests for s in r.seeds], width=first.width, height=first.height,
-                               callback=callback)
+                               callback=callback, scheduler=first.scheduler)
         if result.vae_fp32_fallback:
             self.metrics.vae_fp32_fallbacks.inc()
         return list(zip(result.images, result.infos))
@@ -279,7 +279,7 @@ def limits_for(pipeline: Any, settings: ServeSettings) -> tuple[Limits, int]:
                     height_range=height_range, max_pixels=settings.max_pixels, max_images=max_batch,
                     default_steps=settings.default_steps, max_steps=settings.max_steps,
                     max_prompt_tokens=tokenizer.max_length - 2, count_tokens=lambda text: len(tokenizer.encode(text)),
-                    scheduler=config.scheduler)
+                    scheduler=config.scheduler, slots=None if ranges is None else ranges.slots)
     if size[0] * size[1] > settings.max_pixels:
         raise InvalidInputError(f"--max-pixels {settings.max_pixels} is below the model's own size "
                                 f"{size[0]}x{size[1]}; raise it")

@@ -16,7 +16,9 @@ from typing import Any, Callable
 
 from ..errors import InvalidInputError
 from ..pipeline import MAX_SEED, check_size
-from ..schedulers import SchedulerConfig, ddim_schedule
+from ..samplers import build_schedule, canonical_name
+from ..samplers.table import fit_slots
+from ..schedulers import SchedulerConfig
 
 MAX_BODY_BYTES = 64 * 1024
 SIZE_RE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
@@ -24,7 +26,7 @@ SIZE_RE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 # (one model is served; OpenAI's quality and style select among its own models' settings).
 IGNORED = ("model", "user", "quality", "style")
 FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "seed", "steps", "guidance_scale", "eta",
-          *IGNORED)
+          "scheduler", *IGNORED)
 
 
 class RequestError(Exception):
@@ -50,6 +52,7 @@ class Limits:
     max_prompt_tokens: int = 75      # CLIP reads 77 ids: BOS, 75 tokens, EOS
     count_tokens: Callable[[str], int] = len
     scheduler: SchedulerConfig | None = None
+    slots: int | None = None         # an export's denoise-step state: samplers needing more are refused
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class GenerationRequest:
     guidance_scale: float
     eta: float
     seed: int
+    scheduler: str = "ddim"  # canonical sampler name
 
     @property
     def seeds(self) -> list[int]:
@@ -72,8 +76,9 @@ class GenerationRequest:
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one denoise loop (guidance and eta are scalars of the loop)."""
-        return (self.width, self.height, self.steps, self.guidance_scale, self.eta)
+        """Requests with equal keys share one denoise loop: the same sampler table (sampler, steps, eta),
+        guidance scale and size."""
+        return (self.width, self.height, self.scheduler, self.steps, self.guidance_scale, self.eta)
 
 
 def _invalid(message: str, param: str | None = None) -> RequestError:
@@ -191,11 +196,26 @@ def parse_generation(body: bytes, limits: Limits) -> GenerationRequest:
     guidance = _number(data, "guidance_scale", 7.5)
     eta = _number(data, "eta", 0.0)
     seed = _int(data, "seed", None, 0, MAX_SEED - n + 1)
-    if limits.scheduler is not None:  # the schedule's own limits: steps within the training steps, eta's range
-        try:
-            ddim_schedule(limits.scheduler, steps, eta)
-        except InvalidInputError as exc:
-            raise _invalid(str(exc), "eta" if str(exc).startswith("eta") else "steps") from None
+    scheduler = _scheduler(data, limits, steps, eta)
     return GenerationRequest(prompt=prompt, negative_prompt=negative, n=n, width=width, height=height, steps=steps,
                              guidance_scale=guidance, eta=eta,
-                             seed=secrets.randbelow(2**32) if seed is None else seed)
+                             seed=secrets.randbelow(2**32) if seed is None else seed, scheduler=scheduler)
+
+
+def _scheduler(data: dict, limits: Limits, steps: int, eta: float) -> str:
+    """The canonical sampler name, checked against the model's schedule and the export's state slots."""
+    value = data.get("scheduler", "ddim")
+    if not isinstance(value, str):
+        raise _invalid(f"scheduler must be a string such as \"dpmpp_2m_karras\", got {json.dumps(value)}",
+                       "scheduler")
+    try:
+        name = canonical_name(value)
+        if limits.scheduler is not None:  # the table's own limits: steps within the training steps, eta's range
+            schedule = build_schedule(limits.scheduler, name, steps, eta)
+            if limits.slots is not None:
+                fit_slots(schedule, limits.slots, "re-export the model with sdengine export --state-slots {slots}")
+    except InvalidInputError as exc:
+        text = str(exc)
+        param = "eta" if text.startswith("eta") else "steps" if "step" in text else "scheduler"
+        raise _invalid(text, param) from None
+    return name
