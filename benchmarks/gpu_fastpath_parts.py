@@ -76,7 +76,7 @@ class Part:
 
         f = self.config.vae.downscale
         schedule = build_schedule(self.config.scheduler, "ddim", self.steps)
-        shape = (self.config.unet.in_channels, self.side // f, self.side // f)
+        shape = (self.config.vae.latent_channels, self.side // f, self.side // f)
         return initial_noise([SEED + i for i in range(batch)], shape, schedule)[0]
 
 

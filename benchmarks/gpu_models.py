@@ -46,7 +46,7 @@ def _inputs(config: Any, case: tuple, seed: int) -> tuple[Any, np.ndarray, np.nd
     b, n, g, eta, h, w = case
     f = config.vae.downscale
     schedule = build_schedule(config.scheduler, "ddim", n, eta)
-    init, noise = initial_noise([seed + i for i in range(b)], (config.unet.in_channels, h // f, w // f), schedule)
+    init, noise = initial_noise([seed + i for i in range(b)], (config.vae.latent_channels, h // f, w // f), schedule)
     init = init * np.float32(schedule.init_scale)
     rows = [PROMPT] * b if g <= 1.0 else [NEGATIVE] * b + [PROMPT] * b
     return schedule, init, noise, rows

@@ -87,7 +87,7 @@ class NoiseRowStep:
         from sdengine.specs import DENOISE_STEP, GRAPHS
 
         self.spec = GRAPHS[DENOISE_STEP]
-        (self.latent, *_, self.noise), (self.out,) = self.spec.input_names, self.spec.output_names
+        self.latent, self.noise, (self.out,) = "state", "noise", self.spec.output_names
         self.shape: tuple[int, ...] = ()
         self.ptrs: dict[str, int] = {}
         self.calls, self.fail_at = 0, None

@@ -50,6 +50,16 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="default: cuda with --backend tensorrt, else cpu")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="override for single-file SD 2.x 768-v checkpoints (not visible in the weights)")
+    p.add_argument("--image", default=None, metavar="IN.png",
+                   help="image to image: start from this picture (any mode; sides not multiples of the VAE factor "
+                        "are rounded down unless --height/--width say otherwise)")
+    p.add_argument("--mask", default=None, metavar="MASK.png",
+                   help="inpainting: repaint the white (or transparent) part of --image, keep the rest")
+    p.add_argument("--strength", type=float, default=None,
+                   help="how much of --image is repainted, in (0, 1] (default 0.8; 1.0 with --mask)")
+    p.add_argument("--mask-blur", type=float, default=0.0, metavar="PX", help="Gaussian blur of the mask in pixels")
+    p.add_argument("--keep-unmasked", action="store_true",
+                   help="paste the original back outside the (blurred) mask after decoding")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a backend load option (repeatable), e.g. with --backend torch --device cuda: "
                         "channels_last=true compile=true cuda_graph=true")
@@ -105,6 +115,25 @@ def _check_argv_text(option: str, text: str | None) -> None:
                                 f"{bad}; pass the text in UTF-8")
 
 
+def _validate_image_options(args: argparse.Namespace) -> None:
+    """The image options' own limits, and the files exist and decode (before any model loads)."""
+    from .images import load_image, load_mask
+
+    if args.image is None:
+        for option, value in (("--mask", args.mask), ("--strength", args.strength),
+                              ("--mask-blur", args.mask_blur or None), ("--keep-unmasked", args.keep_unmasked or None)):
+            if value is not None:
+                raise InvalidInputError(f"{option} needs --image")
+        return
+    if args.strength is not None and (not math.isfinite(args.strength) or not 0 < args.strength <= 1):
+        raise InvalidInputError(f"--strength must be in (0, 1], got {args.strength}")
+    if not math.isfinite(args.mask_blur) or not 0 <= args.mask_blur <= 256:
+        raise InvalidInputError(f"--mask-blur must be between 0 and 256 pixels, got {args.mask_blur}")
+    picture = load_image(args.image, "--image")
+    if args.mask is not None:
+        load_mask(args.mask, picture.size, "--mask")
+
+
 def _peek_config(args: argparse.Namespace):
     """The model's config read from its small files, before any weights load (None for a single file)."""
     from .config import ModelConfig
@@ -142,6 +171,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--seed must be >= 0, got {args.seed}")
     if args.threads is not None and args.threads < 1:
         raise InvalidInputError(f"--threads must be >= 1, got {args.threads}")
+    _validate_image_options(args)
     output_paths(args.out, args.num_images)
     if args.backend == "onnxruntime" and args.model is None:
         raise InvalidInputError("--backend onnxruntime needs --model: a folder written by sdengine export "
@@ -157,7 +187,8 @@ def _validate(args: argparse.Namespace) -> None:
         if getattr(args, name) is not None:
             check_size(f"--{name}", getattr(args, name), config.vae.downscale)
     try:
-        schedule = build_schedule(config.scheduler, args.scheduler, args.steps, args.eta)
+        strength = 1.0 if args.image is None else args.strength or (1.0 if args.mask else 0.8)
+        schedule = build_schedule(config.scheduler, args.scheduler, args.steps, args.eta, strength=strength)
     except InvalidInputError as exc:
         raise InvalidInputError(f"{exc} (--scheduler {args.scheduler}, --steps {args.steps}, --eta {args.eta:g})") \
             from None
@@ -224,7 +255,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, eta=args.eta, seed=args.seed, height=args.height,
                       width=args.width, num_images_per_prompt=args.num_images, callback=callback,
-                      scheduler=args.scheduler)
+                      scheduler=args.scheduler, image=args.image, mask_image=args.mask, strength=args.strength,
+                      mask_blur=args.mask_blur, keep_unmasked=args.keep_unmasked)
     finally:
         if bar is not None:
             bar.close()

@@ -54,6 +54,9 @@ _VAE_FIXED = {
 _TEXT_FIXED = {"model_type": "clip_text_model"}
 _UNET_ATTN, _UNET_PLAIN = "CrossAttnDownBlock2D", "DownBlock2D"
 _UNET_UP = {_UNET_ATTN: "CrossAttnUpBlock2D", _UNET_PLAIN: "UpBlock2D"}
+# U-Net input channels (with SD's 4 latent channels): the kinds sdengine runs, and SD-shaped ones it refuses by name.
+UNET_INPUT_KINDS = {4: "text-to-image", 9: "inpainting"}
+OTHER_UNET_INPUTS = {5: "depth-to-image", 7: "x4 upscaler", 8: "instruct-pix2pix"}
 
 
 def _check_fixed(component: str, d: Mapping[str, Any], fixed: Mapping[str, Any]) -> None:
@@ -301,9 +304,21 @@ class ModelConfig:
         if self.text_encoder.hidden_size != self.unet.cross_attention_dim:
             raise ModelLoadError(f"text encoder width {self.text_encoder.hidden_size} differs from the U-Net's "
                                  f"cross_attention_dim {self.unet.cross_attention_dim}: the parts are of different models")
-        if self.vae.latent_channels != self.unet.in_channels:
-            raise ModelLoadError(f"VAE latent channels {self.vae.latent_channels} differ from the U-Net's "
-                                 f"in_channels {self.unet.in_channels}: the parts are of different models")
+        latent, unet_in = self.vae.latent_channels, self.unet.in_channels
+        if unet_in not in (latent, 2 * latent + 1):
+            what = (OTHER_UNET_INPUTS.get(unet_in) if latent == 4 else None) or "an unknown kind"
+            raise UnsupportedModelError(
+                f"the U-Net takes {unet_in} input channels ({what}): with the VAE's {latent} latent channels, "
+                f"sdengine runs U-Nets of {latent} (text-to-image) or {2 * latent + 1} input channels (inpainting: "
+                f"latent, mask, masked-image latent); otherwise the parts are of different models")
+        if self.unet.out_channels != latent:
+            raise ModelLoadError(f"the U-Net outputs {self.unet.out_channels} channels, not the VAE's {latent} latent "
+                                 f"channels: the parts are of different models")
+
+    @property
+    def inpainting(self) -> bool:
+        """True for an inpainting U-Net: its input is [latent, mask (1), masked-image latent] (9 channels in SD)."""
+        return self.unet.in_channels == 2 * self.vae.latent_channels + 1
 
     @property
     def default_size(self) -> int:
@@ -328,6 +343,13 @@ class ModelConfig:
     @classmethod
     def tiny(cls) -> "ModelConfig":
         return cls(unet=UNetConfig.tiny(), vae=VAEConfig.tiny(), text_encoder=TextEncoderConfig.tiny())
+
+    @classmethod
+    def tiny_inpaint(cls) -> "ModelConfig":
+        """The tiny config with an inpainting U-Net (2 * 4 + 1 = 9 input channels), for tests."""
+        tiny = cls.tiny()
+        unet = dataclasses.replace(tiny.unet, in_channels=2 * tiny.vae.latent_channels + 1)
+        return dataclasses.replace(tiny, unet=unet)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field (for manifests and exported folders)."""

@@ -29,11 +29,12 @@ from .config import ModelConfig
 from .errors import EngineMismatchError, InvalidInputError, ModelLoadError, UnsupportedModelError
 from .files import write_json_atomic
 from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file
-from .specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, Precision, ShapeRanges, check_dim, profile
+from .specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, Precision, ShapeRanges, check_dim, \
+    profile
 
 FORMAT, FORMAT_VERSION = "sdengine-engines", 2  # 2: the denoise step takes a sampler state
 PLAN_SUFFIX = ".plan"
-ENGINE_GRAPHS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs
+ENGINE_GRAPHS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER, VAE_ENCODER)  # txt2img, and image inputs
 OPT_LEVELS = range(0, 6)
 
 

@@ -47,6 +47,10 @@ class GenerationInfo:
     height: int
     model: str
     eta: float = 0.0
+    strength: float | None = None        # image to image and inpainting (A1111's "Denoising strength")
+    source: str | None = None            # the input image: "WxH sha256"
+    mask: str | None = None              # the mask: its sha256
+    mask_blur: float = 0.0
 
     def infotext(self) -> str:
         """The A1111 `parameters` text."""
@@ -58,6 +62,12 @@ class GenerationInfo:
         fields["Model"] = self.model
         if self.eta:
             fields["Eta DDIM"] = _number(self.eta)
+        if self.strength is not None:
+            fields["Denoising strength"] = _number(self.strength)
+            fields["Source image"] = self.source
+        if self.mask is not None:
+            fields["Mask blur"] = _number(self.mask_blur)
+            fields["Mask hash"] = self.mask[:10]
         fields["Version"] = f"sdengine {__version__}"
         lines = [self.prompt]
         if self.negative_prompt:
@@ -71,6 +81,10 @@ class GenerationInfo:
                   "sampler": self.sampler, "guidance_scale": _number(self.guidance_scale), "eta": _number(self.eta),
                   "seed": "" if self.seed is None else self.seed, "width": self.width, "height": self.height,
                   "model": self.model, "software": f"sdengine {__version__}"}
+        if self.strength is not None:
+            fields.update(strength=_number(self.strength), source_image=self.source)
+        if self.mask is not None:
+            fields.update(mask_sha256=self.mask, mask_blur=_number(self.mask_blur))
         return {PARAMETERS: self.infotext(), **{k: str(v) for k, v in fields.items()}}
 
 

@@ -15,8 +15,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .backends import Backend, StepCallback, load_backend
+from .backends import Backend, ImageCondition, StepCallback, load_backend
 from .errors import InvalidInputError, NonFiniteOutputError
+from .images import ImageInputs, prepare
 from .metadata import GenerationInfo, save_png
 from .samplers import Schedule, build_schedule
 from .specs import MAX_SIDE, MIN_SIDE  # one set of image-side limits for every path
@@ -83,6 +84,37 @@ def check_guidance(guidance_scale: float) -> float:
     return float(guidance_scale)
 
 
+def _prompt_pairs(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
+    prompts = _prompt_list(prompt, "prompt")
+    negatives = _prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+    if len(negatives) == 1:
+        negatives *= len(prompts)
+    if len(negatives) != len(prompts):
+        raise InvalidInputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    return prompts, negatives
+
+
+def _check_count(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_IMAGES_PER_PROMPT:
+        raise InvalidInputError(f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES_PER_PROMPT}], "
+                                f"got {n!r}")
+    return int(n)
+
+
+def _check_strength(strength: Any, inputs: Any) -> float:
+    """In (0, 1]; by default 0.8 for image to image and 1.0 for inpainting, as diffusers."""
+    if inputs is None:
+        if strength not in (None, 1, 1.0):
+            raise InvalidInputError("strength needs image: how much of the given image is repainted")
+        return 1.0
+    if strength is None:
+        return 1.0 if inputs.mask is not None else 0.8
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.number)) \
+            or not math.isfinite(strength) or not 0 < strength <= 1:
+        raise InvalidInputError(f"strength must be a number in (0, 1], got {strength!r}")
+    return float(strength)
+
+
 def _prompt_list(prompt: str | Sequence[str], what: str) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -123,6 +155,12 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...], schedule: Schedule) 
     return latents, noise
 
 
+def posterior_noise(seeds: list, shape: tuple[int, ...]) -> np.ndarray:
+    """Unit noise [B,*shape] for drawing from the VAE posterior, one stream per image apart from its latents'."""
+    return np.stack([np.random.Generator(np.random.PCG64([0 if s is None else s, 1])).standard_normal(
+        shape, dtype=np.float32) for s in seeds])
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Float images [B,3,H,W] in [-1,1] -> uint8 [B,H,W,3], rounding as diffusers does."""
     x = np.clip(images.astype(np.float32) / 2 + 0.5, 0.0, 1.0)
@@ -144,54 +182,103 @@ class Pipeline:
                  seed: int | Sequence[int] | None = None, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, latents: np.ndarray | None = None,
                  callback: StepCallback | None = None, output_type: str = "pil",
-                 scheduler: str = "ddim") -> PipelineResult:
-        """Generate images; parameters as in diffusers' StableDiffusionPipeline.
+                 scheduler: str = "ddim", image: Any = None, mask_image: Any = None, strength: float | None = None,
+                 mask_blur: float = 0.0, keep_unmasked: bool = False, sample_posterior: bool = False,
+                 ) -> PipelineResult:
+        """Generate images; parameters as in diffusers' StableDiffusion(Img2Img|Inpaint)Pipeline.
 
         `scheduler` names the sampler (sdengine.sampler_names(); A1111's names too); `latents` is unit
         Gaussian noise, scaled by the sampler's initial sigma as diffusers does; guidance_scale > 1 runs
-        classifier-free guidance (an LCM U-Net takes it as an embedding instead).
+        classifier-free guidance (an LCM U-Net takes it as an embedding instead). With `image`, the image is
+        encoded and noised to where `strength` of the schedule remains (default 0.8; 1.0 with a mask);
+        `mask_image` repaints its white (or transparent) part: re-imposing the rest at every row with a plain
+        U-Net, as extra input channels with an inpainting U-Net.
         """
-        prompts = _prompt_list(prompt, "prompt")
-        negatives = _prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
-        if len(negatives) == 1:
-            negatives *= len(prompts)
-        if len(negatives) != len(prompts):
-            raise InvalidInputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        n = num_images_per_prompt
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_IMAGES_PER_PROMPT:
-            raise InvalidInputError(f"num_images_per_prompt must be an integer in [1, {MAX_IMAGES_PER_PROMPT}], "
-                                    f"got {n!r}")
+        prompts, negatives = _prompt_pairs(prompt, negative_prompt)
+        n = _check_count(num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         factor = self.config.vae.downscale
+        inputs = self._image_inputs(image, mask_image, factor, width, height, mask_blur)
+        if inputs is not None:
+            width, height = inputs.size
         height = check_size("height", self.config.default_size if height is None else height, factor)
         width = check_size("width", self.config.default_size if width is None else width, factor)
         guidance = check_guidance(guidance_scale)
-        schedule = build_schedule(self.config.scheduler, scheduler, num_inference_steps, eta)
+        strength = _check_strength(strength, inputs)
+        schedule = build_schedule(self.config.scheduler, scheduler, num_inference_steps, eta, strength=strength)
         batch = len(prompts) * n
-        shape = (self.config.unet.in_channels, height // factor, width // factor)
+        shape = (self.config.vae.latent_channels, height // factor, width // factor)
         seeds: list[int | None] = list(image_seeds(seed, batch))
-        init, noise = initial_noise(seeds, shape, schedule)
+        unit, noise = initial_noise(seeds, shape, schedule)
         if latents is not None:
-            init = self._given_latents(latents, (batch, *shape), factor)
-            if noise is None:  # the seeds drew nothing that made these images
+            unit = self._given_latents(latents, (batch, *shape), factor)
+            if noise is None and not sample_posterior:  # the seeds drew nothing that made these images
                 seeds = [None] * batch
-        init = (init * np.float32(schedule.init_scale)).astype(np.float32)
+        init, condition = self._start(inputs, schedule, unit, seeds, sample_posterior)
         rows = [p for p in prompts for _ in range(n)]
         if uses_guidance(self.config, guidance):  # unconditional rows first, as DenoiseStep expects
             rows = [p for p in negatives for _ in range(n)] + rows
         context = self.backend.encode_text(self.tokenizer(rows))
         if self.embedded:
             _warn_outside_demo_vocabulary(prompts)
-        final = self.backend.denoise(init, context, schedule, guidance, noise, callback)
+        final = self.backend.denoise(init, context, schedule, guidance, noise, callback, condition)
         images, fallback = self._decode(final)
+        if keep_unmasked and inputs is not None and inputs.soft_mask is not None:
+            soft = inputs.soft_mask[None, None]
+            images = (soft * images + (1 - soft) * inputs.pixels).astype(np.float32)
+        extra = {} if inputs is None else dict(strength=strength, source=inputs.source, mask=inputs.mask_sha256,
+                                               mask_blur=float(mask_blur))
         infos = [GenerationInfo(prompt=p, negative_prompt=neg, steps=schedule.steps, sampler=schedule.label,
                                 guidance_scale=guidance, seed=s, width=width, height=height, model=self.model_name,
-                                eta=float(eta))
+                                eta=float(eta), **extra)
                  for (p, neg), s in zip([(p, q) for p, q in zip(prompts, negatives) for _ in range(n)], seeds)]
         if output_type == "np":
             return PipelineResult(to_unit_float(images), seeds, infos, fallback)
         return PipelineResult(_pil_images(to_uint8(images), infos), seeds, infos, fallback)
+
+    def _image_inputs(self, image: Any, mask_image: Any, factor: int, width: int | None, height: int | None,
+                      mask_blur: Any) -> ImageInputs | None:
+        if isinstance(mask_blur, bool) or not isinstance(mask_blur, (int, float)) or not 0 <= mask_blur <= 256:
+            raise InvalidInputError(f"mask_blur must be a number of pixels in [0, 256], got {mask_blur!r}")
+        if image is None:
+            if mask_image is not None:
+                raise InvalidInputError("mask_image needs image: the picture whose masked part is repainted")
+            if self.config.inpainting:
+                raise InvalidInputError("this is an inpainting model (a 9-channel U-Net): pass image= and "
+                                        "mask_image=")
+            return None
+        if self.config.inpainting and mask_image is None:
+            raise InvalidInputError("this is an inpainting model (a 9-channel U-Net): pass mask_image= with image=")
+        return prepare(image, mask_image, factor, width, height, float(mask_blur))
+
+    def _start(self, inputs: ImageInputs | None, schedule: Schedule, unit: np.ndarray, seeds: list,
+               sample_posterior: bool) -> tuple[np.ndarray, ImageCondition | None]:
+        """The first latents and the loop's image condition: text to image, image to image or inpainting."""
+        pure = (unit * np.float32(schedule.init_scale)).astype(np.float32)
+        if inputs is None:
+            return pure, None
+        batch, f = unit.shape[0], self.config.vae.downscale
+        x0 = self._encode(inputs.pixels, batch, seeds, sample_posterior)
+        a, s = schedule.levels[0]
+        noised = (np.float32(a) * x0 + np.float32(s) * unit).astype(np.float32)
+        if inputs.mask is None:
+            return noised, None
+        init = pure if schedule.strength >= 1.0 else noised  # diffusers: pure noise at full strength
+        mask = np.repeat(inputs.latent_mask(f), batch, axis=0)
+        if self.config.inpainting:  # the U-Net reads the mask and the masked image's latent
+            known = self._encode(inputs.masked_pixels(), batch, seeds, sample_posterior)
+            return init, ImageCondition(mask, known, unit, np.zeros((schedule.num_rows, 3), np.float32))
+        blend = np.concatenate([schedule.levels[1:], np.ones((schedule.num_rows, 1))], axis=1).astype(np.float32)
+        return init, ImageCondition(mask, x0, unit, blend)
+
+    def _encode(self, pixels: np.ndarray, batch: int, seeds: list, sample_posterior: bool) -> np.ndarray:
+        """The image's scaled latent for each of `batch` images: the posterior's mean, or a draw from it."""
+        mean, std = self.backend.encode_image(pixels)
+        x0 = np.repeat(mean, batch, axis=0)
+        if sample_posterior:
+            x0 = x0 + np.repeat(std, batch, axis=0) * posterior_noise(seeds, mean.shape[1:])
+        return x0.astype(np.float32)
 
     def _decode(self, final: Any) -> tuple[np.ndarray, bool]:
         """Decode; NaN or infinity (an fp16 VAE overflowing) is decoded again in float32, as A1111 does."""

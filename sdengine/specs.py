@@ -204,14 +204,21 @@ GRAPHS: dict[str, GraphSpec] = {
                 TensorSpec("guidance_scale", "float32", (1,), "guidance", "g"),
                 TensorSpec("coefficients", "float32", ("row",), "coefficients",
                            "the row's A (S x S, row-major), b (S), c (S)"),
-                TensorSpec("noise", "float32", _LATENT, doc="z (zeros when c = 0)")),
+                TensorSpec("noise", "float32", _LATENT, doc="z (zeros when c = 0)"),
+                TensorSpec("mask", "float32", ("batch", 1, "latent_height", "latent_width"), "mask",
+                           "1 where the image is repainted (inpainting), else 0"),
+                TensorSpec("known", "float32", _LATENT,
+                           doc="the image's latent x0 (4-channel blend) or the masked image's (9-channel U-Net)"),
+                TensorSpec("known_noise", "float32", _LATENT, doc="the noise x0 is re-noised with (the initial z)"),
+                TensorSpec("blend", "float32", (3,), "blend",
+                           "the row's (p, q, r): slot 0 += (1 - mask) (p known + q known_noise - r slot 0)")),
         outputs=(TensorSpec("next_state", "float32", _STATE,
-                            doc="A state + b (m_u + g (m_c - m_u)) + c z, computed in fp32"),),
+                            doc="A state + b (m_u + g (m_c - m_u)) + c z, then the inpainting blend, in fp32"),),
         doc="U-Net on 2B rows + classifier-free guidance + the sampler's update (DESIGN.md)",
         fp32_inputs=("timestep", "guidance_scale")),
     UNET: GraphSpec(
         UNET, "unet",
-        inputs=(TensorSpec("sample", "float32", ("rows", "channels", "latent_height", "latent_width")),
+        inputs=(TensorSpec("sample", "float32", ("rows", "unet_channels", "latent_height", "latent_width")),
                 TensorSpec("timestep", "float32", (1,), "timestep"),
                 TensorSpec("text_embeddings", "float32", ("rows", "sequence", "hidden"))),
         outputs=(TensorSpec("model_output", "float32", ("rows", "channels", "latent_height", "latent_width"),
@@ -235,7 +242,8 @@ def fixed_dims(config: ModelConfig, slots: int | None = None) -> dict[str, int]:
     """The dimensions a model fixes: CLIP's sequence, the text width, the latent channels; with `slots`
     (an export's state size) also the state's slots and the coefficient row's width."""
     out = {"sequence": config.text_encoder.max_position_embeddings,
-           "hidden": config.text_encoder.hidden_size, "channels": config.unet.in_channels}
+           "hidden": config.text_encoder.hidden_size, "channels": config.vae.latent_channels,
+           "unet_channels": config.unet.in_channels}
     if slots is not None:
         out.update(slots=slots, row=row_width(slots))
     return out
@@ -311,6 +319,10 @@ def sample_inputs(spec: GraphSpec, config: ModelConfig, dims: Mapping[str, int],
             value = np.full(shape, sched.timesteps[step], np.float32)
         elif kind == "coefficients":
             value = sched.coefficients[step].reshape(shape)
+        elif kind == "mask":
+            value = (rng.uniform(0.0, 1.0, shape) > 0.5).astype(np.float32)
+        elif kind == "blend":
+            value = np.array([rng.uniform(0.2, 1.0), rng.uniform(0.2, 1.0), 1.0])
         elif kind == "guidance":
             value = np.full(shape, rng.uniform(1.0, 10.0), np.float32)
         elif kind == "image":

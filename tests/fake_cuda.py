@@ -15,7 +15,7 @@ import numpy as np
 
 from sdengine.config import ModelConfig
 from sdengine.errors import InvalidInputError
-from sdengine.specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER
+from sdengine.specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
 
 from cuda.bindings import runtime as real_rt  # callers importorskip cuda-python first
 
@@ -193,13 +193,32 @@ def state_update(state: np.ndarray, m: np.ndarray, row: np.ndarray, z: np.ndarra
     return out.astype(np.float32)
 
 
+def blend_known(state: np.ndarray, mask, known, known_noise, blend) -> np.ndarray:
+    """Slot 0 += (1 - mask) (p known + q known_noise - r slot 0): the inpainting blend, with numpy."""
+    p, q, r = (np.float32(x) for x in blend)
+    out = state.copy()
+    out[0] = state[0] + (1 - mask) * (p * known + q * known_noise - r * state[0])
+    return out.astype(np.float32)
+
+
 def _step(v: dict) -> dict:
     state = v["state"]
     m = guided_output(state[0], float(v["timestep"][0]), v["text_embeddings"], v["guidance_scale"][0])
-    return {"next_state": state_update(state, m, v["coefficients"], v["noise"])}
+    nxt = state_update(state, m, v["coefficients"], v["noise"])
+    return {"next_state": blend_known(nxt, v["mask"], v["known"], v["known_noise"], v["blend"])}
+
+
+def vae_encoder(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A stand-in encoder: the image averaged over f x f cells, its 3 channels and their mean, std 0.1."""
+    f = CONFIG.vae.downscale
+    b, _, h, w = image.shape
+    cells = image.reshape(b, 3, h // f, f, w // f, f).mean(axis=(3, 5))
+    mean = np.concatenate([cells, cells.mean(axis=1, keepdims=True)], axis=1).astype(np.float32)
+    return mean, np.full_like(mean, 0.1)
 
 
 FUNCTIONS = {DENOISE_STEP: _step, VAE_DECODER: lambda v: {"image": vae_decoder(v["latent"])},
+             VAE_ENCODER: lambda v: dict(zip(("latent_mean", "latent_std"), vae_encoder(v["image"]))),
              TEXT_ENCODER: lambda v: dict(zip(("last_hidden_state", "pooled_output"), text_encoder(v["input_ids"])))}
 
 
@@ -226,6 +245,9 @@ class NumpyExecutor:
                 else (rows, CONFIG.text_encoder.hidden_size)
         if self.spec.name == DENOISE_STEP:
             return s["state"]
+        if self.spec.name == VAE_ENCODER:
+            b, _, h, w = s["image"]
+            return (b, CONFIG.vae.latent_channels, h // f, w // f)
         b, _, h, w = s["latent"]
         return (b, 3, h * f, w * f)
 

@@ -58,7 +58,7 @@ def test_every_subject_has_sane_figures(bench):
         for name, series in r["series"].items():
             assert series["runs"] == RUNS == len(series["samples_s"]) and len(series["warmup_s"]) == WARMUP, name
             assert series["max_s"] >= series["p95_s"] >= series["p50_s"] >= series["min_s"] > 0, name
-        assert set(r["stages_p50_s"]) == {"tokenizer", "text_encoder", "denoise_step", "vae_decode"}
+        assert set(r["stages_p50_s"]) == {"tokenizer", "text_encoder", "denoise_step", "vae_decode", "vae_encode"}
         assert r["stages_p50_s"]["denoise_step"] == pytest.approx(r["series"]["denoise_loop"]["p50_s"] / STEPS)
         assert [t["batch"] for t in r["throughput"]] == list(BATCHES)
         for t in r["throughput"]:
@@ -73,9 +73,10 @@ def test_end_to_end_and_the_stages_are_all_reported(bench):
     asserted: on a shared machine wall-clock ratios are not facts; figures belong in benchmarks/)."""
     doc, _, _ = bench
     for r in doc["subjects"]:
-        assert set(r["series"]) == {"e2e", "tokenizer", "text_encoder", "denoise_loop", "vae_decode"}, r["label"]
+        assert set(r["series"]) == {"e2e", "tokenizer", "text_encoder", "denoise_loop", "vae_decode", "vae_encode"}, \
+            r["label"]
         assert r["throughput"][0]["seconds_per_call"] == r["series"]["e2e"]  # batch 1 is the e2e series
-    assert {"e2e", "tokenizer", "text_encoder", "denoise_step", "vae_decode"} <= set(doc["definitions"])
+    assert {"e2e", "tokenizer", "text_encoder", "denoise_step", "vae_decode", "vae_encode"} <= set(doc["definitions"])
 
 
 def test_each_subject_ran_where_it_should(bench):
@@ -159,7 +160,7 @@ def test_worker_keeps_what_it_measured_when_a_part_fails(monkeypatch, tmp_path):
                 raise InvalidInputError("batch 2 does not fit")
             time.sleep(0.002)
 
-        tokenize = encode = denoise = decode = lambda self: time.sleep(0.001)
+        tokenize = encode = denoise = decode = encode_image = lambda self: time.sleep(0.001)
 
         def info(self):
             return {"width": 64, "height": 64, "text_rows": 2}
@@ -172,7 +173,7 @@ def test_worker_keeps_what_it_measured_when_a_part_fails(monkeypatch, tmp_path):
     assert worker.main([str(job), str(out)]) == 2
     result = json.loads(out.read_text())
     assert result["error"] == "batch 2 does not fit" and result["error_type"] == "InvalidInputError"
-    assert set(result["series"]) == {"e2e", "tokenizer", "text_encoder", "denoise_loop", "vae_decode"}
+    assert set(result["series"]) == {"e2e", "tokenizer", "text_encoder", "denoise_loop", "vae_decode", "vae_encode"}
     assert [t["batch"] for t in result["throughput"]] == [1] and result["load_s"] >= 0
     doc = {**report.document(settings, ["sdengine", "bench"]), "subjects": [result]}
     text = report.tables(doc)

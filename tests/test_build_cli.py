@@ -104,9 +104,9 @@ def test_build_writes_the_engine_set(onnx_fp16_dir, tmp_path, fake_trt, capsys):
     assert main(["build", "--onnx", str(onnx_fp16_dir), "--out", str(out), "--timing-cache", str(cache),
                  "--batch", "1:2", "--opt-level", "4", "--workspace-gb", "1.5", "--refittable"]) == 0
     stdout = capsys.readouterr().out
-    assert "[2/3] denoise_step: building" in stdout and "denoise_step: Building engine done in" in stdout
+    assert "[2/4] denoise_step: building" in stdout and "denoise_step: Building engine done in" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["denoise_step.plan", "manifest.json", "text_encoder.plan",
-                                                     "tokenizer", "vae_decoder.plan"]
+                                                     "tokenizer", "vae_decoder.plan", "vae_encoder.plan"]
     assert leftovers(out.parent) == [] and cache.read_bytes() == b"cache+"
     onnx, m = Manifest.read(onnx_fp16_dir), read(out)
     assert (m.tensorrt_version, m.gpu_name, m.compute_capability) == ("10.8.0.43", *FAKE_GPU)
@@ -121,9 +121,9 @@ def test_build_writes_the_engine_set(onnx_fp16_dir, tmp_path, fake_trt, capsys):
         want = {k: [list(s) for s in v] for k, v in profile(GRAPHS[name], onnx.config, m.ranges).items()}
         assert entry.profile == want and entry.build_seconds >= 0
     configs = fake_tensorrt.Builder.built
-    assert [c.builder_optimization_level for c in configs] == [4] * 3
+    assert [c.builder_optimization_level for c in configs] == [4] * 4
     assert all(c.flags == ["refit"] and c.pools == {"workspace": int(1.5 * 2**30)} for c in configs)
-    assert len({id(c.cache) for c in configs}) == 1  # one timing cache shared by the three builds
+    assert len({id(c.cache) for c in configs}) == 1  # one timing cache shared by the four builds
     assert configs[1].profiles[0].shapes["state"] == [[4, 1, 4, 8, 8], [4, 1, 4, 8, 8], [4, 2, 4, 16, 16]]
     assert "timestep" not in configs[1].profiles[0].shapes  # fixed-shape inputs need no profile entry
     verify_plans(m)

@@ -236,3 +236,44 @@ def test_export_suggests_a_prompt_the_model_knows():
 
     words = set(_example_prompt(None).split())
     assert words & set(COLOURS) and words & set(SHAPES)
+
+
+def test_image_to_image_and_inpainting_from_the_command_line(tmp_path):
+    """--image, --strength, --mask, --mask-blur on the demo model; the PNG records the source and the mask."""
+    from sdengine.demo import checker, shapes
+
+    red = tmp_path / "red.png"
+    Image.fromarray(shapes.render("circle", "red", "white", 32, 32, 16)).save(red)
+    mask = tmp_path / "mask.png"
+    Image.fromarray((np.pad(np.full((32, 32), 255), 16)).astype(np.uint8)).save(mask)
+    out = tmp_path / "blue.png"
+    r = run("generate", "a blue circle on a white background", "--image", str(red), "--strength", "0.8",
+            "--steps", "20", "--guidance", "5", "--seed", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert checker.check(Image.open(out)).colour == "blue"
+    fields = parse(Image.open(out).text["parameters"])
+    assert fields["Denoising strength"] == "0.8" and fields["Source image"].startswith("64x64 ")
+    r = run("generate", "a green square on a white background", "--image", str(red), "--mask", str(mask),
+            "--mask-blur", "2", "--keep-unmasked", "--steps", "5", "--seed", "1", "--out", str(tmp_path / "i.png"))
+    assert r.returncode == 0, r.stderr
+    fields = parse(Image.open(tmp_path / "i.png").text["parameters"])
+    assert fields["Denoising strength"] == "1" and fields["Mask blur"] == "2" and len(fields["Mask hash"]) == 10
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mask", "m.png"], "--mask needs --image"),
+    (["--strength", "0.5"], "--strength needs --image"),
+    (["--image", "nope.png"], "--image nope.png: No such file"),
+    (["--image", "red.png", "--strength", "2"], "--strength must be in (0, 1]"),
+    (["--image", "red.png", "--strength", "0.01", "--steps", "10"], "strength"),
+    (["--image", "red.png", "--mask", "small.png"], "give a mask of the image's size"),
+    (["--image", "red.png", "--mask", "red.png"], "is a colour image"),
+    (["--image", "text.png"], "not a readable image"),
+])
+def test_bad_image_options_are_one_line(tmp_path, extra, message):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + np.array([200, 0, 0], np.uint8)).save(tmp_path / "red.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "small.png")
+    (tmp_path / "text.png").write_text("not a picture")
+    r = run("generate", "a cat", "--out", str(tmp_path / "o.png"), *extra, cwd=tmp_path)
+    one_line_error(r, message)
+    assert not (tmp_path / "o.png").exists()

@@ -32,6 +32,16 @@ TINY = {
 PARTS = ("unet", "vae", "text_encoder")
 
 
+def inpainting(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with a 9-channel (latent, mask, masked-image latent) inpainting U-Net."""
+    return dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, in_channels=9))
+
+
+# Tiny single files: (family, config) per fixture id.
+FILES = {"sd1": ("sd1", TINY["sd1"]), "sd2": ("sd2", TINY["sd2"]),
+         "sd1-inpaint": ("sd1", inpainting(TINY["sd1"])), "sd2-inpaint": ("sd2", inpainting(TINY["sd2"]))}
+
+
 def _kwargs(cfg) -> dict:
     d = cfg.to_diffusers()
     d.pop("_class_name")
@@ -90,12 +100,12 @@ def oracle(orig: dict, cfg: ModelConfig, family: str) -> dict[str, dict]:
             "text_encoder": text}
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2"])
+@pytest.fixture(scope="module", params=list(FILES))
 def tiny_file(request, tmp_path_factory):
     """(family, config, source parts, original-layout dict read back from a .safetensors file)."""
-    family, cfg = request.param, TINY[request.param]
+    family, cfg = FILES[request.param]
     parts = diffusers_parts(cfg)
-    path = tmp_path_factory.mktemp("ckpt") / f"tiny-{family}.safetensors"
+    path = tmp_path_factory.mktemp("ckpt") / f"tiny-{request.param}.safetensors"
     safetensors_torch.save_file(diffusers_to_original(parts, cfg, family), str(path))
     return family, cfg, parts, safetensors_torch.load_file(str(path))
 
@@ -210,6 +220,44 @@ def test_sd21_shapes_round_trip_oracle_and_infer(complete_tower):
     assert infer_config(orig) == dataclasses.replace(cfg, scheduler=SchedulerConfig())
 
 
+def test_inpainting_u_nets_are_accepted_by_shape():
+    conv_in = {"model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 9, 3, 3, device="meta")}
+    assert detect_family({**conv_in, "cond_stage_model.transformer.text_model.final_layer_norm.weight": T}) == "sd1"
+    assert detect_family({**conv_in, "cond_stage_model.model.ln_final.weight": T}) == "sd2"
+
+
+def test_sd15_inpainting_shapes_round_trip_oracle_and_infer():
+    """sd-v1-5-inpainting: the SD 1.5 U-Net with 9 input channels, CLIP text encoder."""
+    cfg = inpainting(ModelConfig.sd15())
+    parts, orig = _sd_file(cfg, "sd1")
+    assert orig["model.diffusion_model.input_blocks.0.0.weight"].shape == (320, 9, 3, 3)
+    assert sfu.infer_diffusers_model_type(orig) == "inpainting"
+    back, got = original_to_diffusers(orig, cfg), oracle(orig, cfg, "sd1")
+    for name in PARTS:
+        assert_same(back[name], parts[name], name)
+        assert_same(got[name], parts[name], name)
+    inferred = infer_config(orig)
+    assert inferred == cfg and inferred.inpainting and inferred.default_size == 512
+
+
+@pytest.mark.parametrize("complete_tower", [False, True])
+def test_sd2_inpainting_shapes_round_trip_oracle_and_infer(complete_tower):
+    """stable-diffusion-2-inpainting: SD 2 widths and OpenCLIP, 9 input channels, trained at 512 (epsilon)."""
+    sd21 = ModelConfig.sd21()
+    cfg = ModelConfig(unet=dataclasses.replace(sd21.unet, in_channels=9, sample_size=64),
+                      text_encoder=sd21.text_encoder)
+    parts, orig = _sd_file(cfg, "sd2")
+    if complete_tower:
+        orig.update(_openclip_head(orig))
+    assert sfu.infer_diffusers_model_type(orig) == "inpainting_v2"
+    back, got = original_to_diffusers(orig, cfg), oracle(orig, cfg, "sd2")
+    for name in PARTS:
+        assert_same(back[name], parts[name], name)
+        assert_same(got[name], parts[name], name)
+    inferred = infer_config(orig)
+    assert inferred == cfg and inferred.inpainting and inferred.default_size == 512
+
+
 def test_sd21_extra_layer_beyond_the_dropped_one_is_reported():
     cfg = ModelConfig.sd21()
     _, orig = _sd_file(cfg, "sd2")
@@ -249,16 +297,21 @@ T = torch.empty(1)
     ({}, "holds no tensors"),
     ({"foo.weight": T, "bar.bias": T}, "not a Stable Diffusion checkpoint.*bar.bias, foo.weight"),
     ({"down_blocks.0.resnets.0.conv1.weight": T}, "diffusers folder"),
-    ({"model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 9, 3, 3, device="meta")},
-     "9 input channels .inpainting.*4 input channels"),
-    ({"model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 5, 3, 3, device="meta")}, "depth"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 8, 3, 3, device="meta")},
+     r"8 input channels \(instruct-pix2pix\).*4 \(txt2img\) or 9 \(inpainting\) input channels"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 5, 3, 3, device="meta")},
+     r"5 input channels \(depth-to-image\)"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 7, 3, 3, device="meta")},
+     r"7 input channels \(x4 upscaler\)"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 6, 3, 3, device="meta")},
+     r"6 input channels \(not a txt2img or inpainting model\)"),
     ({"cond_stage_model.transformer.text_model.final_layer_norm.weight": T,
       "cond_stage_model.model.ln_final.weight": T}, "two text encoders"),
 ])
 def test_other_families_are_refused(state, match):
     with pytest.raises(UnsupportedModelError, match=match):
         detect_family(state)
-    if "input channels" not in match and "depth" not in match:  # keys alone carry no shapes
+    if "input channels" not in match:  # keys alone carry no shapes
         with pytest.raises(UnsupportedModelError, match=match):
             detect_family(state.keys())
     with pytest.raises(UnsupportedModelError, match=match):

@@ -19,11 +19,11 @@ from sdengine.errors import BackendUnavailableError, CudaError, EngineMismatchEr
 from sdengine.runtime import cuda
 from sdengine.runtime.device import CudaDevice
 from sdengine.samplers import build_schedule, sampler_names
-from sdengine.specs import DENOISE_STEP, TEXT_ENCODER, VAE_DECODER, ShapeRanges
+from sdengine.specs import DENOISE_STEP, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, ShapeRanges
 
 real_rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
-from fake_cuda import (CONFIG, OK, FakeRuntime, NumpyExecutor, guided_output, state_update,  # noqa: E402
-                       text_encoder, vae_decoder)
+from fake_cuda import (CONFIG, OK, FakeRuntime, NumpyExecutor, blend_known, guided_output,  # noqa: E402
+                       state_update, text_encoder, vae_decoder)
 
 HAS_GPU = real_rt.cudaGetDeviceCount()[0] == OK and real_rt.cudaGetDeviceCount()[1] > 0
 
@@ -35,7 +35,7 @@ def fake(monkeypatch) -> FakeRuntime:
     return rt
 
 
-def reference_loop(x, ctx2, schedule, g, noise):
+def reference_loop(x, ctx2, schedule, g, noise, condition=None):
     """The sampler's recursion written out over its state: what the loop must compute through its buffers."""
     state = np.zeros((schedule.slots, *x.shape), np.float32)
     state[0] = x
@@ -43,6 +43,9 @@ def reference_loop(x, ctx2, schedule, g, noise):
         m = guided_output(state[0], float(np.float32(schedule.timesteps[i])), ctx2, g)
         z = np.zeros_like(x) if noise is None else noise[i]
         state = state_update(state, m, schedule.coefficients[i], z)
+        if condition is not None:
+            c = condition
+            state = blend_known(state, c.mask, c.known, c.known_noise, c.blend[i])
     return state[0]
 
 
@@ -234,6 +237,31 @@ def test_every_sampler_runs_as_one_captured_loop(fake, sampler):
     assert not any(fake.live().values())
 
 
+def test_inpainting_condition_runs_inside_the_captured_loop(fake):
+    """The mask, known latent and per-row blend go through the same buffers: graph replay equals eager and the
+    recursion, and a text-to-image call after it (zeroed condition) replays the same graph."""
+    from sdengine.backends import ImageCondition
+
+    device, loop = _loop(fake)
+    schedule, x, ctx, _ = _inputs(2, 5, 0.0, seed=9, sampler="dpmpp_2m")
+    rng = np.random.default_rng(10)
+    cond = ImageCondition((rng.uniform(size=(2, 1, 4, 6)) > 0.5).astype(np.float32),
+                          rng.standard_normal(x.shape, dtype=np.float32), rng.standard_normal(x.shape, dtype=np.float32),
+                          np.concatenate([schedule.levels[1:], np.ones((schedule.num_rows, 1))], 1).astype(np.float32))
+    emb = _embeddings(device, ctx, 4)
+    want = reference_loop(x, ctx, schedule, 7.5, None, cond)
+    eager = device.download(loop.launch(loop.prepare(x, emb, schedule, 7.5, None, cond), graph=False))
+    np.testing.assert_allclose(eager, want, rtol=1e-5, atol=1e-5)
+    graph = device.download(loop.launch(loop.prepare(x, emb, schedule, 7.5, None, cond), graph=True))
+    assert np.array_equal(graph, eager)
+    plain = device.download(loop.launch(loop.prepare(x, emb, schedule, 7.5, None), graph=True))
+    np.testing.assert_allclose(plain, reference_loop(x, ctx, schedule, 7.5, None), rtol=1e-5, atol=1e-5)
+    assert len(loop.graphs) == 1
+    loop.close()
+    device.close()
+    assert not any(fake.live().values())
+
+
 def test_loop_duplicates_b_text_rows_for_guidance_one(fake):
     device, loop = _loop(fake)
     schedule, x, ctx, _ = _inputs(2, 3, 0.0, seed=5)
@@ -278,7 +306,7 @@ def _backend(rt, ranges=None):
     from sdengine.backends.cuda_backend import CudaBackend
     from sdengine.tokenizer import ClipTokenizer
 
-    execs = {name: NumpyExecutor(name, rt) for name in (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)}
+    execs = {name: NumpyExecutor(name, rt) for name in (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER, VAE_ENCODER)}
     return CudaBackend(CONFIG, ClipTokenizer.default(), execs, CudaDevice(), ranges)
 
 
@@ -301,6 +329,29 @@ def test_pipeline_over_the_cuda_backend_matches_the_numpy_recursion(fake):
     executors = list(backend.executors.values())
     backend.close()
     assert all(e.closed for e in executors) and not any(fake.live().values())
+
+
+def test_image_to_image_over_the_cuda_backend(fake):
+    """The VAE encoder executor and the loop from a noised image latent: the numpy recursion's picture."""
+    from PIL import Image
+
+    from fake_cuda import vae_encoder
+    from sdengine.images import prepare
+    from sdengine.pipeline import Pipeline, initial_noise, to_uint8
+
+    backend = _backend(fake)
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 72, 3), dtype=np.uint8))
+    result = Pipeline(backend)("a red circle", image=picture, strength=0.6, num_inference_steps=5, seed=2,
+                               guidance_scale=1.0)
+    schedule = build_schedule(CONFIG.scheduler, "ddim", 5, strength=0.6)
+    unit, _ = initial_noise([2], (4, 8, 9), schedule)
+    x0 = vae_encoder(prepare(picture, None, 8, None, None).pixels)[0]
+    init = (schedule.levels[0, 0] * x0 + schedule.levels[0, 1] * unit).astype(np.float32)
+    ids = backend.tokenizer(["a red circle"] * 2).astype(np.int32)
+    want = to_uint8(vae_decoder(reference_loop(init, text_encoder(ids)[0], schedule, 1.0, None)))
+    assert schedule.num_rows == 3 and np.abs(np.asarray(result.images[0]).astype(int) - want[0]).max() <= 1
+    backend.close()
+    assert not any(fake.live().values())
 
 
 def test_backend_rejects_shapes_outside_the_engines_and_frees_all(fake):

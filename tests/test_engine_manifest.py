@@ -16,7 +16,7 @@ from sdengine.errors import EngineMismatchError, InvalidInputError, ModelLoadErr
 from sdengine.files import write_json_atomic
 from sdengine.specs import GRAPHS, Range, ShapeRanges, profile
 
-PLANS = {"text_encoder": b"te" * 50, "denoise_step": b"ds" * 80, "vae_decoder": b"vd" * 60}
+PLANS = {"text_encoder": b"te" * 50, "denoise_step": b"ds" * 80, "vae_decoder": b"vd" * 60, "vae_encoder": b"ve" * 40}
 TINY = ModelConfig.tiny()
 
 
@@ -44,7 +44,7 @@ def test_round_trip_records_everything(engine_set):
 
 def test_layout_and_verified_plans(engine_set):
     assert sorted(p.name for p in engine_set.folder.iterdir()) == [
-        "denoise_step.plan", "manifest.json", "text_encoder.plan", "tokenizer", "vae_decoder.plan"]
+        "denoise_step.plan", "manifest.json", "text_encoder.plan", "tokenizer", "vae_decoder.plan", "vae_encoder.plan"]
     paths = em.verify_plans(engine_set)
     assert paths == {name: engine_set.folder / f"{name}.plan" for name in em.ENGINE_GRAPHS}
 

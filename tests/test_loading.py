@@ -173,7 +173,7 @@ def test_model_config_dict_round_trip():
 
     from sdengine.config import ModelConfig
 
-    for cfg in (ModelConfig.tiny(), ModelConfig.sd15(), ModelConfig.sd21()):
+    for cfg in (ModelConfig.tiny(), ModelConfig.tiny_inpaint(), ModelConfig.sd15(), ModelConfig.sd21()):
         assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ModelLoadError, match="incomplete"):
         ModelConfig.from_dict({"unet": {}})

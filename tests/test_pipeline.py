@@ -80,7 +80,8 @@ def test_random_seed_when_none(tiny_pipeline):
 
 
 def test_guidance_one_skips_unconditional_pass(tiny_pipeline):
-    """g = 1 gives m = m_c exactly; the pipeline then runs the conditional batch alone."""
+    """g = 1 gives m = m_c exactly; the pipeline then runs the conditional batch alone (and for g < 1, as
+    diffusers does)."""
     seen = []
     backend = tiny_pipeline.backend
     original = backend.encode_text
@@ -93,9 +94,10 @@ def test_guidance_one_skips_unconditional_pass(tiny_pipeline):
     try:
         tiny_pipeline("a dog", negative_prompt="cat", num_inference_steps=3, guidance_scale=1.0, seed=1)
         tiny_pipeline("a dog", negative_prompt="cat", num_inference_steps=3, guidance_scale=2.0, seed=1)
+        tiny_pipeline("a dog", negative_prompt="cat", num_inference_steps=3, guidance_scale=0.5, seed=1)
     finally:
         del backend.encode_text
-    assert seen == [1, 2]
+    assert seen == [1, 2, 1]  # as diffusers: guidance only above 1
 
 
 def test_size_and_prompt_lists(tiny_pipeline):

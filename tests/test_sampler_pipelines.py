@@ -6,13 +6,11 @@ The tables themselves are checked step by step against diffusers' classes in tes
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-
 import numpy as np
 import pytest
 
 import sdengine
+from diffusers_support import fed_noise
 from sdengine.pipeline import initial_noise
 from sdengine.samplers import build_schedule, sampler_names
 
@@ -50,33 +48,6 @@ def pixels(result) -> np.ndarray:
 
 def test_every_listed_sampler_is_compared():
     assert set(sampler_names()) == set(DIFFUSERS)
-
-
-@contextlib.contextmanager
-def fed_noise(scheduler, noise: np.ndarray | None):
-    """diffusers' scheduler draws row i's noise from `noise[i]` (i = the step call), as sdengine does."""
-    module = importlib.import_module(type(scheduler).__module__)
-    calls = {"row": -1}
-    original_step, original_randn = scheduler.step, getattr(module, "randn_tensor", None)
-
-    def step(*args, **kwargs):
-        calls["row"] += 1
-        return original_step(*args, **kwargs)
-
-    def randn(shape, *args, **kwargs):
-        row = noise[calls["row"]]
-        assert tuple(shape) == row.shape, (shape, row.shape)
-        return torch.from_numpy(row.copy())
-
-    scheduler.step = step
-    if original_randn is not None and noise is not None:
-        module.randn_tensor = randn
-    try:
-        yield calls
-    finally:
-        del scheduler.step
-        if original_randn is not None:
-            module.randn_tensor = original_randn
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +184,19 @@ def test_an_export_with_fewer_slots_refuses_multistep_samplers(tiny_model_dir, t
     assert np.abs(pixels(pipe("a cat", **kwargs)) - pixels(tiny_pipeline("a cat", **kwargs))).max() <= 2
     with pytest.raises(sdengine.InvalidInputError, match="needs 2 state slots and this graph has 1.*--state-slots 2"):
         pipe("a cat", num_inference_steps=5, scheduler="dpmpp_2m")
+
+
+def test_lcm_unet_exports_and_runs_on_onnxruntime(lcm_model_dir, tmp_path):
+    """The guidance embedding is part of the exported step: ONNX Runtime equals torch, and g reaches it."""
+    from sdengine.export import ExportSettings, export_model
+
+    out = tmp_path / "lcm-onnx"
+    export_model(lcm_model_dir, out, ExportSettings(), log=lambda line: None)
+    ort = sdengine.load_pipeline(out, backend="onnxruntime")
+    ref = sdengine.load_pipeline(lcm_model_dir)
+    kwargs = dict(num_inference_steps=4, seed=SEEDS[0], num_images_per_prompt=2, scheduler="lcm", output_type="np")
+    for g in (1.5, 6.0):
+        got, want = ort(PROMPT, guidance_scale=g, **kwargs).images, ref(PROMPT, guidance_scale=g, **kwargs).images
+        assert np.abs(got - want).max() < 2 / 255
+    low = ort(PROMPT, guidance_scale=1.5, **kwargs).images
+    assert np.abs(low - ort(PROMPT, guidance_scale=6.0, **kwargs).images).max() > 1e-3

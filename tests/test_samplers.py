@@ -498,5 +498,5 @@ for name in sampler_names():
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
 print("ok")
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

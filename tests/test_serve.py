@@ -518,3 +518,91 @@ def test_the_readme_client_snippet_saves_the_images(server, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], input=raw, capture_output=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img-1.png", "img-2.png"]
+
+
+# ---- POST /v1/images/edits ------------------------------------------------------------------------------------
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def huge_png_header(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb's first bytes)."""
+    import struct
+    import zlib
+
+    data = bytearray(png(np.zeros((8, 8, 3), np.uint8)))
+    start = data.index(b"IHDR")
+    data[start + 4:start + 12] = struct.pack(">II", width, height)
+    data[start + 17:start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start:start + 17])))
+    return bytes(data)
+
+
+IMAGE = png(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+EDIT_MASK = np.full((64, 64, 4), 255, np.uint8)
+EDIT_MASK[16:48, 16:48, 3] = 0  # transparent: edited (OpenAI's convention)
+
+
+def edit(port: int, fields: dict, files: dict, timeout: float = 120.0) -> tuple[int, dict]:
+    """A multipart POST /v1/images/edits with `files` {name: bytes}."""
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}.png"\r\n'
+              f"Content-Type: image/png\r\n\r\n".encode() + v + b"\r\n" for k, v in files.items()]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    status, _, raw = http(port, "POST", "/v1/images/edits", body, timeout,
+                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return status, json.loads(raw) if raw else {}
+
+
+def test_openai_client_edits_an_image(server):
+    """The official openai client's images.edit against the server: a PNG of the asked size with its parameters."""
+    openai = pytest.importorskip("openai")
+    from a1111_infotext import parse
+
+    client = openai.OpenAI(base_url=f"http://{HOST}:{server.port}/v1", api_key="unused", max_retries=0)
+    result = client.images.edit(image=("in.png", IMAGE, "image/png"), mask=("mask.png", png(EDIT_MASK), "image/png"),
+                                prompt="a red circle", n=2, size="64x64", response_format="b64_json",
+                                extra_body={"steps": 2, "seed": 5, "scheduler": "euler_a"})
+    images = [decode_png(d.b64_json) for d in result.data]
+    assert [im.size for im in images] == [(64, 64)] * 2
+    fields = parse(images[0].text["parameters"])
+    assert (fields["Sampler"], fields["Denoising strength"], fields["Seed"]) == ("Euler a", "1", "5")
+    assert fields["Source image"].startswith("64x64 ") and "Mask hash" in fields
+    status, body = edit(server.port, {"prompt": "a red circle", "steps": "2", "strength": "0.5", "seed": "1"},
+                        {"image": IMAGE})  # no mask, no transparency: image to image
+    assert status == 200 and decode_png(body["data"][0]["b64_json"]).size == (64, 64), body
+
+
+EDIT_BAD = [
+    ({"prompt": "a"}, {}, 422, "image", "image is required"),
+    ({"prompt": "a"}, {"image": b"not an image"}, 422, "image", "not a readable image"),
+    ({"prompt": "a"}, {"image": b""}, 422, "image", "image is required"),
+    ({"prompt": "a"}, {"image": huge_png_header()}, 422, "image", "the limit is 16384"),
+    ({"prompt": "a"}, {"image": png(np.zeros((200, 200, 3), np.uint8))}, 422, "image", "the limit is 16384"),
+    ({"prompt": "a"}, {"image": IMAGE, "mask": png(EDIT_MASK[:32])}, 422, "mask", "give a mask of the image's size"),
+    ({"prompt": "a"}, {"image": IMAGE, "mask": png(np.zeros((64, 64), np.uint8))}, 422, "mask", "no alpha channel"),
+    ({"prompt": "a", "strength": "0"}, {"image": IMAGE}, 422, "strength", "(0, 1]"),
+    ({"prompt": "a", "strength": "1.5"}, {"image": IMAGE}, 422, "strength", "(0, 1]"),
+    ({"prompt": "a", "strength": "0.01", "steps": "10"}, {"image": IMAGE}, 422, "strength", "strength"),
+    ({"prompt": "a", "steps": "two"}, {"image": IMAGE}, 422, "steps", "must be an integer"),
+    ({"prompt": "a", "colour": "red"}, {"image": IMAGE}, 422, "colour", "unknown field"),
+]
+
+
+def test_bad_edits_are_refused_with_a_json_error(server):
+    before = metrics(server.port)
+    for fields, files, status, param, text in EDIT_BAD:
+        got, body = edit(server.port, fields, files, timeout=30)
+        error = body["error"]
+        assert (got, error["param"]) == (status, param) and text in error["message"], (fields, list(files), body)
+    over = edit(server.port, {"prompt": "a"}, {"image": b"\0" * (17 * 1024 * 1024)}, timeout=60)
+    assert over[0] == 413 and "the limit is 16777216" in over[1]["error"]["message"]
+    status, _, raw = http(server.port, "POST", "/v1/images/edits", {"prompt": "a"})
+    assert status == 400 and "multipart/form-data" in json.loads(raw)["error"]["message"]
+    after = metrics(server.port)
+    assert after["sdengine_batch_images_count"] == before["sdengine_batch_images_count"]  # nothing ran

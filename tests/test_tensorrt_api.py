@@ -158,6 +158,10 @@ IO = {  # fake plans' IO, as a build from the tiny model's dynamic fp16 export w
                    "text_embeddings": _input("float32", [-1, 77, 32], [2, 77, 32], [8, 77, 32]),
                    "guidance_scale": _input("float32", [1]), "coefficients": _input("float32", [24]),
                    "noise": _input("float32", [-1, 4, -1, -1], [1, 4, 8, 8], [4, 4, 32, 32]),
+                   "mask": _input("float32", [-1, 1, -1, -1], [1, 1, 8, 8], [4, 1, 32, 32]),
+                   "known": _input("float32", [-1, 4, -1, -1], [1, 4, 8, 8], [4, 4, 32, 32]),
+                   "known_noise": _input("float32", [-1, 4, -1, -1], [1, 4, 8, 8], [4, 4, 32, 32]),
+                   "blend": _input("float32", [3]),
                    "next_state": _output(5)},
 }
 

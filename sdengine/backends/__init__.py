@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
@@ -21,6 +22,21 @@ StepCallback = Callable[[int, int], None]
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
+@dataclass(frozen=True)
+class ImageCondition:
+    """What image-to-image and inpainting add to the denoise loop (host numpy, float32).
+
+    The step graph reads `mask` and `known` as an inpainting U-Net's extra input channels, and for a plain
+    U-Net re-imposes the known region after every row: slot 0 += (1 - mask) (p known + q known_noise - r slot 0)
+    with (p, q, r) = blend[i] (0, 0, 0 where nothing is blended).
+    """
+
+    mask: np.ndarray         # [B,1,h,w]: 1 where the image is repainted
+    known: np.ndarray        # [B,C,h,w]: the image's latent (blend) or the masked image's latent (9-channel U-Net)
+    known_noise: np.ndarray  # [B,C,h,w]: the initial noise the known latent is re-noised with
+    blend: np.ndarray        # [R,3]: per row (p, q, r)
+
+
 class Backend(Protocol):
     """What the txt2img pipeline needs from an execution backend."""
 
@@ -31,8 +47,13 @@ class Backend(Protocol):
         """Token ids [R, 77] -> text embeddings [R, 77, D] on the device."""
 
     def denoise(self, latents: np.ndarray, context: Any, schedule: Schedule, guidance_scale: float,
-                noise: np.ndarray | None, callback: StepCallback | None = None) -> Any:
-        """Run every step of `schedule` from latents [B,C,h,w]; noise [N,B,C,h,w] when eta > 0."""
+                noise: np.ndarray | None, callback: StepCallback | None = None,
+                condition: ImageCondition | None = None) -> Any:
+        """Run every row of `schedule` from latents [B,C,h,w]; noise [R,B,C,h,w] for stochastic samplers;
+        `condition` for image-to-image and inpainting (None: text to image)."""
+
+    def encode_image(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images [B,3,H,W] in [-1, 1] -> scaled latent mean and std [B,C,h,w] of q(z|x), on the host."""
 
     def decode(self, latents: Any, fp32: bool = False) -> np.ndarray:
         """Scaled latents -> float32 images [B, 3, H, W] in about [-1, 1], on the host.

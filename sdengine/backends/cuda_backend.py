@@ -19,11 +19,11 @@ from ..runtime.device import CudaDevice, run_all
 from ..runtime.executor import Executor
 from ..runtime.loop import DenoiseLoop, StepCallback, TextEmbeddings, bind_shapes
 from ..samplers.table import Schedule
-from ..specs import DENOISE_STEP, TEXT_ENCODER, VAE_DECODER, Range, ShapeRanges, check_dim, dim_ranges, point_dims, \
+from ..specs import DENOISE_STEP, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, Range, ShapeRanges, check_dim, dim_ranges, point_dims, \
     shapes
 from ..tokenizer import ClipTokenizer
 
-NETWORKS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)
+NETWORKS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER, VAE_ENCODER)  # the encoder: image inputs only
 REBUILD = "rebuild the engines with sdengine build --batch/--height/--width MIN:OPT:MAX covering it"
 
 
@@ -32,7 +32,7 @@ class CudaBackend:
 
     def __init__(self, config: ModelConfig, tokenizer: ClipTokenizer, executors: Mapping[str, Executor],
                  device: CudaDevice, ranges: ShapeRanges | None = None, use_graph: bool = True) -> None:
-        missing = [name for name in NETWORKS if name not in executors]
+        missing = [name for name in NETWORKS[:3] if name not in executors]
         if missing:
             raise ModelLoadError(f"the CUDA backend needs executors for {', '.join(missing)}")
         self.config, self.tokenizer, self.device, self.ranges = config, tokenizer, device, ranges
@@ -54,9 +54,9 @@ class CudaBackend:
             check_dim(value, self.dims[dim], what, REBUILD, "the range {} these engines were built for")
 
     def _check_latents(self, shape: tuple[int, ...]) -> None:
-        if len(shape) != 4 or shape[1] != self.config.unet.in_channels:
+        if len(shape) != 4 or shape[1] != self.config.vae.latent_channels:
             f = self.config.vae.downscale
-            raise InvalidInputError(f"latents must be [images, {self.config.unet.in_channels}, height/{f}, "
+            raise InvalidInputError(f"latents must be [images, {self.config.vae.latent_channels}, height/{f}, "
                                     f"width/{f}], got {list(shape)}")
         f = self.config.vae.downscale
         self._check_dim(shape[0], "batch", "images")
@@ -87,13 +87,13 @@ class CudaBackend:
         return TextEmbeddings(hidden, rows)
 
     def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
-                noise: np.ndarray | None, callback: StepCallback | None = None) -> Any:
+                noise: np.ndarray | None, callback: StepCallback | None = None, condition: Any = None) -> Any:
         """Every row of `schedule`; a view of the final latents on the device (valid until the next call)."""
         if not isinstance(context, TextEmbeddings):
             raise InvalidInputError("context must be what this backend's encode_text returned")
         x = np.ascontiguousarray(latents, dtype=np.float32)
         self._check_latents(x.shape)
-        return self.loop.run(x, context, schedule, guidance_scale, noise, callback)
+        return self.loop.run(x, context, schedule, guidance_scale, noise, callback, condition)
 
     can_decode_fp32 = False  # one fp16 decoder engine per set
     fp32_advice = "the engine set's decoder is fp16; run the model with --backend torch or an fp32 ONNX export"
@@ -115,6 +115,29 @@ class CudaBackend:
         vae.set_address(image_name, image.ptr)
         vae.execute(self.device.handle)
         return self.device.download(image)
+
+    def encode_image(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images [B,3,H,W] in [-1, 1] -> scaled latent mean and std [B,C,h,w] on the host (the VAE encoder)."""
+        vae = self.executors.get(VAE_ENCODER)
+        if vae is None:
+            raise InvalidInputError("this engine set has no VAE encoder, which image inputs need: rebuild it with "
+                                    "sdengine build")
+        array = np.ascontiguousarray(images, dtype=np.float32)
+        f = self.config.vae.downscale
+        b, _, h, w = array.shape
+        self._check_latents((b, self.config.vae.latent_channels, h // f, w // f))
+        shp = shapes(vae.spec, point_dims(self.config, b, h // f, w // f))
+        bind_shapes(vae, shp)
+        (image_name,), outputs = vae.spec.input_names, vae.spec.output_names
+        image = self._buffer("encode_image", shp[image_name])
+        self.device.upload(image, array)
+        vae.set_address(image_name, image.ptr)
+        out = [self._buffer(name, shp[name]) for name in outputs]
+        for name, buf in zip(outputs, out):
+            vae.set_address(name, buf.ptr)
+        vae.execute(self.device.handle)
+        mean, std = (self.device.download(buf) for buf in out)
+        return mean, std
 
     def close(self) -> None:
         """Wait, then graphs, executors, every device allocation and the stream; the first error raised last."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -22,9 +22,10 @@ from ..errors import InvalidInputError, ModelLoadError
 from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_DIR, Manifest
 from ..runtime.onnxruntime import TENSORRT, Buffer, BufferView, Graph, resolve_providers, tensorrt_options
 from ..samplers.table import Schedule, fit_slots
-from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, Precision, check_dim, dim_ranges, profile
+from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, Precision, check_dim, dim_ranges, \
+    point_dims, profile
 from ..tokenizer import ClipTokenizer
-from . import StepCallback, reject_unknown_options
+from . import ImageCondition, StepCallback, reject_unknown_options
 
 _SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs; every graph is verified
 _REEXPORT = "re-export with sdengine export --batch/--height/--width MIN:MAX covering it"
@@ -48,9 +49,16 @@ class OnnxRuntimeBackend:
         self.config = config = manifest.config.with_prediction_type(prediction_type)  # the graphs stay valid
         self.ranges, self.dims = manifest.ranges, dim_ranges(config, manifest.ranges)
         self.tokenizer = ClipTokenizer.from_folder(manifest.folder / TOKENIZER_DIR)
-        paths = {name: manifest.graph_path(name) for name in GRAPHS}  # all present and matching
-        self.graphs = {name: self._session(name, paths[name], threads) for name in _SESSIONS}
+        self._paths = {name: manifest.graph_path(name) for name in GRAPHS}  # all present and matching
+        self._threads = threads
+        self.graphs = {name: self._session(name, self._paths[name], threads) for name in _SESSIONS}
         self._buffers: dict[tuple, Buffer] = {}
+
+    def _graph(self, name: str) -> Graph:
+        """A graph's session, created on first use (the VAE encoder: only image inputs need it)."""
+        if name not in self.graphs:
+            self.graphs[name] = self._session(name, self._paths[name], self._threads)
+        return self.graphs[name]
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", providers: Sequence[str] | None = None,
@@ -110,17 +118,14 @@ class OnnxRuntimeBackend:
         return TextEmbeddings(out, rows)
 
     def _shape(self, dims: tuple, rows: int = 0, batch: int = 0, lh: int = 0, lw: int = 0) -> tuple[int, ...]:
-        f = self.config.vae.downscale
-        values = {"rows": rows, "batch": batch, "batch_x2": 2 * batch, "latent_height": lh, "latent_width": lw,
-                  "height": lh * f, "width": lw * f, "sequence": self.config.text_encoder.max_position_embeddings,
-                  "hidden": self.config.text_encoder.hidden_size, "channels": self.config.unet.in_channels}
+        values = point_dims(self.config, batch, lh, lw, rows=rows)
         return tuple(d if isinstance(d, int) else values[d] for d in dims)
 
     def _check_latents(self, shape: tuple[int, ...]) -> None:
         b, c, lh, lw = shape
         f = self.config.vae.downscale
-        if c != self.config.unet.in_channels:
-            raise InvalidInputError(f"latents have {c} channels; this model's have {self.config.unet.in_channels}")
+        if c != self.config.vae.latent_channels:
+            raise InvalidInputError(f"latents have {c} channels; this model's have {self.config.vae.latent_channels}")
         check_dim(b, self.dims["batch"], "images", _REEXPORT)
         check_dim(lh * f, self.dims["height"], "height", _REEXPORT)
         check_dim(lw * f, self.dims["width"], "width", _REEXPORT)
@@ -137,7 +142,8 @@ class OnnxRuntimeBackend:
         return buf
 
     def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
-                noise: np.ndarray | None, callback: StepCallback | None = None) -> BufferView:
+                noise: np.ndarray | None, callback: StepCallback | None = None,
+                condition: ImageCondition | None = None) -> BufferView:
         """Every row of `schedule` through the step graph; returns a view of the final latents (slot 0)."""
         latents = np.ascontiguousarray(latents, dtype=np.float32)
         self._check_latents(latents.shape)
@@ -152,21 +158,53 @@ class OnnxRuntimeBackend:
         timesteps = Buffer.holding(schedule.timesteps.astype(np.float32).reshape(n, 1), self._where)
         rows = Buffer.holding(schedule.coefficients.astype(np.float32), self._where)
         steps_noise = None if noise is None else Buffer.holding(np.asarray(noise, np.float32), self._where)
-        zeros = self._buffer("zeros", latents.shape)  # c = 0 without noise; never written
+        zeros = self._buffer("zeros", latents.shape)  # c = 0 without noise, and no image: never written
         scale = Buffer.holding(np.array([guidance_scale], np.float32), self._where)
         step.bind_buffer("text_embeddings", self._guided_context(context, b))
         step.bind_buffer("guidance_scale", scale)
+        blend_row = self._bind_condition(step, condition, latents.shape, n, zeros)
         for i in range(n):
             step.bind("state", ping.ptr, ping.shape)
             step.bind("timestep", timesteps.row(i), (1,))
             step.bind("coefficients", rows.row(i), rows.shape[1:])
             step.bind("noise", zeros.ptr if steps_noise is None else steps_noise.row(i), latents.shape)
+            step.bind("blend", blend_row(i), (3,))
             step.bind_output("next_state", pong)
             step.run()
             ping, pong = pong, ping
             if callback is not None:
                 callback(i + 1, n)
         return ping.first(latents.shape)
+
+    def _bind_condition(self, step: Graph, condition: ImageCondition | None, shape: tuple[int, ...], rows: int,
+                        zeros: Buffer) -> Callable[[int], int]:
+        """Bind the mask, known latent and its noise (zeros for text to image); row i's blend address."""
+        b, _, lh, lw = shape
+        if condition is None:
+            step.bind_buffer("mask", self._buffer("zero_mask", (b, 1, lh, lw)))
+            step.bind_buffer("known", zeros)
+            step.bind_buffer("known_noise", zeros)
+            no_blend = self._buffer("zero_blend", (3,))
+            return lambda i: no_blend.ptr
+        for name in ("mask", "known", "known_noise"):
+            step.bind_buffer(name, Buffer.holding(np.asarray(getattr(condition, name), np.float32), self._where))
+        blend = Buffer.holding(np.asarray(condition.blend, np.float32).reshape(rows, 3), self._where)
+        return blend.row
+
+    def encode_image(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images [B,3,H,W] in [-1, 1] -> scaled latent mean and std of q(z|x), on the host (vae_encoder graph)."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        b, _, h, w = images.shape
+        f = self.config.vae.downscale
+        self._check_latents((b, self.config.vae.latent_channels, h // f, w // f))
+        vae = self._graph(VAE_ENCODER)
+        vae.bind_buffer("image", Buffer.holding(images, self._where))
+        out = {name: self._buffer(name, (b, self.config.vae.latent_channels, h // f, w // f))
+               for name in vae.spec.output_names}
+        for name, buf in out.items():
+            vae.bind_output(name, buf)
+        vae.run()
+        return out["latent_mean"].read(), out["latent_std"].read()
 
     can_decode_fp32 = False  # the export holds one decoder graph; an fp16 one is not decoded again in fp32
 

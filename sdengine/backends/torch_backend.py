@@ -13,7 +13,7 @@ from ..errors import InvalidInputError
 from ..models.loading import Components, load_components
 from ..models.step import DenoiseStep
 from ..samplers import Schedule
-from . import StepCallback, reject_unknown_options
+from . import ImageCondition, StepCallback, reject_unknown_options
 from .torch_fast import OPTION_NAMES, FastOptions, FastPath, LoopInputs, parse_options, run_loop
 
 
@@ -85,17 +85,26 @@ class TorchBackend:
 
     @torch.inference_mode()
     def denoise(self, latents: np.ndarray, context: Any, schedule: Schedule, guidance_scale: float,
-                noise: np.ndarray | None, callback: StepCallback | None = None) -> torch.Tensor:
+                noise: np.ndarray | None, callback: StepCallback | None = None,
+                condition: ImageCondition | None = None) -> torch.Tensor:
         """Every row of `schedule` from the initial latents [B,C,h,w]; the final latents on the device."""
         state = np.zeros((schedule.slots, *np.shape(latents)), np.float32)
         state[0] = latents
-        inputs = LoopInputs(self._tensor(state, torch.float32), context,
-                            self._tensor(schedule.timesteps, torch.float32),
-                            self._tensor(schedule.coefficients, torch.float32),
-                            torch.tensor(guidance_scale, dtype=torch.float32, device=self.device),
-                            None if noise is None else self._tensor(noise, torch.float32))
+        f32 = lambda a: None if a is None else self._tensor(a, torch.float32)  # noqa: E731
+        c = condition
+        inputs = LoopInputs(f32(state), context, f32(schedule.timesteps), f32(schedule.coefficients),
+                            torch.tensor(guidance_scale, dtype=torch.float32, device=self.device), f32(noise),
+                            *((None,) * 4 if c is None else (f32(c.mask), f32(c.known), f32(c.known_noise),
+                                                             f32(c.blend))))
         final = run_loop(self.step, inputs, callback) if self.fast is None else self.fast.denoise(inputs, callback)
         return final[0]
+
+    @torch.inference_mode()
+    def encode_image(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images [B,3,H,W] in [-1, 1] -> scaled mean and std of q(z|x) (Kingma & Welling 2014), on the host."""
+        mean, logvar = self.components.vae.encode(self._tensor(images, self.dtype))
+        sf = self.config.vae.scaling_factor
+        return (mean.float() * sf).cpu().numpy(), (torch.exp(0.5 * logvar.float()) * sf).cpu().numpy()
 
     @property
     def can_decode_fp32(self) -> bool:

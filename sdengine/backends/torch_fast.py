@@ -108,9 +108,11 @@ class GraphStep(nn.Module):
         self.step = step
 
     def forward(self, state: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                guidance_scale: torch.Tensor, coefficients: torch.Tensor,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
-        return self.step(state, timestep, context, guidance_scale, coefficients, noise).contiguous()
+                guidance_scale: torch.Tensor, coefficients: torch.Tensor, noise: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, known: torch.Tensor | None = None,
+                known_noise: torch.Tensor | None = None, blend: torch.Tensor | None = None) -> torch.Tensor:
+        return self.step(state, timestep, context, guidance_scale, coefficients, noise, mask, known, known_noise,
+                         blend).contiguous()
 
 
 class LatentDecoder(nn.Module):
@@ -135,11 +137,15 @@ class LoopInputs:
     rows: torch.Tensor  # [N, S(S+2)] fp32 coefficient rows
     scale: torch.Tensor  # [] fp32 guidance scale
     noise: torch.Tensor | None = None  # [N,B,C,h,w] fp32 for stochastic samplers
+    mask: torch.Tensor | None = None         # image-to-image and inpainting (backends.ImageCondition): [B,1,h,w]
+    known: torch.Tensor | None = None        # [B,C,h,w]
+    known_noise: torch.Tensor | None = None  # [B,C,h,w]
+    blend: torch.Tensor | None = None        # [N,3] per-row (p, q, r)
 
     def key(self) -> tuple:
-        """What a captured loop is specialised to: shapes, dtypes, row count, noise or not."""
+        """What a captured loop is specialised to: shapes, dtypes, row count, noise or not, condition or not."""
         return (tuple(self.state.shape), tuple(self.context.shape), self.context.dtype,
-                int(self.timesteps.shape[0]), self.noise is not None)
+                int(self.timesteps.shape[0]), self.noise is not None, self.mask is not None)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
@@ -155,7 +161,8 @@ def run_loop(step: Callable[..., torch.Tensor], inputs: LoopInputs,
     x, n = inputs.state, int(inputs.timesteps.shape[0])
     for i in range(n):
         x = step(x, inputs.timesteps[i], inputs.context, inputs.scale, inputs.rows[i],
-                 None if inputs.noise is None else inputs.noise[i])
+                 None if inputs.noise is None else inputs.noise[i], inputs.mask, inputs.known, inputs.known_noise,
+                 None if inputs.blend is None else inputs.blend[i])
         if callback is not None:
             callback(i + 1, n)
     return x

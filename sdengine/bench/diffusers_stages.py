@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import BackendUnavailableError, InvalidInputError
 from .settings import BenchSettings
-from .stages import Stages
+from .stages import Stages, sample_pixels
 
 INSTALL = "the diffusers comparison needs diffusers: pip install diffusers (and transformers)"
 
@@ -123,6 +123,14 @@ class DiffusersStages(Stages):
         vae = self.pipe.vae
         with self.torch.no_grad():
             return vae.decode(self.final / vae.config.scaling_factor, return_dict=False)[0].float().cpu()
+
+    def encode_image(self) -> Any:
+        vae = self.pipe.vae
+        pixels = self.torch.from_numpy(sample_pixels(self.height, self.width)).to(self.device, self.dtype)
+        with self.torch.no_grad():
+            dist = vae.encode(pixels).latent_dist
+            scale = vae.config.scaling_factor
+            return (dist.mean * scale).float().cpu(), (dist.std * scale).float().cpu()
 
     def info(self) -> dict[str, Any]:
         return {"height": self.height, "width": self.width, "text_rows": len(self.rows), "recipe": self.recipe,

@@ -17,7 +17,7 @@ SCHEMA = "sdengine-bench/1"
 PACKAGES = ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "diffusers", "transformers", "numpy", "cuda-python",
             "tensorrt")
 STAGE_TITLES = {"tokenizer": "tokenizer ms", "text_encoder": "text encoder ms", "denoise_step": "denoise step ms",
-                "vae_decode": "VAE decode ms"}
+                "vae_decode": "VAE decode ms", "vae_encode": "VAE encode ms"}
 DEFINITIONS = {
     "e2e": "one pipeline call, prompt to PIL images, one image, guidance as set",
     "tokenizer": "CLIP BPE of the 2 prompt rows (negative, positive), host",
@@ -25,6 +25,8 @@ DEFINITIONS = {
     "denoise_step": "the whole DDIM loop (every step, guidance and update), until the device has finished, "
                     "divided by the steps",
     "vae_decode": "VAE decoder, latents to float images on the host",
+    "vae_encode": "VAE encoder (image to image, inpainting): one image in [-1, 1] to the latent mean and std on "
+                  "the host",
     "throughput": "images per call / p50 seconds per call, at each batch size",
     "load_s": "in the subject's process: importing its libraries and loading the model (whatever the backend "
               "does at load: weights to the device, sessions, engines)",

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 from ..errors import InvalidInputError
 
-PARTS = ("e2e", "tokenizer", "text_encoder", "denoise_step", "vae_decode", "throughput")
-STAGES = PARTS[1:5]
+PARTS = ("e2e", "tokenizer", "text_encoder", "denoise_step", "vae_decode", "vae_encode", "throughput")
+STAGES = PARTS[1:6]
 COMPARISONS = ("diffusers", "diffusers-compiled")
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 RANDOM_MODELS = ("tiny", "sd15", "sd21")

@@ -61,6 +61,9 @@ class Stages:
     def decode(self) -> Any:
         raise NotImplementedError
 
+    def encode_image(self) -> Any:
+        raise NotImplementedError
+
     def _once(self, name: str, make: Callable[[], Any]) -> Any:
         if name not in self._inputs:
             self._inputs[name] = make()
@@ -82,7 +85,15 @@ class Stages:
     def calls(self) -> dict[str, Callable[[], Any]]:
         """Stage name -> the call it times."""
         return {"tokenizer": self.tokenize, "text_encoder": self.encode, "denoise_loop": self.denoise,
-                "vae_decode": self.decode}
+                "vae_decode": self.decode, "vae_encode": self.encode_image}
+
+
+def sample_pixels(height: int, width: int) -> Any:
+    """A smooth image [1, 3, H, W] in [-1, 1] for the VAE encoder stage (its content does not change the cost)."""
+    import numpy as np
+
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    return np.stack([np.sin(6 * x), np.cos(5 * y), x - y])[None].astype(np.float32)
 
 
 class SdengineStages(Stages):
@@ -99,9 +110,10 @@ class SdengineStages(Stages):
         self.rows = ["", settings.prompt] if uses_guidance(config, settings.guidance) else [settings.prompt]
         self.schedule = build_schedule(config.scheduler, "ddim", settings.steps, 0.0)
         f = config.vae.downscale
-        shape = (config.unet.in_channels, self.height // f, self.width // f)
+        shape = (config.vae.latent_channels, self.height // f, self.width // f)
         unit, self.noise = initial_noise([settings.seed], shape, self.schedule)
         self.latents = unit * self.schedule.init_scale
+        self.pixels = sample_pixels(self.height, self.width)
 
     def e2e(self, batch: int) -> Any:
         s = self.s
@@ -119,6 +131,9 @@ class SdengineStages(Stages):
 
     def decode(self) -> Any:
         return self.backend.decode(self.final)
+
+    def encode_image(self) -> Any:
+        return self.backend.encode_image(self.pixels)
 
     def info(self) -> dict[str, Any]:
         return {"height": self.height, "width": self.width, "text_rows": len(self.rows)}

@@ -13,7 +13,7 @@ import math
 import re
 from typing import Any, Iterable, Mapping
 
-from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..config import OTHER_UNET_INPUTS, UNET_INPUT_KINDS, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ..errors import UnsupportedModelError, WeightsMismatchError
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
@@ -39,7 +39,6 @@ _OTHER_FAMILIES = (("conditioner.embedders.", "SDXL (conditioner.embedders.*)"),
                    ("text_encoders.", "SD3 (text_encoders.*)"), ("control_model.", "ControlNet (control_model.*)"),
                    ("diffusion_model.label_emb.", "a class-conditioned U-Net (label_emb: SD upscaler/unCLIP/SDXL)"),
                    ("transformer_blocks.1.", "a U-Net with several transformer layers per block (SDXL-like)"))
-_IN_CHANNELS = {9: "inpainting", 5: "depth-to-image", 8: "instruct-pix2pix", 7: "x4 upscaler"}
 
 
 def _resnet(pairs: list, orig: str, diff: str, inner: Iterable[tuple[str, str]] = _RESNET) -> None:
@@ -131,7 +130,7 @@ def _tables(config: ModelConfig, family: str) -> dict[str, dict[str, str]]:
 
 
 _FIX_FILE = ("the checkpoint and the config disagree: derive the config from the file with infer_config, "
-             "or check that the file is an SD 1.x/2.x txt2img checkpoint")
+             "or check that the file is an SD 1.x/2.x txt2img or inpainting checkpoint")
 _FIX_PARTS = "the state dicts do not match the config: build them from the same ModelConfig"
 
 
@@ -142,13 +141,15 @@ def _mismatch(keys: list[str], what: str, fix: str = _FIX_FILE) -> WeightsMismat
 
 
 def _refuse(what: str) -> UnsupportedModelError:
-    """The error for a model family or feature outside SD 1.x/2.x txt2img."""
-    return UnsupportedModelError(f"{what}: sdengine implements Stable Diffusion 1.x/2.x txt2img models only")
+    """The error for a model family or feature outside SD 1.x/2.x txt2img and inpainting."""
+    return UnsupportedModelError(f"{what}: sdengine implements Stable Diffusion 1.x/2.x txt2img and inpainting "
+                                 "models only")
 
 
 def detect_family(state: Mapping[str, Any] | Iterable[str]) -> str:
     """The family of a single-file checkpoint: "sd1" (HF CLIP) or "sd2" (OpenCLIP); refuse other models.
 
+    Text-to-image (4-channel) and inpainting (9-channel) U-Nets of both families are accepted.
     Given only keys (not a Mapping), the checks that need shapes (U-Net input channels) are skipped.
     """
     keys, shapes = list(state), state if isinstance(state, Mapping) else {}
@@ -164,10 +165,11 @@ def detect_family(state: Mapping[str, Any] | Iterable[str]) -> str:
         raise UnsupportedModelError(f"not a Stable Diffusion checkpoint (no {UNET}*, {VAE}* or {TEXT}* keys): "
                                     f"found keys like {', '.join(sorted(keys)[:5])}{hint}")
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
-    if conv_in is not None and conv_in.shape[1] != 4:
+    if conv_in is not None and int(conv_in.shape[1]) not in UNET_INPUT_KINDS:
         c = int(conv_in.shape[1])
-        raise _refuse(f"the U-Net takes {c} input channels ({_IN_CHANNELS.get(c, 'not a txt2img model')}); "
-                      "only U-Nets with 4 input channels are supported")
+        what = OTHER_UNET_INPUTS.get(c, "not a txt2img or inpainting model")
+        raise _refuse(f"the U-Net takes {c} input channels ({what}); "
+                      "only U-Nets with 4 (txt2img) or 9 (inpainting) input channels are supported")
     clip, openclip = (any(k.startswith(p) for k in keys) for p in (CLIP, OPENCLIP))
     if clip and openclip:
         raise _refuse(f"the checkpoint holds two text encoders ({CLIP}* and {OPENCLIP}*)")
@@ -311,7 +313,11 @@ def _norm_groups(channels: Iterable[int]) -> int:
 
 
 def _infer_unet(state: Mapping[str, Any], family: str) -> UNetConfig:
-    """The U-Net config from tensor shapes; heads are the family's convention (not in the weights)."""
+    """The U-Net config from tensor shapes; heads are the family's convention (not in the weights).
+
+    Sample size is not in the weights either: sd2 txt2img files are taken as 768 (96 latent), SD 2
+    inpainting (9 input channels) was trained at 512 (64), as diffusers' single-file loader assumes.
+    """
     n_in, n_out = len(_indices(state, UNET + "input_blocks.")), len(_indices(state, UNET + "output_blocks."))
     n = 1 + sum(f"{UNET}input_blocks.{k}.0.op.weight" in state for k in range(n_in))
     L = n_in // n - 1
@@ -324,15 +330,17 @@ def _infer_unet(state: Mapping[str, Any], family: str) -> UNetConfig:
     if _shape(state, UNET + "time_embed.0.weight")[0] != 4 * channels[0]:
         raise _refuse("the U-Net's time embedding is not 4x its first width")
     heads = tuple(max(1, c // 64) if family == "sd2" else 8 for c in channels)  # sd2: head dim 64
+    in_channels = _shape(state, UNET + "input_blocks.0.0.weight")[1]
+    inpainting = UNET_INPUT_KINDS.get(in_channels) == "inpainting"
     return UNetConfig(
         block_out_channels=channels,
         attention=tuple(f"{UNET}input_blocks.{k}.1.proj_in.weight" in state for k in first),
         num_heads=heads, layers_per_block=L,
         cross_attention_dim=_shape(state, UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
-        in_channels=_shape(state, UNET + "input_blocks.0.0.weight")[1],
+        in_channels=in_channels,
         out_channels=_shape(state, UNET + "out.2.weight")[0],
         use_linear_projection=len(proj_in) == 2, upcast_attention=family == "sd2",
-        norm_num_groups=_norm_groups(channels), sample_size=96 if family == "sd2" else 64)
+        norm_num_groups=_norm_groups(channels), sample_size=96 if family == "sd2" and not inpainting else 64)
 
 
 def _infer_vae(state: Mapping[str, Any]) -> VAEConfig:

@@ -16,8 +16,11 @@ from .unet import UNet
 from .vae import AutoencoderKL
 from .weights import load_strict, read_safetensors, refuse_pickle
 
-# Pipelines whose unet/vae/text_encoder are the SD 1.x/2.x text-to-image networks.
-_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionPipelineSafe"}
+# Pipelines whose unet/vae/text_encoder are the SD 1.x/2.x networks. Whether the U-Net is a text-to-image
+# (4 input channels) or an inpainting (9: latent, mask, masked-image latent) one is read from its config, not
+# from the pipeline's name: ModelConfig.inpainting tells them apart.
+_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionPipelineSafe",
+              "StableDiffusionInpaintPipeline"}
 _WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 _IGNORED_KEYS = ("text_model.embeddings.position_ids",)  # a buffer older transformers saved
 
@@ -36,7 +39,10 @@ class Components:
 
 def load_components(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                     prediction_type: str | None = None) -> Components:
-    """Load a diffusers folder (model_index.json) or a single-file original-layout .safetensors."""
+    """Load a diffusers folder (model_index.json) or a single-file original-layout .safetensors.
+
+    Text-to-image and inpainting models both load; `Components.config.inpainting` says which it is.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist: give a diffusers folder (with model_index.json) "
@@ -63,7 +69,7 @@ def _read_folder(root: Path) -> tuple[ModelConfig, dict[str, dict], ClipTokenize
     pipeline = read_json(root / "model_index.json").get("_class_name", "")
     if pipeline not in _PIPELINES:
         raise UnsupportedModelError(f"{root} holds a {pipeline or 'unnamed'} model; sdengine runs Stable Diffusion "
-                                    f"1.x/2.x text-to-image models ({', '.join(sorted(_PIPELINES))})")
+                                    f"1.x/2.x text-to-image and inpainting models ({', '.join(sorted(_PIPELINES))})")
     config = ModelConfig.from_diffusers_folder(root)
     parts = {name: _read_folder_weights(root / name, stem) for name, stem in _WEIGHT_FILES.items()}
     parts["text_encoder"] = _prefixed_text_keys(parts["text_encoder"])

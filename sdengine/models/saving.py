@@ -17,12 +17,18 @@ from .unet import UNet
 from .vae import AutoencoderKL
 
 _CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "clip"
+# The diffusers release whose folder layout these files follow (safetensors, to_q/to_k/to_v VAE attention).
+# diffusers reads it from model_index.json: without it StableDiffusionInpaintPipeline.from_pretrained fails,
+# and at 0.5.1 or older it would pick the legacy 4-channel inpainting pipeline.
+DIFFUSERS_LAYOUT_VERSION = "0.21.0"
 
 
-def model_index() -> dict:
-    """model_index.json of a StableDiffusionPipeline folder without safety checker."""
+def model_index(inpainting: bool = False) -> dict:
+    """model_index.json of a StableDiffusionPipeline (or, for an inpainting U-Net, a
+    StableDiffusionInpaintPipeline) folder without safety checker."""
     return {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_LAYOUT_VERSION,
         "feature_extractor": [None, None],
         "safety_checker": [None, None],
         "image_encoder": [None, None],
@@ -54,7 +60,10 @@ def _write_json(path: Path, data: dict) -> None:
 def save_diffusers_folder(out: str | Path, config: ModelConfig, unet: UNet, vae: AutoencoderKL,
                           text_encoder: TextEncoder, dtype: torch.dtype = torch.float32,
                           overwrite: bool = False) -> Path:
-    """Write all parts into a temporary folder beside `out`, then rename it into place."""
+    """Write all parts into a temporary folder beside `out`, then rename it into place.
+
+    An inpainting config (9-channel U-Net) is written as a StableDiffusionInpaintPipeline folder.
+    """
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -63,7 +72,7 @@ def save_diffusers_folder(out: str | Path, config: ModelConfig, unet: UNet, vae:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_folder(out)
     try:
-        _write_json(tmp / "model_index.json", model_index())
+        _write_json(tmp / "model_index.json", model_index(config.inpainting))
         parts = {"unet": (unet, config.unet.to_diffusers(), "diffusion_pytorch_model"),
                  "vae": (vae, config.vae.to_diffusers(), "diffusion_pytorch_model"),
                  "text_encoder": (text_encoder, config.text_encoder.to_diffusers(), "model")}
@@ -86,7 +95,10 @@ def save_diffusers_folder(out: str | Path, config: ModelConfig, unet: UNet, vae:
 
 def write_random_model(out: str | Path, config: ModelConfig | None = None, seed: int = 0,
                        overwrite: bool = False) -> Path:
-    """A diffusers folder of randomly initialised networks (default: the tiny config), for tests and trials."""
+    """A diffusers folder of randomly initialised networks (default: the tiny config), for tests and trials.
+
+    Give ModelConfig.tiny_inpaint() (or any 9-channel config) for a StableDiffusionInpaintPipeline folder.
+    """
     config = config or ModelConfig.tiny()
     torch.manual_seed(seed)
     return save_diffusers_folder(out, config, UNet(config.unet), AutoencoderKL(config.vae),

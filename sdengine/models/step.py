@@ -1,4 +1,4 @@
-"""The denoise step as one module: U-Net, classifier-free guidance and the sampler's update.
+"""The denoise step as one module: U-Net, classifier-free guidance, the sampler's update and the inpainting blend.
 
 This is the graph the ONNX and TensorRT paths export, so every backend does the same arithmetic.
 """
@@ -16,7 +16,8 @@ def guide(unet: UNet, x: torch.Tensor, timestep: torch.Tensor, context: torch.Te
     """The guided model output m = m_u + g (m_c - m_u) in fp32 (Ho & Salimans 2022, eq. 6).
 
     context holds 2B rows (unconditional first) for guidance, or B rows for the conditional output
-    alone; an LCM U-Net gets g through its guidance embedding instead.
+    alone; an LCM U-Net gets g through its guidance embedding instead. `x` is the U-Net's whole input
+    (an inpainting U-Net's 9 channels included).
     """
     guided = context.shape[0] == 2 * x.shape[0]
     rows = torch.cat([x, x]) if guided else x
@@ -45,16 +46,36 @@ def update(state: torch.Tensor, m: torch.Tensor, coefficients: torch.Tensor,
     return nxt.reshape(state.shape)
 
 
+def blend_known(state: torch.Tensor, mask: torch.Tensor, known: torch.Tensor, known_noise: torch.Tensor,
+                blend: torch.Tensor) -> torch.Tensor:
+    """Inpainting with a plain U-Net: slot 0 += (1 - mask) (p x0 + q z0 - r slot 0), the known region
+    re-imposed at the level of the next row (diffusers' StableDiffusionInpaintPipeline, 4 channels)."""
+    x = state[0]
+    delta = (1.0 - mask) * (blend[0] * known + blend[1] * known_noise - blend[2] * x)
+    first = torch.zeros((state.shape[0],) + (1,) * (state.dim() - 1), dtype=state.dtype, device=state.device)
+    first[0] = 1.0
+    return state + first * delta.unsqueeze(0)
+
+
 class DenoiseStep(nn.Module):
-    """state [S,B,C,h,w] -> A state + b m + c z with m the guided U-Net output on slot 0 (DESIGN.md)."""
+    """state [S,B,C,h,w] -> A state + b m + c z with m the guided U-Net output on slot 0 (DESIGN.md), then
+    the inpainting blend when `blend` is given. An inpainting U-Net (9 input channels) reads slot 0, the
+    mask and the masked image's latent (`known`) concatenated, as diffusers does."""
 
     def __init__(self, unet: UNet) -> None:
         super().__init__()
         self.unet = unet
+        self.inpainting = unet.cfg.in_channels != unet.cfg.out_channels
 
     def forward(self, state: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                guidance_scale: torch.Tensor, coefficients: torch.Tensor,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+                guidance_scale: torch.Tensor, coefficients: torch.Tensor, noise: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, known: torch.Tensor | None = None,
+                known_noise: torch.Tensor | None = None, blend: torch.Tensor | None = None) -> torch.Tensor:
         """state fp32, context [2B,77,D] (unconditional rows first) or [B,77,D] for no guidance."""
-        m = guide(self.unet, state[0], timestep, context, guidance_scale)
-        return update(state, m, coefficients, noise)
+        x = state[0]
+        if self.inpainting:
+            x = torch.cat([x, mask, known], dim=1)
+        nxt = update(state, guide(self.unet, x, timestep, context, guidance_scale), coefficients, noise)
+        if blend is None:
+            return nxt
+        return blend_known(nxt, mask, known, known_noise, blend)

@@ -96,6 +96,8 @@ class Prepared:
     noise: Any            # [N,B,C,h,w] rows, or the zeros buffer (c = 0)
     context: Any
     scale: Any
+    condition: tuple[Any, Any, Any]  # mask, known, known_noise (zeros for text to image)
+    blend: Any            # [N,3] rows
 
 
 def bind_shapes(executor: Executor, values: Mapping[str, tuple[int, ...]]) -> None:
@@ -120,8 +122,8 @@ class DenoiseLoop:
             raise InvalidInputError(f"the denoise loop runs the {DENOISE_STEP} graph, not {step.spec.name}")
         self.device, self.step, self.config, self.use_graph = device, step, config, use_graph
         self.slots = slots
-        (self._state, self._timestep, self._text, self._scale, self._coefficients,
-         self._noise) = step.spec.input_names
+        (self._state, self._timestep, self._text, self._scale, self._coefficients, self._noise,
+         *self._condition, self._blend) = step.spec.input_names
         (self._next,) = step.spec.output_names
         self._buffers: dict[tuple, Any] = {}
         self.graphs: dict[LoopKey, Graph] = {}
@@ -140,8 +142,12 @@ class DenoiseLoop:
         return shapes(self.step.spec, point_dims(self.config, b, lh, lw, slots=slots))
 
     def prepare(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
-                noise: np.ndarray | None) -> Prepared:
-        """Upload one call's data into the buffers of its key (enqueued on the device's stream)."""
+                noise: np.ndarray | None, condition: Any = None) -> Prepared:
+        """Upload one call's data into the buffers of its key (enqueued on the device's stream).
+
+        `condition` (sdengine.backends.ImageCondition) for image-to-image and inpainting; its buffers are the
+        same for text to image (zeroed), so one captured graph serves both.
+        """
         x = np.ascontiguousarray(latents, dtype=np.float32)
         if self.slots is not None:
             schedule = fit_slots(schedule, self.slots, "rebuild the engines from an export with --state-slots "
@@ -170,7 +176,16 @@ class DenoiseLoop:
         dev.upload(scale, np.full(scale.shape, guidance_scale, np.float32))
         ctx = self.buffer("text_embeddings", shp[self._text])
         self._copy_context(ctx, context, b)
-        return Prepared(key, bufs, ts, rows, steps_noise, ctx, scale)
+        cond = tuple(self.buffer(name, shp[name]) for name in self._condition)
+        blend = self.buffer("blend", (n, *shp[self._blend]))
+        if condition is None:
+            for buf in (*cond, blend):
+                dev.zero(buf)
+        else:
+            for buf, name in zip(cond, self._condition):
+                dev.upload(buf, getattr(condition, name))
+            dev.upload(blend, np.asarray(condition.blend, np.float32).reshape(blend.shape))
+        return Prepared(key, bufs, ts, rows, steps_noise, ctx, scale, cond, blend)
 
     def _copy_context(self, dst: Any, context: TextEmbeddings, batch: int) -> None:
         """[2B,77,D] into the loop's own buffer: 2B rows as given, or B rows twice (guidance 1)."""
@@ -190,6 +205,8 @@ class DenoiseLoop:
         """Bind the addresses every step shares: the text embeddings, the scale and (no noise) the zeros."""
         self.step.set_address(self._text, p.context.ptr)
         self.step.set_address(self._scale, p.scale.ptr)
+        for name, buf in zip(self._condition, p.condition):
+            self.step.set_address(name, buf.ptr)
         if not p.key.noise:
             self.step.set_address(self._noise, p.noise.ptr)
 
@@ -201,6 +218,7 @@ class DenoiseLoop:
         s.set_address(self._coefficients, p.coefficients.row(i))
         if p.key.noise:
             s.set_address(self._noise, p.noise.row(i))
+        s.set_address(self._blend, p.blend.row(i))
         s.set_address(self._next, p.latents[(i + 1) % 2].ptr)
         s.execute(self.device.handle)
 
@@ -232,9 +250,9 @@ class DenoiseLoop:
                 callback(i + 1, p.key.steps)
 
     def run(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
-            noise: np.ndarray | None, callback: StepCallback | None = None) -> LatentView:
+            noise: np.ndarray | None, callback: StepCallback | None = None, condition: Any = None) -> LatentView:
         """prepare + launch: every row of `schedule` from `latents`; a view of the final latents."""
-        return self.launch(self.prepare(latents, context, schedule, guidance_scale, noise), callback)
+        return self.launch(self.prepare(latents, context, schedule, guidance_scale, noise, condition), callback)
 
     def close(self) -> None:
         """Destroy the cached graphs and free the loop's buffers (the executor is the caller's)."""

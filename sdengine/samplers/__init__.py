@@ -24,6 +24,19 @@ ends with (what its pipeline decodes; LCM: the last `denoised`). Where diffusers
 not follow it: trailing spacing that numpy's arange stretches to n + 1 timesteps (the last one -1) runs the n
 asked; a repeated first timestep (Karras sigmas on zero-SNR configs) starts at the first row, not the second;
 steps that would be NaN in diffusers (two rows at one level, 0 * inf at sigma 0) are refused with a message.
+
+Image to image and inpainting (`strength` < 1; tests/test_sampler_strength.py): the table is the tail diffusers'
+img2img and inpaint pipelines run, timesteps[t_start * order:] with t_start = N - int(N * strength), after
+set_begin_index there, from the state set_timesteps leaves (DPM-Solver and UniPC start their warm-up afresh;
+lower_order_final still counts from the end of all N steps). `Schedule.levels` gives add_noise's level at the
+start and after each row (table.py). Every row reads slot 0 as diffusers' step reads its `sample` and keeps
+what the scheduler stores in other slots, so the inpainting blend of slot 0 is followed exactly. Followed as
+diffusers does it, though not what one might expect: PNDMScheduler (PLMS) has no set_begin_index and counts its
+calls, so at strength < 1 its warm-up pair lands on the wrong timesteps of the sliced list and every later row
+assumes a level one step off its input's; DDIM and PLMS step to t - T//N, so with trailing or linspace spacing
+(N not dividing T) slot 0 after a row is not at the next row's level, which the blend uses; and diffusers'
+StableDiffusionImg2ImgPipeline slices LCM's N-step schedule rather than calling LCMScheduler.set_timesteps with
+its strength (as LatentConsistencyModelImg2ImgPipeline does), which the table follows too.
 """
 
 from __future__ import annotations
@@ -142,16 +155,39 @@ def _check_eta(eta, info: Sampler) -> float:
     return float(eta)
 
 
-def build_schedule(cfg: SchedulerConfig, name: str, steps: int, eta: float = 0.0) -> Schedule:
+def _check_strength(strength, n: int) -> int:
+    """diffusers' img2img get_timesteps: t_start = N - min(int(N * strength), N); refused where no step runs."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(strength) or not 0 < strength <= 1:
+        raise InvalidInputError(f"strength must be a number in (0, 1] (the part of the {n} steps that runs on the "
+                                f"noised image; 1: all of them), got {strength!r}")
+    init = min(int(n * float(strength)), n)
+    if init == 0:
+        smallest = 1.0 / n
+        while int(n * smallest) < 1:  # 1/N * N can round below 1
+            smallest = float(np.nextafter(smallest, 2.0))
+        raise InvalidInputError(f"strength {float(strength)!r} runs none of the {n} steps (int({n} * strength) = 0); "
+                                f"the smallest strength that runs one step is {smallest!r} (1/{n}), or raise the "
+                                "step count")
+    return n - init
+
+
+def build_schedule(cfg: SchedulerConfig, name: str, steps: int, eta: float = 0.0, strength: float = 1.0
+                   ) -> Schedule:
     """The coefficient table of sampler `name` for `steps` inference steps on a model with scheduler config `cfg`.
 
     Equals diffusers' `SamplerClass.from_config(cfg)` run for `steps` steps, including the class's own defaults
     for keys the config lacks and `use_karras_sigmas` when the config sets it. Raises InvalidInputError for an
-    unknown name, a step count or eta this sampler cannot take, or a config setting it cannot honour.
+    unknown name, a step count, eta or strength this sampler cannot take, or a config setting it cannot honour.
+
+    strength < 1 (image to image, inpainting): the rows diffusers' img2img and inpaint pipelines run, the
+    timesteps from t_start * order on (t_start = N - int(N * strength)) after set_begin_index there, with the
+    scheduler's state as set_timesteps leaves it; `levels` says where add_noise puts the image (table.py).
     """
     info = sampler(name)
     n = _check_steps(steps, cfg.num_train_timesteps)
     eta = _check_eta(eta, info)
+    t_start = _check_strength(strength, n)
     if cfg.use_karras_sigmas and info.karras and info.name != info.karras:  # as from_config would
         info = _SAMPLERS[info.karras]
     s = resolve(cfg, info.class_name, **info.from_config_kwargs)
@@ -162,33 +198,35 @@ def build_schedule(cfg: SchedulerConfig, name: str, steps: int, eta: float = 0.0
                                 "(not a linear step); set it false in scheduler/scheduler_config.json")
     karras = info.name.endswith("_karras")
     slots = info.slots
+    start = t_start * (2 if info.class_name == "HeunDiscreteScheduler" else 1)  # * scheduler.order
     try:
         with np.errstate(all="ignore"):  # a non-finite coefficient is refused by the builder, with a message
-            b, init, slots = _run(info, s, n, eta, karras, slots)
+            b, init, slots = _run(info, s, n, eta, karras, slots, start)
     except (ZeroDivisionError, OverflowError) as exc:  # e.g. two rows at the same level: h = 0 in DPM-Solver
         raise InvalidInputError(f"{n} steps of {info.label} with this scheduler config give coinciding noise levels "
                                 f"({exc}); use fewer steps") from None
-    timesteps, rows = b.table()
-    return Schedule(info.name, timesteps, rows, slots, s.prediction_type, n, float(init), eta, info.label)
+    timesteps, rows, levels = b.table()
+    return Schedule(info.name, timesteps, rows, slots, s.prediction_type, n, float(init), eta, info.label,
+                    float(strength), t_start, levels=levels)
 
 
-def _run(info: Sampler, s, n: int, eta: float, karras: bool, slots: int):
-    """(builder, init_scale, slots) of one sampler run."""
+def _run(info: Sampler, s, n: int, eta: float, karras: bool, slots: int, start: int):
+    """(builder, init_scale, slots) of one sampler run from row `start` of diffusers' timesteps."""
     kind = info.class_name
     if kind == "DDIMScheduler":
-        return (*vp.ddim(s, n, eta), slots)
+        return (*vp.ddim(s, n, eta, start), slots)
     if kind == "DDPMScheduler":
-        return (*vp.ddpm(s, n), slots)
+        return (*vp.ddpm(s, n, start), slots)
     if kind == "PNDMScheduler":
-        return (*vp.plms(s, n), slots)
+        return (*vp.plms(s, n, start), slots)
     if kind == "LCMScheduler":
-        return (*vp.lcm(s, n), slots)
+        return (*vp.lcm(s, n, start), slots)
     if kind == "EulerDiscreteScheduler":
-        return (*sigma.euler(s, n, karras), slots)
+        return (*sigma.euler(s, n, karras, start), slots)
     if kind == "EulerAncestralDiscreteScheduler":
-        return (*sigma.euler_ancestral(s, n), slots)
+        return (*sigma.euler_ancestral(s, n, start), slots)
     if kind == "HeunDiscreteScheduler":
-        return (*sigma.heun(s, n, karras), slots)
+        return (*sigma.heun(s, n, karras, start), slots)
     if kind == "DPMSolverMultistepScheduler":
-        return (*multistep.dpmpp_2m(s, n, karras, sde=info.name.startswith("dpmpp_2m_sde")), slots)
-    return multistep.unipc(s, n, karras)
+        return (*multistep.dpmpp_2m(s, n, karras, sde=info.name.startswith("dpmpp_2m_sde"), start=start), slots)
+    return multistep.unipc(s, n, karras, start)

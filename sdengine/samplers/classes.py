@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 from ..schedulers import SchedulerConfig
 
-_BASE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-             prediction_type="epsilon", steps_offset=0)
+_BASE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+         "prediction_type": "epsilon", "steps_offset": 0}
 
 CLASS_DEFAULTS: dict[str, dict] = {
     "DDIMScheduler": dict(_BASE, clip_sample=True, set_alpha_to_one=True, timestep_spacing="leading",

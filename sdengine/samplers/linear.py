@@ -1,15 +1,23 @@
 """Turning a sampler's loop into coefficient rows: latents as linear combinations, rows by solving for them.
 
 Every latent-shaped quantity a linear sampler handles (the sample, x0 predictions, stored model outputs) is a
-fixed linear combination of *atoms*: the initial latent, and each row's model output m_i and noise z_i. `Lin`
-is such a combination (a float64 vector over the atoms). A sampler is written as diffusers runs it, on `Lin`s
-instead of tensors: ask `TableBuilder.model(t, x)` for the model output at x (x must be the state's slot 0:
-the U-Net reads slot 0), `noise()` for the row's noise, and end the row with `keep(next_x, *history)`.
+fixed linear combination of *atoms*: the initial latent, and each row's model output m_i, noise z_i and blend
+p_i. `Lin` is such a combination (a float64 vector over the atoms). A sampler is written as diffusers runs it,
+on `Lin`s instead of tensors: ask `TableBuilder.model(t, x, level)` for the model output at x (x must be the
+state's slot 0, `TableBuilder.x`: the U-Net reads slot 0), `noise()` for the row's noise, and end the row with
+`keep(next_x, *history)`.
 
 `keep` then finds the row: the next state is S combinations of atoms; the coefficients on this row's m and z
 are read off, and the rest must be a combination of the current state's slots, found by least squares and
 checked to be exact. So a sampler only says *what* it remembers; *how* the slots map to one another falls
-out, and a sampler that needed a quantity it did not keep fails here, not at sampling time. numpy only.
+out, and a sampler that needed a quantity it did not keep fails here, not at sampling time.
+
+Inpainting changes slot 0 between rows (diffusers' pipelines blend the `latents` they pass to the next `step`
+with the noised known image), so after each row the builder adds a fresh atom p_i to slot 0: the slot is then
+"anything", as the blended latent is, and a row can only use what diffusers' step uses, its `sample` argument
+(slot 0, read afresh from `TableBuilder.x`) and what the scheduler stored (kept explicitly in other slots). A
+sampler that recovered a stored quantity from slot 0 (exact without a blend, wrong with one) fails in `keep`.
+numpy only.
 """
 
 from __future__ import annotations
@@ -54,9 +62,10 @@ class TableBuilder:
 
     def __init__(self, rows: int, slots: int):
         self.slots = slots
-        self._atoms = 1 + 2 * rows
+        self._atoms = 1 + 3 * rows  # x_init, then (m_i, z_i, p_i) per row
         self.state = [self._atom(0)] + [self.zero() for _ in range(slots - 1)]
         self.timesteps: list[float] = []
+        self.levels: list[tuple[float, float]] = []
         self.rows: list[np.ndarray] = []
         self._m: int | None = None
         self._z: int | None = None
@@ -71,19 +80,26 @@ class TableBuilder:
 
     @property
     def x(self) -> Lin:
-        """The initial latent (slot 0 before the first row), in the variance-preserving space."""
+        """Slot 0 now: the latent the next row's U-Net reads and diffusers' next `step` gets as `sample` (before
+        the first row the initial latent; after a row what the row left there plus that row's blend atom), in
+        the variance-preserving space."""
         return self.state[0]
 
-    def model(self, t: float, x: Lin) -> Lin:
-        """Open a row: the model output at timestep t for the input x (which must be what slot 0 holds)."""
+    def model(self, t: float, x: Lin, level: tuple[float, float]) -> Lin:
+        """Open a row: the model output at timestep t for the input x (which must be what slot 0 holds).
+
+        level: the VP (alpha, sigma) diffusers' add_noise uses for this row (at its step index or timestep):
+        where img2img starts when this is the first row, and the inpainting blend's level after the row before.
+        """
         if self._m is not None:
             raise RuntimeError("the previous row was not closed with keep()")
         i = len(self.timesteps)
-        if 2 + 2 * i >= self._atoms:
+        if 3 + 3 * i >= self._atoms:
             raise RuntimeError("more rows than the builder was sized for")
         self._check_same(x, self.state[0], "the model input is not the state's slot 0")
         self.timesteps.append(float(t))
-        self._m, self._z = 1 + 2 * i, None
+        self.levels.append((float(level[0]), float(level[1])))
+        self._m, self._z = 1 + 3 * i, None
         return self._atom(self._m)
 
     def noise(self) -> Lin:
@@ -117,18 +133,24 @@ class TableBuilder:
             raise RuntimeError(f"row {len(self.rows)}: the next state is not a combination of the current one "
                                f"(residual {err:.3g}): the sampler needs a slot it did not keep")
         self.rows.append(np.concatenate([a.reshape(-1), b, c]))
+        new[0, self._m + 2] = 1.0  # this row's blend atom p_i: slot 0 may be replaced before the next row
         self.state = [Lin(r) for r in new]
         self._m = self._z = None
 
-    def table(self) -> tuple[np.ndarray, np.ndarray]:
-        """(timesteps [R] float64, coefficient rows [R, S(S+2)] float32)."""
+    def table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(timesteps [R] float64, coefficient rows [R, S(S+2)] float32, levels [R + 1, 2] float64).
+
+        levels[i] is the VP (alpha, sigma) of row i's add_noise level (model(..., level)); levels[R] = (1, 0):
+        diffusers' inpainting blends the clean image latents after the last step.
+        """
         if self._m is not None:
             raise RuntimeError("the last row was not closed with keep()")
         rows = np.stack(self.rows)
         if not np.all(np.isfinite(rows)) or not np.all(np.isfinite(rows.astype(np.float32))):
             raise InvalidInputError("this step count and scheduler config give non-finite sampler coefficients; "
                                     "use fewer steps or another spacing")
-        return np.asarray(self.timesteps, np.float64), rows.astype(np.float32)
+        levels = np.array(self.levels + [(1.0, 0.0)], np.float64)
+        return np.asarray(self.timesteps, np.float64), rows.astype(np.float32), levels
 
     @staticmethod
     def _check_same(a: Lin, b: Lin, what: str) -> None:

@@ -4,6 +4,11 @@ Both work with alpha_t = 1/sqrt(1 + sigma^2), sigma_t = sigma alpha_t and the ha
 lambda_t = log(alpha_t / sigma_t) = -log(sigma), on data predictions x0_hat (DPM-Solver++ and UniPC's
 predict_x0), and remember the last one or more of them in history slots. diffusers' samples are VP latents,
 so the U-Net reads slot 0 unchanged.
+
+`start` is the first row that runs (img2img: t_start, with set_begin_index): the loop runs from that step index
+with the warm-up fresh (lower_order_nums 0, no stored outputs, no corrector on the first row), while the
+"last steps" of lower_order_final count from the end of the whole run, as diffusers' step_index does. A row's
+level (add_noise: sigmas[step_index], as alpha_t, sigma_t) is its own sigma.
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ def multistep_levels(s: SimpleNamespace, n: int, karras: bool, dpm: bool) -> tup
     return ts, np.concatenate([sigmas, [last_sigma]]).astype(np.float32)
 
 
-def dpmpp_2m(s: SimpleNamespace, n: int, karras: bool, sde: bool) -> tuple[TableBuilder, float]:
+def dpmpp_2m(s: SimpleNamespace, n: int, karras: bool, sde: bool, start: int = 0) -> tuple[TableBuilder, float]:
     """Lu et al. 2022, DPM-Solver++(2M) (Alg. 2): with h = lambda' - lambda and r = h_prev / h,
     x' = (sigma'/sigma) x - alpha' (e^-h - 1) (D + (D - D_prev) / (2r))    (midpoint; first order: D only);
     SDE form (sde-dpmsolver++, their eq. for the SDE solver):
@@ -93,11 +98,11 @@ def dpmpp_2m(s: SimpleNamespace, n: int, karras: bool, sde: bool) -> tuple[Table
     ts, sig = multistep_levels(s, n, karras, dpm=True)
     sig = sig.astype(np.float64)
     count = len(ts)
-    b = TableBuilder(count, 2)
-    x = b.x
+    b = TableBuilder(count - start, 2)
     prev_d: Lin | None = None
-    for i, t in enumerate(ts):
-        m = b.model(t, x)
+    for i in range(start, count):
+        t, x = ts[i], b.x
+        m = b.model(t, x, levels.vp(sig[i]))
         final = i == count - 1 and (s.euler_at_final or (s.lower_order_final and count < 15)
                                     or s.final_sigmas_type == "zero")
         d = _x0(x, m, sig[i], s.prediction_type)
@@ -156,13 +161,14 @@ def _unipc_coefficients(order: int, rks: list[float], hh: float, bh2: bool, corr
     return h_phi_1, b_h, rhos
 
 
-def unipc(s: SimpleNamespace, n: int, karras: bool) -> tuple[TableBuilder, float, int]:
+def unipc(s: SimpleNamespace, n: int, karras: bool, start: int = 0) -> tuple[TableBuilder, float, int]:
     """Zhao et al. 2023, UniPC: the UniP-p predictor x' = (sigma'/sigma) x - alpha' h phi_1 D - alpha' B(h)
     sum rho_k D1_k (D1_k = (D_k - D) / r_k), then at the next level, once the model has been evaluated there,
     the UniC corrector redoes the step with the new data prediction included (order + 1 accuracy) and the
     predictor continues from the corrected x. The model is evaluated only at predicted points (the corrector
-    costs no evaluation). Slots: x and the last `solver_order` data predictions; the corrected x is recovered
-    from them (a row's x' has a nonzero weight on it).
+    costs no evaluation). Slots: x, the next row's corrector less its term in the next data prediction (it
+    reads diffusers' stored last_sample and outputs, not the latents the pipeline passes back, which inpainting
+    blends), and the last `solver_order - 1` data predictions.
     """
     order = s.solver_order
     if order > 3:
@@ -173,21 +179,20 @@ def unipc(s: SimpleNamespace, n: int, karras: bool) -> tuple[TableBuilder, float
     count = len(ts)
     bh2 = s.solver_type == "bh2"
     x0 = s.predict_x0
-    b = TableBuilder(count, order + 1)
-    sample = b.x
+    b = TableBuilder(count - start, order + 1)
     outputs: list[Lin] = []  # newest last, at most `order`
     last_sample: Lin | None = None
     this_order = 0
     lower_nums = 0
 
-    def update(start: Lin, i_from: int, i_to: int, hist_idx: list[int], hist: list[Lin], m0: Lin, k: int,
+    def update(x_from: Lin, i_from: int, i_to: int, hist_idx: list[int], hist: list[Lin], m0: Lin, k: int,
                corrector_m: Lin | None) -> Lin:
         a_t, s_t, l_t = _lam(sig[i_to])
         a_s, s_s, l_s = _lam(sig[i_from])
         h = l_t - l_s
         if h == 0:
             _coinciding(i_from, count)
-            return start  # the last predictor between equal levels: diffusers' step is x
+            return x_from  # the last predictor between equal levels: diffusers' step is x
         rks, d1s = [], []
         for j, mi in zip(hist_idx, hist):
             _, _, l_j = _lam(sig[j])
@@ -197,16 +202,17 @@ def unipc(s: SimpleNamespace, n: int, karras: bool) -> tuple[TableBuilder, float
         hh = -h if x0 else h
         h_phi_1, b_h, rhos = _unipc_coefficients(k, rks, hh, bh2, corrector_m is not None)
         if x0:
-            base, w = (s_t / s_s) * start - (a_t * h_phi_1) * m0, a_t * b_h
+            base, w = (s_t / s_s) * x_from - (a_t * h_phi_1) * m0, a_t * b_h
         else:
-            base, w = (a_t / a_s) * start - (s_t * h_phi_1) * m0, s_t * b_h
+            base, w = (a_t / a_s) * x_from - (s_t * h_phi_1) * m0, s_t * b_h
         res = sum(float(r) * d for r, d in zip(rhos, d1s))
         if corrector_m is not None:
             res = res + float(rhos[-1]) * (corrector_m - m0)
         return base - w * res if not isinstance(res, int) else base
 
-    for i, t in enumerate(ts):
-        m = b.model(t, sample)
+    for i in range(start, count):
+        t, sample = ts[i], b.x
+        m = b.model(t, sample, levels.vp(sig[i]))
         conv = _x0(sample, m, sig[i], s.prediction_type) if x0 else _eps(sample, m, sig[i], s.prediction_type)
         if i > 0 and (i - 1) not in s.disable_corrector and last_sample is not None:
             k = this_order
@@ -219,6 +225,10 @@ def unipc(s: SimpleNamespace, n: int, karras: bool) -> tuple[TableBuilder, float
         hist = [outputs[-(j + 1)] for j in range(1, this_order)]
         nxt = update(sample, i, i + 1, [i - j for j in range(1, this_order)], hist, outputs[-1], this_order, None)
         lower_nums = min(lower_nums + 1, order)
-        sample = nxt
-        b.keep(nxt, *reversed(outputs))
+        corrector = b.zero()  # the next row's corrector with a zero new output: linear, so a slot holds it
+        if i + 1 < count and i not in s.disable_corrector:
+            hist = [outputs[-(j + 1)] for j in range(1, this_order)]
+            corrector = update(last_sample, i, i + 1, [i - j for j in range(1, this_order)], hist, outputs[-1],
+                               this_order, b.zero())
+        b.keep(nxt, corrector, *reversed(outputs[len(outputs) - (order - 1):]))
     return b, 1.0, order + 1

@@ -6,6 +6,11 @@ keep that VP latent in slot 0, so the change of variable is folded into the rows
 x_sigma, takes diffusers' step, and converts back at the next sigma. The last row leaves diffusers' own final
 sample (at sigma = 0 the two spaces agree; at final_sigmas_type "sigma_min" it is x_sigma, what the pipeline
 decodes).
+
+`start` is the first row of diffusers' timesteps that runs (img2img: t_start * order, with set_begin_index):
+the loop runs from the level at that step index, with the class's state as set_timesteps leaves it. Its
+add_noise is x0 + sigma noise with sigma = sigmas[step_index] (the begin index before the first step): in VP
+space the level (1, sigma) / sqrt(1 + sigma^2) of the row's own sigma.
 """
 
 from __future__ import annotations
@@ -57,7 +62,14 @@ def _vp(sigma: float) -> float:
     return 1.0 / math.sqrt(sigma**2 + 1)
 
 
-def euler(s: SimpleNamespace, n: int, karras: bool) -> tuple[TableBuilder, float]:
+def _init_scale(s: SimpleNamespace, sig: np.ndarray, start: int) -> float:
+    """diffusers' init_noise_sigma (of the whole run) as a VP multiplier at the first row that runs."""
+    top = float(sig.max())
+    init = top if s.timestep_spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
+    return init * _vp(float(sig[start]))
+
+
+def euler(s: SimpleNamespace, n: int, karras: bool, start: int = 0) -> tuple[TableBuilder, float]:
     """Karras et al. 2022, Alg. 1 without churn: x' = x + (sigma' - sigma) (x - x0_hat) / sigma."""
     if s.interpolation_type != "linear":
         raise InvalidInputError(f"Euler with interpolation_type {s.interpolation_type!r} is not supported; "
@@ -65,60 +77,64 @@ def euler(s: SimpleNamespace, n: int, karras: bool) -> tuple[TableBuilder, float
     if s.timestep_type != "discrete" and s.prediction_type == "v_prediction":
         raise InvalidInputError(f"Euler with timestep_type {s.timestep_type!r} is not supported; only 'discrete'")
     rescale = s.rescale_betas_zero_snr
-    ts, sig, init_scale = sigma_levels(s, n, karras, rescale, s.final_sigmas_type == "sigma_min")
+    ts, sig, _ = sigma_levels(s, n, karras, rescale, s.final_sigmas_type == "sigma_min")
     sig = sig.astype(np.float64)
-    b = TableBuilder(len(ts), 1)
-    sample = b.x / _vp(sig[0])
-    for i, t in enumerate(ts):
-        sg, nxt = sig[i], sig[i + 1]
-        m = b.model(t, sample * _vp(sg))
+    b = TableBuilder(len(ts) - start, 1)
+    for i in range(start, len(ts)):
+        t, sg, nxt = ts[i], sig[i], sig[i + 1]
+        sample = b.x / _vp(sg)
+        m = b.model(t, b.x, levels.vp(sg))
         d = (sample - x0_sigma(sample, m, sg, s.prediction_type)) / sg
         sample = sample + d * (nxt - sg)
         b.keep(sample * _vp(nxt) if i + 1 < len(ts) else sample)
-    return b, init_scale
+    return b, _init_scale(s, sig, start)
 
 
-def euler_ancestral(s: SimpleNamespace, n: int) -> tuple[TableBuilder, float]:
+def euler_ancestral(s: SimpleNamespace, n: int, start: int = 0) -> tuple[TableBuilder, float]:
     """Karras et al. 2022 / k-diffusion's ancestral Euler: an Euler step down to sigma_down, then fresh noise
     sigma_up z, with sigma_up^2 = sigma'^2 (sigma^2 - sigma'^2) / sigma^2 and sigma_down^2 = sigma'^2 - sigma_up^2
     (DDPM's ancestral variance, Ho et al. 2020, in sigma space)."""
     rescale = s.rescale_betas_zero_snr
-    ts, sig, init_scale = sigma_levels(s, n, False, rescale, False)
+    ts, sig, _ = sigma_levels(s, n, False, rescale, False)
     sig = sig.astype(np.float64)
-    b = TableBuilder(len(ts), 1)
-    sample = b.x / _vp(sig[0])
-    for i, t in enumerate(ts):
-        sg, nxt = sig[i], sig[i + 1]
-        m = b.model(t, sample * _vp(sg))
+    b = TableBuilder(len(ts) - start, 1)
+    for i in range(start, len(ts)):
+        t, sg, nxt = ts[i], sig[i], sig[i + 1]
+        sample = b.x / _vp(sg)
+        m = b.model(t, b.x, levels.vp(sg))
         up = math.sqrt(nxt**2 * (sg**2 - nxt**2) / sg**2)
         down = math.sqrt(max(nxt**2 - up**2, 0.0))
         d = (sample - x0_sigma(sample, m, sg, s.prediction_type)) / sg
         sample = sample + d * (down - sg) + up * b.noise()
         b.keep(sample * _vp(nxt) if i + 1 < len(ts) else sample)
-    return b, init_scale
+    return b, _init_scale(s, sig, start)
 
 
-def heun(s: SimpleNamespace, n: int, karras: bool) -> tuple[TableBuilder, float]:
+def heun(s: SimpleNamespace, n: int, karras: bool, start: int = 0) -> tuple[TableBuilder, float]:
     """Karras et al. 2022, Alg. 1 (churn 0): an Euler predictor to sigma', the model again there, and the step
     redone with the mean of both slopes (trapezoidal rule). The last step (to sigma = 0) stays first order.
-    Rows: 2n - 1. Slots: the predicted x and the x it was predicted from.
+    Rows: 2n - 1, diffusers' interleaved steps (first order at sigmas[2k] = sigma_k, second at sigmas[2k + 1] =
+    sigma_{k+1}); start is even (t_start * order 2). Slots: the predicted x, and what diffusers' second step adds
+    to its own slope: the stored sample plus half the first slope's step, sample + d1 dt / 2.
     """
-    ts, sig, init_scale = sigma_levels(s, n, karras, False, False)
+    ts, sig, _ = sigma_levels(s, n, karras, False, False)
     sig = sig.astype(np.float64)
-    b = TableBuilder(2 * len(ts) - 1, 2)
-    sample = b.x / _vp(sig[0])
-    for i, t in enumerate(ts):
-        sg, nxt = sig[i], sig[i + 1]
-        m = b.model(t, sample * _vp(sg))
+    k0 = start // 2
+    b = TableBuilder(2 * (len(ts) - k0) - 1, 2)
+    for i in range(k0, len(ts)):
+        t, sg, nxt = ts[i], sig[i], sig[i + 1]
+        sample = b.x / _vp(sg)
+        m = b.model(t, b.x, levels.vp(sg))
         d1 = (sample - x0_sigma(sample, m, sg, s.prediction_type)) / sg
         dt = nxt - sg
         predicted = sample + d1 * dt
         if i + 1 == len(ts):
             b.keep(predicted)
             break
-        b.keep(predicted * _vp(nxt), sample * _vp(sg))
-        m2 = b.model(ts[i + 1], predicted * _vp(nxt))
+        half = sample + d1 * (dt / 2)  # diffusers keeps sample, d1 and dt; its second step only needs this
+        b.keep(predicted * _vp(nxt), half * _vp(nxt))
+        predicted = b.x / _vp(nxt)  # the latents the pipeline passes back (blended when inpainting)
+        m2 = b.model(ts[i + 1], b.x, levels.vp(nxt))
         d2 = (predicted - x0_sigma(predicted, m2, nxt, s.prediction_type)) / nxt
-        sample = sample + (d1 + d2) / 2 * dt
-        b.keep(sample * _vp(nxt))
-    return b, init_scale
+        b.keep((half + d2 * (dt / 2)) * _vp(nxt))
+    return b, _init_scale(s, sig, k0)

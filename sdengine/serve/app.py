@@ -24,6 +24,7 @@ from ..errors import InvalidInputError, NonFiniteOutputError
 from ..metadata import GenerationInfo, png_bytes
 from ..pipeline import model_name
 from .batcher import Batcher, BatchAbandoned, Job, ModelThread, QueueFull, Unavailable
+from .edits import parse_edit
 from .metrics import CONTENT_TYPE, ServeMetrics
 from .schema import MAX_BODY_BYTES, GenerationRequest, Limits, RequestError, parse_generation
 from .settings import ServeSettings
@@ -98,7 +99,13 @@ class Service:
 
     def _warm_up(self) -> None:
         width, height = self.limits.default_size
-        self.pipeline("warm-up", num_inference_steps=self.settings.warmup_steps, seed=0, width=width, height=height)
+        image = {}
+        if self.pipeline.config.inpainting:  # an inpainting model always takes an image and a mask
+            import numpy as np
+
+            image = dict(image=np.zeros((height, width, 3), np.uint8), mask_image=np.ones((height, width), np.float32))
+        self.pipeline("warm-up", num_inference_steps=self.settings.warmup_steps, seed=0, width=width, height=height,
+                      **image)
 
     def begin_drain(self) -> None:
         """From the signal handler: stop taking requests, let the running batch finish."""
@@ -129,7 +136,8 @@ class Service:
                                negative_prompt=[r.negative_prompt for r in requests for _ in range(r.n)],
                                num_inference_steps=first.steps, guidance_scale=first.guidance_scale, eta=first.eta,
                                seed=[s for r in requests for s in r.seeds], width=first.width, height=first.height,
-                               callback=callback, scheduler=first.scheduler)
+                               callback=callback, scheduler=first.scheduler, image=first.image,
+                               mask_image=first.mask, strength=first.strength)
         if result.vae_fp32_fallback:
             self.metrics.vae_fp32_fallbacks.inc()
         return list(zip(result.images, result.infos))
@@ -151,10 +159,23 @@ class Service:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def generate(self, request: Request) -> Response:
+        """POST /v1/images/generations (JSON)."""
+        return await self._serve(request, self._parse_generation)
+
+    async def edit(self, request: Request) -> Response:
+        """POST /v1/images/edits (multipart: image, mask and the generation fields)."""
+        return await self._serve(request, lambda r: parse_edit(r, self.limits, _read_body))
+
+    async def _parse_generation(self, request: Request) -> GenerationRequest:
+        body = await _read_body(request)
+        # Off the event loop: tokenizing a 64 KiB prompt takes a noticeable fraction of a second.
+        return await asyncio.to_thread(parse_generation, body, self.limits)
+
+    async def _serve(self, request: Request, parse: Callable[[Request], Any]) -> Response:
         started = time.monotonic()
         outcome, response = "error", None
         try:
-            outcome, response = await self._generate(request, started)
+            outcome, response = await self._generate(request, started, parse)
         except Exception:  # noqa: BLE001
             log.exception("generation request failed")
             response = error_response(500, "internal error while generating; see the server log")
@@ -164,16 +185,15 @@ class Service:
             self.metrics.request_seconds.observe(time.monotonic() - started)
         return response
 
-    async def _generate(self, request: Request, started: float) -> tuple[str, Response]:
+    async def _generate(self, request: Request, started: float, parse: Callable[[Request], Any]
+                        ) -> tuple[str, Response]:
         if self.state != "ready":
             message = ("the server is shutting down" if self.state == "draining" else
                        "the model is still loading; retry shortly" if self.state == "loading" else
                        "the model failed to load")
             return "unavailable", error_response(503, message, headers={"Retry-After": "5"})
         try:
-            body = await _read_body(request)
-            # Off the event loop: tokenizing a 64 KiB prompt takes a noticeable fraction of a second.
-            req = await asyncio.to_thread(parse_generation, body, self.limits)
+            req = await parse(request)
         except RequestError as exc:
             return "invalid", error_response(exc.status, exc.message, exc.param)
         except ClientDisconnect:
@@ -227,19 +247,19 @@ class Service:
                                    f"{self.settings.timeout_s:g} s (timed out {where})")
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, refusing more than MAX_BODY_BYTES before reading it all."""
+async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, refusing more than `limit` bytes before reading it all."""
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
             raise RequestError(400, f"invalid Content-Length {length!r}")
-        if int(length) > MAX_BODY_BYTES:
-            raise RequestError(413, f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+        if int(length) > limit:
+            raise RequestError(413, f"request body is {length} bytes; the limit is {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise RequestError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes")
+        if size > limit:
+            raise RequestError(413, f"request body is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -279,7 +299,8 @@ def limits_for(pipeline: Any, settings: ServeSettings) -> tuple[Limits, int]:
                     height_range=height_range, max_pixels=settings.max_pixels, max_images=max_batch,
                     default_steps=settings.default_steps, max_steps=settings.max_steps,
                     max_prompt_tokens=tokenizer.max_length - 2, count_tokens=lambda text: len(tokenizer.encode(text)),
-                    scheduler=config.scheduler, slots=None if ranges is None else ranges.slots)
+                    scheduler=config.scheduler, slots=None if ranges is None else ranges.slots,
+                    inpainting=config.inpainting)
     if size[0] * size[1] > settings.max_pixels:
         raise InvalidInputError(f"--max-pixels {settings.max_pixels} is below the model's own size "
                                 f"{size[0]}x{size[1]}; raise it")
@@ -302,6 +323,7 @@ def create_app(service: Service) -> Starlette:
                               headers=getattr(exc, "headers", None))
 
     routes = [Route("/v1/images/generations", service.generate, methods=["POST"]),
+              Route("/v1/images/edits", service.edit, methods=["POST"]),
               Route("/v1/models", service.models, methods=["GET"]),
               Route("/v2/health/live", service.live, methods=["GET"]),
               Route("/v2/health/ready", service.ready, methods=["GET"]),

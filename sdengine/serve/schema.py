@@ -27,6 +27,7 @@ SIZE_RE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 IGNORED = ("model", "user", "quality", "style")
 FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "seed", "steps", "guidance_scale", "eta",
           "scheduler", *IGNORED)
+EDIT_FIELDS = (*FIELDS, "strength")  # POST /v1/images/edits: these as form fields, and the files image and mask
 
 
 class RequestError(Exception):
@@ -53,6 +54,7 @@ class Limits:
     count_tokens: Callable[[str], int] = len
     scheduler: SchedulerConfig | None = None
     slots: int | None = None         # an export's denoise-step state: samplers needing more are refused
+    inpainting: bool = False         # a 9-channel U-Net: every request needs an image and a mask (edits)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,10 @@ class GenerationRequest:
     eta: float
     seed: int
     scheduler: str = "ddim"  # canonical sampler name
+    image: bytes | None = None       # an edit's image, as uploaded (checked)
+    mask: Any = None                 # an edit's mask: [H, W] floats, 1 where the image is repainted
+    strength: float | None = None
+    inputs_key: str = ""             # sha256 of the image and mask: edits batch only with the same ones
 
     @property
     def seeds(self) -> list[int]:
@@ -76,9 +82,10 @@ class GenerationRequest:
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys share one denoise loop: the same sampler table (sampler, steps, eta),
-        guidance scale and size."""
-        return (self.width, self.height, self.scheduler, self.steps, self.guidance_scale, self.eta)
+        """Requests with equal keys share one denoise loop: the same sampler table (sampler, steps, eta,
+        strength), guidance scale, size, and for edits the same image and mask."""
+        return (self.width, self.height, self.scheduler, self.steps, self.guidance_scale, self.eta, self.strength,
+                self.inputs_key)
 
 
 def _invalid(message: str, param: str | None = None) -> RequestError:
@@ -158,10 +165,12 @@ def _side(name: str, value: int, limits: Limits, profile: tuple[int, int] | None
                        "size")
 
 
-def _size(data: dict, limits: Limits) -> tuple[int, int]:
+def _size(data: dict, limits: Limits, default: tuple[int, int] | None = None) -> tuple[int, int]:
     value = data.get("size")
     if value is None:
-        return limits.default_size
+        if default is None:
+            return limits.default_size
+        value = f"{default[0]}x{default[1]}"
     match = SIZE_RE.match(value) if isinstance(value, str) else None
     if match is None:
         raise _invalid(f"size must be a string \"WIDTHxHEIGHT\" such as \"{limits.default_size[0]}x"
@@ -177,10 +186,18 @@ def _size(data: dict, limits: Limits) -> tuple[int, int]:
 
 def parse_generation(body: bytes, limits: Limits) -> GenerationRequest:
     """Validate a request body against `limits`; RequestError says what is wrong."""
-    data = parse_json(body)
-    unknown = sorted(set(data) - set(FIELDS))
+    return validate(parse_json(body), limits)
+
+
+def validate(data: dict, limits: Limits, edit: Any = None) -> GenerationRequest:
+    """The fields of a generation (JSON) or an edit (form fields, with `edit` its checked image and mask)."""
+    fields = EDIT_FIELDS if edit is not None else FIELDS
+    if limits.inpainting and (edit is None or edit.mask is None):
+        raise _invalid("this server runs an inpainting model: send an image and a mask to POST /v1/images/edits",
+                       "mask" if edit is not None else None)
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise _invalid(f"unknown field(s): {', '.join(unknown)}; accepted: {', '.join(FIELDS)}", unknown[0])
+        raise _invalid(f"unknown field(s): {', '.join(unknown)}; accepted: {', '.join(fields)}", unknown[0])
     fmt = data.get("response_format")
     if fmt is not None and fmt != "b64_json":
         raise _invalid(f"response_format {json.dumps(fmt)} is not supported; only \"b64_json\" is",
@@ -191,18 +208,27 @@ def parse_generation(body: bytes, limits: Limits) -> GenerationRequest:
     prompt = _text(data, "prompt", limits, required=True)
     negative = _text(data, "negative_prompt", limits, required=False)
     n = _int(data, "n", 1, 1, limits.max_images)
-    width, height = _size(data, limits)
+    width, height = _size(data, limits, None if edit is None else edit.default_size)
     steps = _int(data, "steps", limits.default_steps, 1, limits.max_steps)
     guidance = _number(data, "guidance_scale", 7.5)
     eta = _number(data, "eta", 0.0)
     seed = _int(data, "seed", None, 0, MAX_SEED - n + 1)
-    scheduler = _scheduler(data, limits, steps, eta)
+    strength = None if edit is None else _strength(data, edit.mask is not None)
+    scheduler = _scheduler(data, limits, steps, eta, strength or 1.0)
+    extra = {} if edit is None else dict(image=edit.image, mask=edit.mask, strength=strength, inputs_key=edit.key)
     return GenerationRequest(prompt=prompt, negative_prompt=negative, n=n, width=width, height=height, steps=steps,
                              guidance_scale=guidance, eta=eta,
-                             seed=secrets.randbelow(2**32) if seed is None else seed, scheduler=scheduler)
+                             seed=secrets.randbelow(2**32) if seed is None else seed, scheduler=scheduler, **extra)
 
 
-def _scheduler(data: dict, limits: Limits, steps: int, eta: float) -> str:
+def _strength(data: dict, masked: bool) -> float:
+    value = _number(data, "strength", 1.0 if masked else 0.8)
+    if not 0 < value <= 1:
+        raise _invalid(f"strength must be in (0, 1], got {value}", "strength")
+    return value
+
+
+def _scheduler(data: dict, limits: Limits, steps: int, eta: float, strength: float = 1.0) -> str:
     """The canonical sampler name, checked against the model's schedule and the export's state slots."""
     value = data.get("scheduler", "ddim")
     if not isinstance(value, str):
@@ -211,11 +237,12 @@ def _scheduler(data: dict, limits: Limits, steps: int, eta: float) -> str:
     try:
         name = canonical_name(value)
         if limits.scheduler is not None:  # the table's own limits: steps within the training steps, eta's range
-            schedule = build_schedule(limits.scheduler, name, steps, eta)
+            schedule = build_schedule(limits.scheduler, name, steps, eta, strength=strength)
             if limits.slots is not None:
                 fit_slots(schedule, limits.slots, "re-export the model with sdengine export --state-slots {slots}")
     except InvalidInputError as exc:
         text = str(exc)
-        param = "eta" if text.startswith("eta") else "steps" if "step" in text else "scheduler"
+        param = "eta" if text.startswith("eta") else "strength" if text.startswith("strength") else \
+            "steps" if "step" in text else "scheduler"
         raise _invalid(text, param) from None
     return name

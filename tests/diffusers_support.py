@@ -1,0 +1,58 @@
+"""Driving diffusers as an oracle with sdengine's noise: patches of its noise and posterior sources."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def fed_noise(scheduler, noise: np.ndarray | None):
+    """diffusers' scheduler draws row i's noise from `noise[i]` (i = the step call), as sdengine does."""
+    import torch
+
+    module = importlib.import_module(type(scheduler).__module__)
+    calls = {"row": -1}
+    original_step, original_randn = scheduler.step, getattr(module, "randn_tensor", None)
+
+    def step(*args, **kwargs):
+        calls["row"] += 1
+        return original_step(*args, **kwargs)
+
+    def randn(shape, *args, **kwargs):
+        row = noise[calls["row"]]
+        assert tuple(shape) == row.shape, (shape, row.shape)
+        return torch.from_numpy(row.copy())
+
+    scheduler.step = step
+    if original_randn is not None and noise is not None:
+        module.randn_tensor = randn
+    try:
+        yield calls
+    finally:
+        del scheduler.step
+        if original_randn is not None:
+            module.randn_tensor = original_randn
+
+
+@contextlib.contextmanager
+def fed_start(pipeline, unit: np.ndarray):
+    """The pipeline's initial noise is `unit`, and the VAE encodes to its posterior's mean (sdengine's default)."""
+    import torch
+
+    module = importlib.import_module(type(pipeline).__module__)
+    originals = {name: getattr(module, name) for name in ("randn_tensor", "retrieve_latents") if hasattr(module, name)}
+
+    def randn(shape, *args, **kwargs):
+        assert tuple(shape) == unit.shape, (shape, unit.shape)
+        return torch.from_numpy(unit.copy())
+
+    module.randn_tensor = randn
+    module.retrieve_latents = lambda output, generator=None, sample_mode="sample": output.latent_dist.mode()
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(module, name, value)
