@@ -559,6 +559,20 @@ def edit(port: int, fields: dict, files: dict, timeout: float = 120.0) -> tuple[
     return status, json.loads(raw) if raw else {}
 
 
+def test_openai_client_generates_images(server):
+    """The official openai client's images.generate against the server, with sdengine's fields as extra_body."""
+    openai = pytest.importorskip("openai")
+    from a1111_infotext import parse
+
+    client = openai.OpenAI(base_url=f"http://{HOST}:{server.port}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(prompt="a blue square", n=2, size="64x64", response_format="b64_json",
+                                    extra_body={"steps": 2, "seed": 7, "scheduler": "dpmpp_2m"})
+    images = [decode_png(d.b64_json) for d in result.data]
+    assert [im.size for im in images] == [(64, 64)] * 2
+    assert [parse(im.text["parameters"])["Seed"] for im in images] == ["7", "8"]
+    assert parse(images[0].text["parameters"])["Sampler"] == "DPM++ 2M"
+
+
 def test_openai_client_edits_an_image(server):
     """The official openai client's images.edit against the server: a PNG of the asked size with its parameters."""
     openai = pytest.importorskip("openai")
