@@ -1,13 +1,20 @@
 """Quality against steps for every sampler (issue 12's third proof), in two parts:
 
     python benchmarks/sampler_quality.py ode --json ode.json          # SD 1.5-shaped random U-Net, ~1 h on 2 cores
-    python benchmarks/sampler_quality.py checker --json checker.json  # the embedded demo model, ~5 min
+    python benchmarks/sampler_quality.py ode --cache ode-cache --threads 1 --samplers ddim --steps 999 &  # or split:
+    python benchmarks/sampler_quality.py ode --cache ode-cache --threads 1 --skip-reference                # 2 processes,
+    python benchmarks/sampler_quality.py ode --cache ode-cache --json ode.json                            # then the table
+    python benchmarks/sampler_quality.py ode --model demo --seeds 8 --json ode-demo.json   # the embedded model
+    python benchmarks/sampler_quality.py checker --json checker.json  # the embedded demo model, ~17 min
 
 `ode`: an SD 1.5-shaped U-Net with random weights (seed 0) still defines the sampling ODE; from one
 initial noise, each deterministic sampler runs at 5, 10, 15, 20, 30 and 50 steps, and the distance of
 its final latent from a 999-step DDIM reference (1000 would reach t = 1000 with SD 1.5's leading spacing and offset 1) is reported (relative L2). Guidance 7.5 over random
 unconditional and conditional contexts; a 16x16 latent (128 px) keeps the 1000-step reference near
 half an hour on 2 cores. The torch reference step (U-Net + guidance + the table's update) runs every row.
+`--model demo`: the same on the embedded model's trained U-Net at 64 px, `--seeds N` samples in one batch,
+each its own initial noise and prompt (N of the 54, drawn with seed 0) against the empty prompt; the mean,
+median and largest relative L2 over the samples are reported.
 
 `checker`: the demo model's 54 colour x shape x background prompts (seeds never used in training, as
 tests/test_demo.py), guidance 5, for each sampler and step count; sdengine.demo.checker reads every image
@@ -21,6 +28,7 @@ import json
 import sys
 import time
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 
@@ -28,15 +36,27 @@ ODE_SAMPLERS = ("ddim", "euler", "euler_karras", "heun", "dpmpp_2m", "dpmpp_2m_k
 CHECKER_SAMPLERS = ("ddim", "euler_a", "dpmpp_2m_karras", "unipc")
 
 
-def run_table(step, schedule, init, context, guidance, torch):
-    """Every row of `schedule` from the unit noise `init` through the torch step; the final latent."""
+def run_table(step, schedule, init, context, guidance, torch, checkpoint: Path | None = None, every: int = 20):
+    """Every row of `schedule` from the unit noise `init` through the torch step; the final latent.
+
+    With `checkpoint`, the state is saved there every `every` rows and a run resumes from it (the rows are
+    deterministic, so a resumed run ends where an uninterrupted one would)."""
     state = torch.zeros((schedule.slots, *init.shape))
     state[0] = torch.from_numpy(init) * schedule.init_scale
+    first = 0
+    if checkpoint is not None and checkpoint.exists():
+        saved = np.load(checkpoint)
+        first, state = int(saved["row"]), torch.from_numpy(saved["state"])
+        print(json.dumps({"resumed": checkpoint.name, "row": first, "of": schedule.num_rows}), flush=True)
     rows = torch.from_numpy(schedule.coefficients)
     scale = torch.tensor(guidance)
     with torch.inference_mode():
-        for i in range(schedule.num_rows):
+        for i in range(first, schedule.num_rows):
             state = step(state, torch.tensor([float(schedule.timesteps[i])]), context, scale, rows[i])
+            if checkpoint is not None and (i + 1) % every == 0 and i + 1 < schedule.num_rows:
+                tmp = checkpoint.with_name(checkpoint.name + ".tmp.npz")
+                np.savez(tmp, row=i + 1, state=state.numpy())
+                tmp.replace(checkpoint)
     return state[0].numpy()
 
 
@@ -50,18 +70,44 @@ def ode(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = ModelConfig.sd15()
-    step = DenoiseStep(UNet(cfg.unet).eval())
     rng = np.random.default_rng(0)
-    side = args.size // cfg.vae.downscale
-    init = rng.standard_normal((1, 4, side, side), dtype=np.float32)
-    context = torch.from_numpy(rng.standard_normal((2, 77, 768), dtype=np.float32))
+    if args.model == "demo":  # the trained embedded model, on a real prompt (unconditional row first)
+        import sdengine
+
+        pipe = sdengine.load_pipeline(threads=args.threads)
+        cfg, step = pipe.config, pipe.backend.step
+        from sdengine.demo.shapes import BACKGROUNDS, COLOURS, SHAPES
+
+        cases = list(product(COLOURS, SHAPES, BACKGROUNDS))
+        picked = [cases[i] for i in rng.permutation(len(cases))[: args.seeds]]
+        prompts = [f"a {c} {s} on a {b} background" for c, s, b in picked]
+        context = pipe.backend.encode_text(pipe.tokenizer([""] * len(prompts) + prompts)).float()
+        side = (args.size or cfg.default_size) // cfg.vae.downscale
+    else:
+        cfg = ModelConfig.sd15()
+        step = DenoiseStep(UNet(cfg.unet).eval())
+        side = (args.size or 128) // cfg.vae.downscale
+        context = None
+    # one initial noise (and, for demo, one prompt) per sample; the batch runs them together
+    init = rng.standard_normal((args.seeds, cfg.unet.out_channels, side, side), dtype=np.float32)
+    if context is None:
+        context = torch.from_numpy(rng.standard_normal((2 * args.seeds, 77, 768), dtype=np.float32))
 
     def final(name: str, steps: int) -> np.ndarray:
-        return run_table(step, build_schedule(cfg.scheduler, name, steps), init, context, args.guidance, torch)
+        """The final latent, from --cache when an earlier run (or a parallel one) saved it."""
+        path = Path(args.cache) / f"{name}-{steps}.npy" if args.cache else None
+        if path is not None and path.exists():
+            return np.load(path)
+        partial = None if path is None else path.with_name(f"{name}-{steps}.partial.npz")
+        got = run_table(step, build_schedule(cfg.scheduler, name, steps), init, context, args.guidance, torch, partial)
+        if path is not None:
+            np.save(path.with_suffix(".tmp.npy"), got)
+            path.with_suffix(".tmp.npy").replace(path)
+            partial.unlink(missing_ok=True)
+        return got
 
     start = time.perf_counter()
-    ref = final("ddim", args.reference_steps)
+    ref = None if args.skip_reference else final("ddim", args.reference_steps)
     out = {"reference": {"sampler": "ddim", "steps": args.reference_steps,
                          "seconds": round(time.perf_counter() - start, 1)}, "rel_l2": {}}
     print(json.dumps(out["reference"]), flush=True)
@@ -69,9 +115,14 @@ def ode(args: argparse.Namespace) -> dict:
         out["rel_l2"][name] = {}
         for steps in args.steps:
             got = final(name, steps)
-            rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-            out["rel_l2"][name][steps] = rel
-            print(json.dumps({"sampler": name, "steps": steps, "rel_l2": rel}), flush=True)
+            if ref is None:  # --skip-reference: the latents only go to --cache
+                print(json.dumps({"sampler": name, "steps": steps, "cached": True}), flush=True)
+                continue
+            rels = [float(np.linalg.norm(g - f) / np.linalg.norm(f)) for g, f in zip(got, ref)]
+            out["rel_l2"][name][steps] = {"mean": float(np.mean(rels)), "median": float(np.median(rels)),
+                                          "max": max(rels), "each": rels}
+            print(json.dumps({"sampler": name, "steps": steps, "rel_l2_mean": np.mean(rels),
+                              "rel_l2_median": np.median(rels), "max": max(rels)}), flush=True)
     return out
 
 
@@ -105,8 +156,15 @@ def main() -> None:
     o.add_argument("--samplers", nargs="+", default=list(ODE_SAMPLERS))
     o.add_argument("--steps", type=int, nargs="+", default=[5, 10, 15, 20, 30, 50])
     o.add_argument("--reference-steps", type=int, default=999)  # leading spacing + offset 1: 1000 would reach t=1000
-    o.add_argument("--size", type=int, default=128)
+    o.add_argument("--model", choices=("sd15", "demo"), default="sd15",
+                   help="sd15: SD 1.5-shaped random weights (seed 0); demo: the embedded model (trained)")
+    o.add_argument("--size", type=int, default=None, help="image side (default 128 for sd15, 64 for demo)")
+    o.add_argument("--seeds", type=int, default=1, help="samples (initial noises; demo: prompts too), as one batch")
     o.add_argument("--guidance", type=float, default=7.5)
+    o.add_argument("--cache", help="folder for each run's final latent (NAME-STEPS.npy): reused when present, so "
+                                   "runs can be split over processes (e.g. one with --samplers ddim --steps 999 for "
+                                   "the reference) and a last run reads them all")
+    o.add_argument("--skip-reference", action="store_true", help="only compute (and cache) the samplers' latents")
     c = sub.add_parser("checker")
     c.add_argument("--samplers", nargs="+", default=list(CHECKER_SAMPLERS))
     c.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50])
