@@ -317,7 +317,8 @@ def parse_cli_lora(text: str) -> tuple[str, float]:
     path, sep, scale = text.rpartition(":")
     if sep and path and not scale.startswith(("/", "\\")):
         try:
-            return path, check_scale(float(scale), path)
+            value = float(scale)
         except ValueError:
-            pass
+            return text, 1.0
+        return path, check_scale(value, path)
     return text, 1.0

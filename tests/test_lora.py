@@ -241,3 +241,35 @@ def test_kohya_text_attention_against_the_formula(tmp_path, pipe, targets):
         worst = max(worst, (ours[name] - want).abs().max().item())
     print(f"\nparity lora kohya text-encoder attention vs torch formula: max abs difference {worst:.2e}")
     assert worst <= 1e-6
+
+
+def test_cli_generate_with_loras(tiny_model_dir, tmp_path, kohya_file, peft_file):
+    import hashlib
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from a1111_infotext import parse
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "sdengine", "generate", "a cat", "--model", str(tiny_model_dir),
+                               "--steps", "3", "--seed", "5", *extra], capture_output=True, text=True, timeout=300)
+
+    r = run("--lora", f"{kohya_file}:0.8", "--lora", str(peft_file), "--out", str(tmp_path / "a.png"))
+    assert r.returncode == 0, r.stderr
+    image = Image.open(tmp_path / "a.png")
+    h1, h2 = (hashlib.sha256(p.read_bytes()).hexdigest()[:10] for p in (kohya_file, peft_file))
+    assert parse(image.text["parameters"])["Lora hashes"] == f"style: {h1}, detail: {h2}"
+    assert [(x["name"], x["scale"]) for x in __import__("json").loads(image.text["loras"])] == [
+        ("style", 0.8), ("detail", 1.0)]
+    pipe = sdengine.load_pipeline(tiny_model_dir, loras={kohya_file: 0.8, peft_file: 1.0})
+    same = np.asarray(pipe("a cat", num_inference_steps=3, seed=5).images[0])
+    assert np.array_equal(np.asarray(image.convert("RGB")), same)
+    for extra, message in ((["--lora", str(tmp_path / "none.safetensors")], "no such file"),
+                           (["--lora", f"{kohya_file}:nan"], "finite number"),
+                           (["--lora", str(tmp_path / "x.ckpt")], "pickle checkpoint")):
+        r = run(*extra, "--out", str(tmp_path / "b.png"))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
+    assert not (tmp_path / "b.png").exists()
