@@ -273,14 +273,18 @@ def delta(pair: LoraPair, scale: float, shape: Sequence[int]) -> np.ndarray:
     return ((up @ down) * np.float32(factor)).reshape(tuple(shape))
 
 
-def merge(base: Mapping[str, np.ndarray], loras: Sequence[tuple[LoraFile, float]]) -> dict[str, np.ndarray]:
-    """{target: float32 merged weight} for every weight a LoRA in `loras` touches, from the pristine `base`.
+def merge(base: Mapping[str, np.ndarray], loras: Sequence[tuple[LoraFile, float]],
+          only: Any = None) -> dict[str, np.ndarray]:
+    """{target: float32 merged weight} for every weight a LoRA in `loras` touches, from the pristine `base`
+    (restricted to the names in `only` when given: the weights one ONNX graph holds).
 
     The LoRAs are added in order; `base` is never modified, so the same set always gives the same bits.
     """
     merged: dict[str, np.ndarray] = {}
     for lora, scale in loras:
         for pair in lora.pairs:
+            if only is not None and pair.target not in only:
+                continue
             if pair.target not in merged:
                 merged[pair.target] = np.array(base[pair.target], dtype=np.float32, copy=True)
             merged[pair.target] += delta(pair, scale, merged[pair.target].shape)

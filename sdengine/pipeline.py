@@ -193,7 +193,7 @@ class Pipeline:
                 raise InvalidInputError(f"the {type(self.backend).__name__} backend does not take LoRAs; use the "
                                         f"torch or onnxruntime backend")
             return time.perf_counter() - start
-        targets = self.backend.lora_targets()
+        targets = self.backend.lora_targets() if specs else {}
         files = [(read_lora(path, targets, strict=strict), scale) for path, scale in specs]
         self.backend.set_loras(files)
         self.loras = tuple(LoraInfo(f.name, scale, f.sha256) for f, scale in files)

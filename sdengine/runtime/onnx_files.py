@@ -89,3 +89,18 @@ def check_external_data(path: Path, folder: Path) -> list[str]:
             raise ModelLoadError(f"{path} needs its external data file {loc}, which is missing from {folder}; "
                                  f"copy the whole export folder or re-export it")
     return locations
+
+
+def read_initializers(path: Path, names: set[str]) -> dict:
+    """{name: numpy array} of the named initializers of graph `path` (external data read beside it; its
+    locations were checked by check_external_data when the manifest verified the graph)."""
+    from onnx import numpy_helper
+
+    model = load_proto(path)
+    found = {t.name: numpy_helper.to_array(t, base_dir=str(path.parent)) for t in model.graph.initializer
+             if t.name in names}
+    missing = sorted(names - set(found))
+    if missing:
+        raise ModelLoadError(f"{path} has no initializer(s) {', '.join(missing[:5])} that its manifest names; "
+                             f"re-export the folder with sdengine export --force")
+    return found

@@ -123,11 +123,23 @@ class Graph:
     """One session, created once, with an IO binding whose addresses the caller sets per run."""
 
     def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[str], device: str, threads: int | None,
-                 provider_options: Mapping[str, dict[str, Any]] | None = None) -> None:
+                 provider_options: Mapping[str, dict[str, Any]] | None = None,
+                 initializers: Mapping[str, np.ndarray] | None = None) -> None:
+        """`initializers` replace the graph's own of those names (LoRA-merged weights) in this session."""
         ort = import_ort()
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        self.initializers: dict[str, Any] = {}  # the OrtValues given: they must outlive the session
+        if initializers:
+            # ORT_ENABLE_ALL adds the CPU layout transformer (NCHWc), which re-lays Conv weights from the graph's
+            # own initializers and ignores add_initializer's (measured with onnxruntime 1.32: a LoRA on a Conv
+            # had no effect); every other optimisation is kept.
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        for name, array in (initializers or {}).items():
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            options.add_initializer(name, value)
+            self.initializers[name] = value
         opts = [dict((provider_options or {}).get(p, {})) for p in providers]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=list(providers), provider_options=opts)

@@ -1,0 +1,137 @@
+"""LoRA on the ONNX Runtime backend: merged tensors swapped into the sessions' initializers, no re-export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from onnx_support import copy_export, onnx_fp16_dir, onnx_fp32_dir, pixels, BLOCK_TORCH  # noqa: F401
+
+import sdengine
+from sdengine.errors import LoraError
+from sdengine.specs import DENOISE_STEP, TEXT_ENCODER
+
+from lora_support import KOHYA_TEXT_MODULES, TEXT_MODULES, UNET_MODULES, low_rank, write_kohya, write_peft
+
+PROMPTS = ["a photo of a red cat", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(tiny_model_dir):
+    return sdengine.load_pipeline(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory, torch_pipe):
+    targets, folder = torch_pipe.backend.lora_targets(), tmp_path_factory.mktemp("lora")
+    kohya = write_kohya(folder / "style.safetensors",
+                        low_rank(targets, {"unet": UNET_MODULES, "text_encoder": KOHYA_TEXT_MODULES}, 4, 1), 2.0)
+    peft = write_peft(folder / "detail.safetensors",
+                      low_rank(targets, {"unet": UNET_MODULES, "text_encoder": TEXT_MODULES}, 4, 2))
+    return kohya, peft
+
+
+def _images(pipe, **kwargs):
+    return pixels(pipe(PROMPTS, negative_prompt="blurry", num_inference_steps=20, seed=4, **kwargs))
+
+
+def test_export_maps_every_weight(onnx_fp32_dir, onnx_fp16_dir, torch_pipe):
+    """Every U-Net and text-encoder weight (ndim >= 2) is found in the graphs, transposed where folded."""
+    want = {k for k, shape in torch_pipe.backend.lora_targets().items() if len(shape) >= 2}
+    for folder in (onnx_fp32_dir, onnx_fp16_dir):
+        graphs = json.loads((folder / "manifest.json").read_text())["graphs"]
+        unet, text = graphs[DENOISE_STEP]["parameters"], graphs[TEXT_ENCODER]["parameters"]
+        assert set(unet) | set(text) == want
+        assert graphs["unet"]["parameters"].keys() == unet.keys()
+        assert any(t for v in text.values() for _, t in v["initializers"])  # Linear weights folded into MatMuls
+
+
+def test_swapped_initializers_match_torch(onnx_fp32_dir, torch_pipe, lora_files):
+    """Two LoRAs (kohya and PEFT) with their scales: ONNX Runtime equals torch within 2/255."""
+    kohya, peft = lora_files
+    loras = {kohya: 0.8, peft: -0.5}
+    ort_pipe = sdengine.load_pipeline(onnx_fp32_dir, backend="onnxruntime")
+    plain = _images(ort_pipe)
+    seconds = ort_pipe.set_loras(loras)
+    torch_seconds = torch_pipe.set_loras(loras)
+    try:
+        got, ref = _images(ort_pipe), _images(torch_pipe)
+    finally:
+        torch_pipe.set_loras({})
+    diff = np.abs(got - ref).max()
+    print(f"\nparity lora onnxruntime vs torch, kohya 0.8 + peft -0.5: max pixel difference {diff}/255 (the LoRAs move "
+          f"pixels by up to {np.abs(got - plain).max()}/255); set_loras took {seconds * 1e3:.0f} ms on onnxruntime "
+          f"(two sessions re-created), {torch_seconds * 1e3:.0f} ms on torch, tiny model")
+    assert diff <= 2 and np.abs(got - plain).max() > 20
+    ort_pipe.set_loras({})
+    assert np.array_equal(_images(ort_pipe), plain)  # the exported initializers again
+
+
+def test_set_changes_are_bit_identical(onnx_fp32_dir, lora_files):
+    kohya, peft = lora_files
+    pipe = sdengine.load_pipeline(onnx_fp32_dir, backend="onnxruntime", loras={kohya: 0.7})
+    first = {k: v.numpy().copy() for k, v in _values(pipe).items()}
+    image = pipe("a cat", num_inference_steps=4, seed=1, output_type="np").images
+    pipe.set_loras({peft: 1.0})
+    pipe.set_loras({kohya: 0.7})
+    again = _values(pipe)
+    assert first.keys() == again.keys() and all(np.array_equal(first[k], again[k].numpy()) for k in first)
+    assert np.array_equal(image, pipe("a cat", num_inference_steps=4, seed=1, output_type="np").images)
+
+
+def _values(pipe) -> dict:
+    """The OrtValues given to the sessions, by graph and initializer name."""
+    return {(g, name): v for g in (TEXT_ENCODER, DENOISE_STEP) for name, v in pipe.backend.graphs[g].initializers.items()}
+
+
+def test_fp16_graphs_receive_fp16_tensors(onnx_fp16_dir, torch_pipe, lora_files):
+    kohya, _ = lora_files
+    pipe = sdengine.load_pipeline(onnx_fp16_dir, backend="onnxruntime", loras={kohya: 0.8})
+    import onnx
+
+    values = _values(pipe)
+    types = {}
+    for graph in (TEXT_ENCODER, DENOISE_STEP):
+        proto = onnx.load(str(onnx_fp16_dir / f"{graph}.onnx"), load_external_data=False)
+        types.update({(graph, t.name): t.data_type for t in proto.graph.initializer})
+    name = {onnx.TensorProto.FLOAT16: "tensor(float16)", onnx.TensorProto.FLOAT: "tensor(float)"}
+    assert values and all(v.data_type() == name[types[k]] for k, v in values.items())
+    fp16 = sum(v.data_type() == "tensor(float16)" for v in values.values())
+    assert fp16 >= len(values) - 2  # the time-embedding projections stay fp32 (export/fp16.py)
+    torch_pipe.set_loras({kohya: 0.8})
+    try:
+        got, ref = _images(pipe), _images(torch_pipe)
+    finally:
+        torch_pipe.set_loras({})
+    diff = np.abs(got - ref)
+    print(f"\nparity lora onnxruntime fp16 vs torch fp32: max pixel difference {diff.max()}/255, mean {diff.mean():.2f}")
+    assert diff.mean() < 1 and diff.max() <= 8
+
+
+def test_export_without_a_weight_map_is_refused(onnx_fp32_dir, tmp_path, lora_files):
+    folder = copy_export(onnx_fp32_dir, tmp_path / "old")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["graphs"].values():
+        entry.pop("parameters", None)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    pipe = sdengine.load_pipeline(folder, backend="onnxruntime")
+    pipe.set_loras({})  # nothing to swap: fine
+    with pytest.raises(LoraError, match="re-export it with sdengine export --force"):
+        pipe.set_loras({lora_files[0]: 1.0})
+
+
+def test_lora_on_onnxruntime_without_torch(onnx_fp32_dir, lora_files):
+    code = BLOCK_TORCH + f"""
+import sdengine
+pipe = sdengine.load_pipeline({str(onnx_fp32_dir)!r}, backend="onnxruntime", loras={{{str(lora_files[1])!r}: 0.5}})
+info = pipe("a cat", num_inference_steps=2, seed=1).infos[0]
+assert "Lora hashes" in info.infotext()
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
