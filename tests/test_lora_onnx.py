@@ -13,6 +13,7 @@ from onnx_support import copy_export, onnx_fp16_dir, onnx_fp32_dir, pixels, BLOC
 
 import sdengine
 from sdengine.errors import LoraError
+from sdengine.manifest import Manifest
 from sdengine.specs import DENOISE_STEP, TEXT_ENCODER
 
 from lora_support import KOHYA_TEXT_MODULES, TEXT_MODULES, UNET_MODULES, low_rank, write_kohya, write_peft
@@ -69,6 +70,40 @@ def test_swapped_initializers_match_torch(onnx_fp32_dir, torch_pipe, lora_files)
     assert diff <= 2 and np.abs(got - plain).max() > 20
     ort_pipe.set_loras({})
     assert np.array_equal(_images(ort_pipe), plain)  # the exported initializers again
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_external_data_graphs_keep_every_optimisation(request, precision, tiny_model_dir, torch_pipe, lora_files,
+                                                     tmp_path, monkeypatch):
+    """Weights stored as external data (graphs over 2 GB) are replaced as the graph loads
+    (add_external_initializers): the sessions keep ORT_ENABLE_ALL, Conv LoRAs included. Inline weights go
+    through add_initializer, which some ORT_ENABLE_ALL passes ignore: those sessions run at ORT_ENABLE_EXTENDED
+    (the inline cases are test_swapped_initializers_match_torch and test_fp16_graphs_receive_fp16_tensors)."""
+    import onnxruntime as ort
+
+    from sdengine.export import ExportSettings, export_model, onnx_io
+
+    exported = request.getfixturevalue(f"onnx_{precision}_dir")
+    folder = copy_export(exported, tmp_path / "external")
+    monkeypatch.setattr(onnx_io, "PROTO_LIMIT", 0)  # every graph counts as "over 2 GB"
+    export_model(tiny_model_dir, folder, ExportSettings(precision=precision, force=True,
+                                                        graphs=(TEXT_ENCODER, DENOISE_STEP)), log=lambda line: None)
+    assert all(Manifest.read(folder).graphs[g]["external_data"] for g in (TEXT_ENCODER, DENOISE_STEP))
+    kohya, peft = lora_files
+    pipe = sdengine.load_pipeline(folder, backend="onnxruntime", loras={kohya: 0.8, peft: -0.5})
+    inline = sdengine.load_pipeline(exported, backend="onnxruntime", loras={kohya: 0.8, peft: -0.5})
+    levels = {g: pipe.backend.graphs[g].optimization_level for g in (TEXT_ENCODER, DENOISE_STEP)}
+    assert set(levels.values()) == {ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    assert inline.backend.graphs[DENOISE_STEP].optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    torch_pipe.set_loras({kohya: 0.8, peft: -0.5})
+    try:
+        got, ref = _images(pipe), _images(torch_pipe)
+    finally:
+        torch_pipe.set_loras({})
+    diff = np.abs(got - ref)
+    print(f"\nparity lora onnxruntime {precision} (external-data graphs, ORT_ENABLE_ALL) vs torch fp32: max pixel "
+          f"difference {diff.max()}/255, mean {diff.mean():.2f}")
+    assert diff.max() <= 2 if precision == "fp32" else (diff.mean() < 1 and diff.max() <= 8)
 
 
 def test_set_changes_are_bit_identical(onnx_fp32_dir, lora_files):

@@ -58,6 +58,7 @@ class OnnxRuntimeBackend:
         self._buffers: dict[tuple, Buffer] = {}
         self._lora_base: dict[str, dict[str, np.ndarray]] = {}  # graph -> {parameter: pristine weight}
         self._swapped: dict[str, bool] = {}  # graph -> its session holds merged initializers
+        self._external: dict[str, frozenset[str]] = {}  # graph -> its initializers stored as external data
 
     def _graph(self, name: str) -> Graph:
         """A graph's session, created on first use (the VAE encoder: only image inputs need it)."""
@@ -108,9 +109,10 @@ class OnnxRuntimeBackend:
                 if name not in mine:
                     del base[name]
             new = sorted(mine - set(base))
-            if new:
+            if new or (mine and graph not in self._external):
                 places = {name: params[name]["initializers"][0] for name in new}
-                arrays = read_initializers(self._paths[graph], {init for init, _ in places.values()})
+                arrays, self._external[graph] = read_initializers(self._paths[graph],
+                                                                  {init for init, _ in places.values()})
                 for name, (init, transposed) in places.items():
                     base[name] = arrays[init].T if transposed else arrays[init]
             merged = sdlora.merge(base, loras, only=mine)
@@ -120,20 +122,21 @@ class OnnxRuntimeBackend:
                 for init, transposed in params[name]["initializers"]:
                     inits[init] = np.ascontiguousarray((array.T if transposed else array).astype(dtype))
             if inits or self._swapped.get(graph):
-                sessions[graph] = (inits, self._session(graph, self._paths[graph], self._threads, inits))
+                sessions[graph] = (inits, self._session(graph, self._paths[graph], self._threads, inits,
+                                                        self._external.get(graph, frozenset())))
         for graph, (inits, session) in sessions.items():  # all or nothing: swap once every session opened
             self.graphs[graph] = session
             self._swapped[graph] = bool(inits)
 
-    def _session(self, name: str, path: Path, threads: int | None,
-                 initializers: dict[str, np.ndarray] | None = None) -> Graph:
+    def _session(self, name: str, path: Path, threads: int | None, initializers: dict[str, np.ndarray] | None = None,
+                 external: frozenset[str] = frozenset()) -> Graph:
         options = {}
         if TENSORRT in self.providers:
             options[TENSORRT] = tensorrt_options(profile(GRAPHS[name], self.config, self.ranges),
                                                  self.manifest.precision is Precision.FP16,
                                                  self.manifest.folder / "trt-cache")
         graph = Graph(path, GRAPHS[name], self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
-                      options, initializers)
+                      options, initializers, external)
         meta = graph.metadata()
         if meta.get(META_GRAPH) != name or meta.get(META_SOURCE) != self.manifest.source_sha256:
             raise ModelLoadError(f"{path} is not the {name} graph of the model this folder's manifest describes; "

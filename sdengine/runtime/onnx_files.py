@@ -91,16 +91,19 @@ def check_external_data(path: Path, folder: Path) -> list[str]:
     return locations
 
 
-def read_initializers(path: Path, names: set[str]) -> dict:
-    """{name: numpy array} of the named initializers of graph `path` (external data read beside it; its
-    locations were checked by check_external_data when the manifest verified the graph)."""
+def read_initializers(path: Path, names: set[str]) -> tuple[dict, frozenset[str]]:
+    """({name: numpy array} of the named initializers of graph `path`, the names of all its initializers stored
+    as external data). External data is read beside the graph: its locations were checked by
+    check_external_data when the manifest verified the graph."""
     from onnx import numpy_helper
 
+    onnx = _onnx()
     model = load_proto(path)
+    external = frozenset(t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
     found = {t.name: numpy_helper.to_array(t, base_dir=str(path.parent)) for t in model.graph.initializer
              if t.name in names}
     missing = sorted(names - set(found))
     if missing:
         raise ModelLoadError(f"{path} has no initializer(s) {', '.join(missing[:5])} that its manifest names; "
                              f"re-export the folder with sdengine export --force")
-    return found
+    return found, external
