@@ -77,8 +77,7 @@ def test_external_data_graphs_keep_every_optimisation(request, precision, tiny_m
                                                      tmp_path, monkeypatch):
     """Weights stored as external data (graphs over 2 GB) are replaced as the graph loads
     (add_external_initializers): the sessions keep ORT_ENABLE_ALL, Conv LoRAs included. Inline weights go
-    through add_initializer, which some ORT_ENABLE_ALL passes ignore: those sessions run at ORT_ENABLE_EXTENDED
-    (the inline cases are test_swapped_initializers_match_torch and test_fp16_graphs_receive_fp16_tensors)."""
+    through a copy of the graph's proto with the tensors replaced: every optimisation stays too."""
     import onnxruntime as ort
 
     from sdengine.export import ExportSettings, export_model, onnx_io
@@ -92,9 +91,10 @@ def test_external_data_graphs_keep_every_optimisation(request, precision, tiny_m
     kohya, peft = lora_files
     pipe = sdengine.load_pipeline(folder, backend="onnxruntime", loras={kohya: 0.8, peft: -0.5})
     inline = sdengine.load_pipeline(exported, backend="onnxruntime", loras={kohya: 0.8, peft: -0.5})
-    levels = {g: pipe.backend.graphs[g].optimization_level for g in (TEXT_ENCODER, DENOISE_STEP)}
-    assert set(levels.values()) == {ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    assert inline.backend.graphs[DENOISE_STEP].optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    for p in (pipe, inline):
+        graphs = [p.backend.graphs[g] for g in (TEXT_ENCODER, DENOISE_STEP)]
+        assert {g.optimization_level for g in graphs} == {ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    assert all(pipe.backend.graphs[g].initializers for g in (TEXT_ENCODER, DENOISE_STEP))  # external: OrtValues
     torch_pipe.set_loras({kohya: 0.8, peft: -0.5})
     try:
         got, ref = _images(pipe), _images(torch_pipe)
@@ -106,44 +106,58 @@ def test_external_data_graphs_keep_every_optimisation(request, precision, tiny_m
     assert diff.max() <= 2 if precision == "fp32" else (diff.mean() < 1 and diff.max() <= 8)
 
 
-def test_set_changes_are_bit_identical(onnx_fp32_dir, lora_files):
+@pytest.fixture
+def given(monkeypatch):
+    """The merged tensors each new session receives: [(graph file name, {initializer: array})] in order."""
+    from sdengine.backends import onnxruntime_backend
+
+    calls, original = [], onnxruntime_backend.with_initializers
+
+    def spy(path, arrays):
+        calls.append((path.name, {k: v.copy() for k, v in arrays.items()}))
+        return original(path, arrays)
+
+    monkeypatch.setattr(onnxruntime_backend, "with_initializers", spy)
+    return calls
+
+
+def test_set_changes_are_bit_identical(onnx_fp32_dir, lora_files, given):
     kohya, peft = lora_files
     pipe = sdengine.load_pipeline(onnx_fp32_dir, backend="onnxruntime", loras={kohya: 0.7})
-    first = {k: v.numpy().copy() for k, v in _values(pipe).items()}
     image = pipe("a cat", num_inference_steps=4, seed=1, output_type="np").images
     pipe.set_loras({peft: 1.0})
     pipe.set_loras({kohya: 0.7})
-    again = _values(pipe)
-    assert first.keys() == again.keys() and all(np.array_equal(first[k], again[k].numpy()) for k in first)
+    (te, unet), (te_b, _), (te_again, unet_again) = ([a for _, a in given[i:i + 2]] for i in (0, 2, 4))
+    assert [name for name, _ in given] == ["text_encoder.onnx", "denoise_step.onnx"] * 3
+    assert te.keys() == te_again.keys() and all(np.array_equal(te[k], te_again[k]) for k in te)
+    assert unet.keys() == unet_again.keys() and all(np.array_equal(unet[k], unet_again[k]) for k in unet)
+    assert te.keys() != te_b.keys() and any(not np.array_equal(te[k], te_b[k]) for k in te.keys() & te_b.keys())
     assert np.array_equal(image, pipe("a cat", num_inference_steps=4, seed=1, output_type="np").images)
+    levels = {pipe.backend.graphs[g].optimization_level for g in (TEXT_ENCODER, DENOISE_STEP)}
+    import onnxruntime as ort
+
+    assert levels == {ort.GraphOptimizationLevel.ORT_ENABLE_ALL}  # inline graphs: replaced in the proto
 
 
-def _values(pipe) -> dict:
-    """The OrtValues given to the sessions, by graph and initializer name."""
-    return {(g, name): v for g in (TEXT_ENCODER, DENOISE_STEP) for name, v in pipe.backend.graphs[g].initializers.items()}
-
-
-def test_fp16_graphs_receive_fp16_tensors(onnx_fp16_dir, torch_pipe, lora_files):
-    kohya, _ = lora_files
-    pipe = sdengine.load_pipeline(onnx_fp16_dir, backend="onnxruntime", loras={kohya: 0.8})
+def test_fp16_graphs_receive_fp16_tensors(onnx_fp16_dir, torch_pipe, lora_files, given):
     import onnx
 
-    values = _values(pipe)
-    types = {}
-    for graph in (TEXT_ENCODER, DENOISE_STEP):
-        proto = onnx.load(str(onnx_fp16_dir / f"{graph}.onnx"), load_external_data=False)
-        types.update({(graph, t.name): t.data_type for t in proto.graph.initializer})
-    name = {onnx.TensorProto.FLOAT16: "tensor(float16)", onnx.TensorProto.FLOAT: "tensor(float)"}
-    assert values and all(v.data_type() == name[types[k]] for k, v in values.items())
-    fp16 = sum(v.data_type() == "tensor(float16)" for v in values.values())
-    assert fp16 >= len(values) - 2  # the time-embedding projections stay fp32 (export/fp16.py)
+    kohya, _ = lora_files
+    pipe = sdengine.load_pipeline(onnx_fp16_dir, backend="onnxruntime", loras={kohya: 0.8})
+    for file, arrays in given:
+        proto = onnx.load(str(onnx_fp16_dir / file), load_external_data=False)
+        types = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in proto.graph.initializer}
+        assert arrays and all(a.dtype == types[k] for k, a in arrays.items())
+        fp16 = sum(a.dtype == np.float16 for a in arrays.values())
+        assert fp16 >= len(arrays) - 1  # a time-embedding projection stays fp32 (export/fp16.py)
     torch_pipe.set_loras({kohya: 0.8})
     try:
         got, ref = _images(pipe), _images(torch_pipe)
     finally:
         torch_pipe.set_loras({})
     diff = np.abs(got - ref)
-    print(f"\nparity lora onnxruntime fp16 vs torch fp32: max pixel difference {diff.max()}/255, mean {diff.mean():.2f}")
+    print(f"\nparity lora onnxruntime fp16 vs torch fp32: max pixel difference {diff.max()}/255, "
+          f"mean {diff.mean():.2f}")
     assert diff.mean() < 1 and diff.max() <= 8
 
 
@@ -170,3 +184,26 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_add_initializer_fallback_takes_effect(onnx_fp16_dir):
+    """Inline tensors of an external-data graph go through add_initializer at ORT_ENABLE_EXTENDED: an fp16
+    MatMul weight given that way changes the output (at ORT_ENABLE_ALL, ONNX Runtime 1.32 ignored it)."""
+    import onnx
+    import onnxruntime as ort
+
+    from sdengine.runtime.onnxruntime import CPU, Graph
+    from sdengine.specs import GRAPHS
+
+    path = onnx_fp16_dir / GRAPHS[TEXT_ENCODER].file
+    params = json.loads((onnx_fp16_dir / "manifest.json").read_text())["graphs"][TEXT_ENCODER]["parameters"]
+    init = params["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight"]["initializers"][0][0]
+    proto = onnx.load(str(path), load_external_data=False)
+    (tensor,) = [t for t in proto.graph.initializer if t.name == init]
+    zeros = np.zeros(tuple(tensor.dims), onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    ids = {"input_ids": np.array([[49406, 320, 2368, 49407] + [49407] * 73], np.int32)}
+    plain = Graph(path, GRAPHS[TEXT_ENCODER], [CPU], "cpu", 1)
+    swapped = Graph(path, GRAPHS[TEXT_ENCODER], [CPU], "cpu", 1, initializers={init: zeros})
+    assert swapped.optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    a, b = (g.session.run(["last_hidden_state"], ids)[0] for g in (plain, swapped))
+    assert np.abs(a - b).max() > 1e-2

@@ -21,7 +21,7 @@ import numpy as np
 from .. import lora as sdlora
 from ..errors import InvalidInputError, LoraError, ModelLoadError
 from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_DIR, Manifest
-from ..runtime.onnx_files import read_initializers
+from ..runtime.onnx_files import read_initializers, with_initializers
 from ..runtime.onnxruntime import TENSORRT, Buffer, BufferView, Graph, resolve_providers, tensorrt_options
 from ..samplers.table import Schedule, fit_slots
 from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, Precision, check_dim, dim_ranges, \
@@ -92,8 +92,11 @@ class OnnxRuntimeBackend:
 
     def set_loras(self, loras: Sequence[tuple[Any, float]]) -> None:
         """Merge `loras` (LoraFile, scale) with numpy from the pristine initializers and open new text encoder and
-        denoise-step sessions whose initializers are the merged tensors (SessionOptions.add_initializer), in
-        each initializer's dtype; `[]` reopens the graphs as exported. No graph is re-exported."""
+        denoise-step sessions whose initializers are the merged tensors, in each initializer's dtype; `[]`
+        reopens the graphs as exported. No graph is re-exported or rewritten: weights stored as external data
+        are given with add_external_initializers, a graph held inline is opened from its proto with the
+        tensors replaced (ONNX Runtime ignores add_initializer for some weights at ORT_ENABLE_ALL; that is
+        the fallback only for inline tensors of an external-data graph, at ORT_ENABLE_EXTENDED)."""
         touched = set().union(*(lora.targets for lora, _ in loras)) if loras else set()
         maps = {graph: self._lora_map(graph) for graph in _LORA_GRAPHS} if touched else {}
         known = set().union(*(set(m) for m in maps.values())) if maps else set()
@@ -122,21 +125,25 @@ class OnnxRuntimeBackend:
                 for init, transposed in params[name]["initializers"]:
                     inits[init] = np.ascontiguousarray((array.T if transposed else array).astype(dtype))
             if inits or self._swapped.get(graph):
-                sessions[graph] = (inits, self._session(graph, self._paths[graph], self._threads, inits,
-                                                        self._external.get(graph, frozenset())))
-        for graph, (inits, session) in sessions.items():  # all or nothing: swap once every session opened
+                external = self._external.get(graph, frozenset())
+                data = None
+                if inits and not external:  # an inline graph (under 2 GB): replaced in the proto it is read from
+                    data, inits = with_initializers(self._paths[graph], inits), {}
+                session = self._session(graph, self._paths[graph], self._threads, inits, external, data)
+                sessions[graph] = (bool(inits) or data is not None, session)
+        for graph, (swapped, session) in sessions.items():  # all or nothing: swap once every session opened
             self.graphs[graph] = session
-            self._swapped[graph] = bool(inits)
+            self._swapped[graph] = swapped
 
     def _session(self, name: str, path: Path, threads: int | None, initializers: dict[str, np.ndarray] | None = None,
-                 external: frozenset[str] = frozenset()) -> Graph:
+                 external: frozenset[str] = frozenset(), model_bytes: bytes | None = None) -> Graph:
         options = {}
         if TENSORRT in self.providers:
             options[TENSORRT] = tensorrt_options(profile(GRAPHS[name], self.config, self.ranges),
                                                  self.manifest.precision is Precision.FP16,
                                                  self.manifest.folder / "trt-cache")
         graph = Graph(path, GRAPHS[name], self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
-                      options, initializers, external)
+                      options, initializers, external, model_bytes)
         meta = graph.metadata()
         if meta.get(META_GRAPH) != name or meta.get(META_SOURCE) != self.manifest.source_sha256:
             raise ModelLoadError(f"{path} is not the {name} graph of the model this folder's manifest describes; "

@@ -107,3 +107,15 @@ def read_initializers(path: Path, names: set[str]) -> tuple[dict, frozenset[str]
         raise ModelLoadError(f"{path} has no initializer(s) {', '.join(missing[:5])} that its manifest names; "
                              f"re-export the folder with sdengine export --force")
     return found, external
+
+
+def with_initializers(path: Path, arrays: dict) -> bytes:
+    """Graph `path`, which holds all its tensors inline, serialized with the named initializers replaced by
+    `arrays` (same names, shapes and dtypes): what a session opens at every optimisation level."""
+    from onnx import numpy_helper
+
+    model = load_proto(path)
+    for t in model.graph.initializer:
+        if t.name in arrays:
+            t.CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+    return model.SerializeToString()
