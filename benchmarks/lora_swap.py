@@ -4,9 +4,8 @@
 
 Writes two random kohya LoRAs over the demo model's U-Net (attention, feed-forward, 3x3 and 1x1 convolutions)
 and text encoder, then prints per backend the median seconds of set_loras for A, B, A+B and {} and of a
-20-step 64x64 generation without and with A+B (on ONNX Runtime a LoRA on a convolution makes the new
-sessions skip the CPU layout optimisation: see sdengine/runtime/onnxruntime.py). Calls alternate so that
-load on a shared machine falls on both alike.
+20-step 64x64 generation without and with A+B (merged weights: the two should cost the same). Calls
+alternate so that load on a shared machine falls on every case alike.
 """
 
 from __future__ import annotations
