@@ -60,6 +60,9 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-blur", type=float, default=0.0, metavar="PX", help="Gaussian blur of the mask in pixels")
     p.add_argument("--keep-unmasked", action="store_true",
                    help="paste the original back outside the (blurred) mask after decoding")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA .safetensors (kohya/A1111 or diffusers/PEFT) merged into the weights at SCALE "
+                        "(default 1; repeatable)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a backend load option (repeatable), e.g. with --backend torch --device cuda: "
                         "channels_last=true compile=true cuda_graph=true")
@@ -172,6 +175,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads < 1:
         raise InvalidInputError(f"--threads must be >= 1, got {args.threads}")
     _validate_image_options(args)
+    _validate_loras(args)
     output_paths(args.out, args.num_images)
     if args.backend == "onnxruntime" and args.model is None:
         raise InvalidInputError("--backend onnxruntime needs --model: a folder written by sdengine export "
@@ -200,6 +204,21 @@ def _validate(args: argparse.Namespace) -> None:
         ranges = Manifest.read(args.model).ranges
         ranges.check(args.num_images, args.height or size, args.width or size)
         fit_slots(schedule, ranges.slots, "re-export with sdengine export --state-slots {slots} or more")
+
+
+def _validate_loras(args: argparse.Namespace) -> None:
+    """--lora FILE[:SCALE]: each file exists and is not a pickle, before any weights load."""
+    from .files import refuse_pickle
+    from .lora import lora_specs, parse_cli_lora
+
+    args.loras = lora_specs([parse_cli_lora(text) for text in args.lora])
+    for path, _ in args.loras:
+        refuse_pickle(path)
+        if not path.is_file():
+            raise InvalidInputError(f"--lora {path}: no such file")
+    if args.loras and args.backend == "tensorrt":
+        raise InvalidInputError("--lora runs on the torch and onnxruntime backends; TensorRT engines are not "
+                                "refitted with LoRAs yet")
 
 
 def _validate_tensorrt(args: argparse.Namespace) -> None:
@@ -249,7 +268,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _validate(args)
     from .pipeline import load_pipeline
 
-    pipe = load_pipeline(args.model, backend=args.backend, device=_device(args), **_load_options(args))
+    pipe = load_pipeline(args.model, backend=args.backend, device=_device(args), loras=dict(args.loras),
+                         **_load_options(args))
     callback, bar = _progress("denoising")
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,

@@ -39,3 +39,7 @@ class EngineMismatchError(ModelLoadError):
 
 class NonFiniteOutputError(SDEngineError):
     """A network produced NaN or infinity and no float32 retry could repair it."""
+
+
+class LoraError(ModelLoadError):
+    """A LoRA file cannot be read, is of a refused kind, or does not fit the model's weights."""

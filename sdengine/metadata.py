@@ -51,6 +51,7 @@ class GenerationInfo:
     source: str | None = None            # the input image: "WxH sha256"
     mask: str | None = None              # the mask: its sha256
     mask_blur: float = 0.0
+    loras: tuple = ()                    # active LoRAs: objects with name, scale, sha256 (sdengine.lora.LoraInfo)
 
     def infotext(self) -> str:
         """The A1111 `parameters` text."""
@@ -68,6 +69,8 @@ class GenerationInfo:
         if self.mask is not None:
             fields["Mask blur"] = _number(self.mask_blur)
             fields["Mask hash"] = self.mask[:10]
+        if self.loras:  # A1111's field; the scale is in the per-field `loras` chunk
+            fields["Lora hashes"] = ", ".join(f"{lo.name}: {lo.sha256[:10]}" for lo in self.loras)
         fields["Version"] = f"sdengine {__version__}"
         lines = [self.prompt]
         if self.negative_prompt:
@@ -85,6 +88,9 @@ class GenerationInfo:
             fields.update(strength=_number(self.strength), source_image=self.source)
         if self.mask is not None:
             fields.update(mask_sha256=self.mask, mask_blur=_number(self.mask_blur))
+        if self.loras:
+            fields.update(loras=json.dumps([{"name": lo.name, "scale": lo.scale, "sha256": lo.sha256}
+                                            for lo in self.loras]))
         return {PARAMETERS: self.infotext(), **{k: str(v) for k, v in fields.items()}}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 from .backends import Backend, ImageCondition, StepCallback, load_backend
 from .errors import InvalidInputError, NonFiniteOutputError
 from .images import ImageInputs, prepare
+from .lora import LoraInfo, lora_specs, read_lora
 from .metadata import GenerationInfo, save_png
 from .samplers import Schedule, build_schedule
 from .specs import MAX_SIDE, MIN_SIDE  # one set of image-side limits for every path
@@ -176,6 +178,26 @@ class Pipeline:
         self.tokenizer = backend.tokenizer
         self.model_name = model_name or "model"
         self.embedded = embedded  # the demo model: prompts outside its vocabulary get a warning
+        self.loras: tuple[LoraInfo, ...] = ()  # the active LoRAs, in the order they were merged
+
+    def set_loras(self, loras: Any = None, strict: bool = True) -> float:
+        """Make `loras` ({path: scale}) the active set, merged into the weights; {} or None removes all.
+
+        The weights are recomputed from the pristine base for every call, so a set gives the same weights
+        whatever was active before. Returns the seconds it took (reading, merging, swapping).
+        """
+        start = time.perf_counter()
+        specs = lora_specs(loras)
+        if not hasattr(self.backend, "set_loras"):
+            if specs:
+                raise InvalidInputError(f"the {type(self.backend).__name__} backend does not take LoRAs; use the "
+                                        f"torch or onnxruntime backend")
+            return time.perf_counter() - start
+        targets = self.backend.lora_targets() if specs else {}
+        files = [(read_lora(path, targets, strict=strict), scale) for path, scale in specs]
+        self.backend.set_loras(files)
+        self.loras = tuple(LoraInfo(f.name, scale, f.sha256) for f, scale in files)
+        return time.perf_counter() - start
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
@@ -231,7 +253,7 @@ class Pipeline:
                                                mask_blur=float(mask_blur))
         infos = [GenerationInfo(prompt=p, negative_prompt=neg, steps=schedule.steps, sampler=schedule.label,
                                 guidance_scale=guidance, seed=s, width=width, height=height, model=self.model_name,
-                                eta=float(eta), **extra)
+                                eta=float(eta), loras=self.loras, **extra)
                  for (p, neg), s in zip([(p, q) for p, q in zip(prompts, negatives) for _ in range(n)], seeds)]
         if output_type == "np":
             return PipelineResult(to_unit_float(images), seeds, infos, fallback)
@@ -338,10 +360,13 @@ def _warn_outside_demo_vocabulary(prompts: list[str]) -> None:
                         ", ".join(COLOURS), prompt[:60])
 
 
-def load_pipeline(path: str | None = None, backend: str = "torch", device: str = "cpu", **options: Any) -> Pipeline:
+def load_pipeline(path: str | None = None, backend: str = "torch", device: str = "cpu", loras: Any = None,
+                  lora_strict: bool = True, **options: Any) -> Pipeline:
     """A txt2img pipeline over the model at `path` (a diffusers folder or a single .safetensors file).
 
-    With no path, the embedded demo model (64x64 pictures of coloured shapes) is used.
+    With no path, the embedded demo model (64x64 pictures of coloured shapes) is used. `loras`
+    ({path: scale}) are merged into the weights (Pipeline.set_loras); lora_strict=False skips their keys
+    that match no weight instead of refusing the file.
     """
     from .demo import EMBEDDED_MODEL, embedded_model_path
 
@@ -349,7 +374,10 @@ def load_pipeline(path: str | None = None, backend: str = "torch", device: str =
         path = embedded_model_path()
     embedded = Path(path).expanduser().resolve() == EMBEDDED_MODEL
     name = "sdengine-demo" if embedded else model_name(path)
-    return Pipeline(load_backend(path, backend=backend, device=device, **options), name, embedded)
+    pipe = Pipeline(load_backend(path, backend=backend, device=device, **options), name, embedded)
+    if loras:
+        pipe.set_loras(loras, strict=lora_strict)
+    return pipe
 
 
 def model_name(path: str | Path) -> str:

@@ -18,8 +18,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import InvalidInputError, ModelLoadError
+from .. import lora as sdlora
+from ..errors import InvalidInputError, LoraError, ModelLoadError
 from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_DIR, Manifest
+from ..runtime.onnx_files import read_initializers, with_initializers
 from ..runtime.onnxruntime import TENSORRT, Buffer, BufferView, Graph, resolve_providers, tensorrt_options
 from ..samplers.table import Schedule, fit_slots
 from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, Precision, check_dim, dim_ranges, \
@@ -28,6 +30,7 @@ from ..tokenizer import ClipTokenizer
 from . import ImageCondition, StepCallback, reject_unknown_options
 
 _SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs; every graph is verified
+_LORA_GRAPHS = (TEXT_ENCODER, DENOISE_STEP)  # the sessions holding weights a LoRA changes
 _REEXPORT = "re-export with sdengine export --batch/--height/--width MIN:MAX covering it"
 _REEXPORT_SLOTS = "re-export with sdengine export --state-slots {slots} (the default, 4, runs every sampler)"
 
@@ -53,6 +56,9 @@ class OnnxRuntimeBackend:
         self._threads = threads
         self.graphs = {name: self._session(name, self._paths[name], threads) for name in _SESSIONS}
         self._buffers: dict[tuple, Buffer] = {}
+        self._lora_base: dict[str, dict[str, np.ndarray]] = {}  # graph -> {parameter: pristine weight}
+        self._swapped: dict[str, bool] = {}  # graph -> its session holds merged initializers
+        self._external: dict[str, frozenset[str]] = {}  # graph -> its initializers stored as external data
 
     def _graph(self, name: str) -> Graph:
         """A graph's session, created on first use (the VAE encoder: only image inputs need it)."""
@@ -73,14 +79,71 @@ class OnnxRuntimeBackend:
         chosen = resolve_providers(device, providers)
         return cls(Manifest.read(path), device, chosen, threads, prediction_type)
 
-    def _session(self, name: str, path: Path, threads: int | None) -> Graph:
+    def _lora_map(self, graph: str) -> dict[str, dict[str, Any]]:
+        params = self.manifest.graphs[graph].get("parameters")
+        if params is None:
+            raise LoraError(f"{self.manifest.folder} was exported by an sdengine without LoRA support (its manifest "
+                            f"has no weight map for {graph}); re-export it with sdengine export --force")
+        return params
+
+    def lora_targets(self) -> dict[str, tuple[int, ...]]:
+        """{`unet.<parameter>` / `text_encoder.<parameter>`: shape} of the weights the export can swap."""
+        return {name: tuple(v["shape"]) for graph in _LORA_GRAPHS for name, v in self._lora_map(graph).items()}
+
+    def set_loras(self, loras: Sequence[tuple[Any, float]]) -> None:
+        """Merge `loras` (LoraFile, scale) with numpy from the pristine initializers and open new text encoder and
+        denoise-step sessions whose initializers are the merged tensors, in each initializer's dtype; `[]`
+        reopens the graphs as exported. No graph is re-exported or rewritten: weights stored as external data
+        are given with add_external_initializers, a graph held inline is opened from its proto with the
+        tensors replaced (ONNX Runtime ignores add_initializer for some weights at ORT_ENABLE_ALL; that is
+        the fallback only for inline tensors of an external-data graph, at ORT_ENABLE_EXTENDED)."""
+        touched = set().union(*(lora.targets for lora, _ in loras)) if loras else set()
+        maps = {graph: self._lora_map(graph) for graph in _LORA_GRAPHS} if touched else {}
+        known = set().union(*(set(m) for m in maps.values())) if maps else set()
+        if touched - known:
+            raise LoraError(f"weights {sorted(touched - known)[:5]} are not single initializers of this export, so "
+                            f"they cannot be swapped; use the torch backend for this LoRA")
+        sessions = {}
+        for graph in _LORA_GRAPHS:
+            params = maps.get(graph, {})
+            mine = touched & set(params)
+            base = self._lora_base.setdefault(graph, {})
+            for name in list(base):
+                if name not in mine:
+                    del base[name]
+            new = sorted(mine - set(base))
+            if new or (mine and graph not in self._external):
+                places = {name: params[name]["initializers"][0] for name in new}
+                arrays, self._external[graph] = read_initializers(self._paths[graph],
+                                                                  {init for init, _ in places.values()})
+                for name, (init, transposed) in places.items():
+                    base[name] = arrays[init].T if transposed else arrays[init]
+            merged = sdlora.merge(base, loras, only=mine)
+            inits: dict[str, np.ndarray] = {}
+            for name, array in merged.items():
+                dtype = base[name].dtype
+                for init, transposed in params[name]["initializers"]:
+                    inits[init] = np.ascontiguousarray((array.T if transposed else array).astype(dtype))
+            if inits or self._swapped.get(graph):
+                external = self._external.get(graph, frozenset())
+                data = None
+                if inits and not external:  # an inline graph (under 2 GB): replaced in the proto it is read from
+                    data, inits = with_initializers(self._paths[graph], inits), {}
+                session = self._session(graph, self._paths[graph], self._threads, inits, external, data)
+                sessions[graph] = (bool(inits) or data is not None, session)
+        for graph, (swapped, session) in sessions.items():  # all or nothing: swap once every session opened
+            self.graphs[graph] = session
+            self._swapped[graph] = swapped
+
+    def _session(self, name: str, path: Path, threads: int | None, initializers: dict[str, np.ndarray] | None = None,
+                 external: frozenset[str] = frozenset(), model_bytes: bytes | None = None) -> Graph:
         options = {}
         if TENSORRT in self.providers:
             options[TENSORRT] = tensorrt_options(profile(GRAPHS[name], self.config, self.ranges),
                                                  self.manifest.precision is Precision.FP16,
                                                  self.manifest.folder / "trt-cache")
         graph = Graph(path, GRAPHS[name], self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
-                      options)
+                      options, initializers, external, model_bytes)
         meta = graph.metadata()
         if meta.get(META_GRAPH) != name or meta.get(META_SOURCE) != self.manifest.source_sha256:
             raise ModelLoadError(f"{path} is not the {name} graph of the model this folder's manifest describes; "

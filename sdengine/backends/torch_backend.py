@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .. import lora as sdlora
 from ..errors import InvalidInputError
+from ..lora import LoraFile
 from ..models.loading import Components, load_components
 from ..models.step import DenoiseStep
 from ..samplers import Schedule
@@ -47,6 +49,7 @@ class TorchBackend:
         self.options = options or FastOptions()
         self.fast = None
         self._vae_fp32: Any = None  # a float32 copy of the VAE, made on the first non-finite fp16 decode
+        self._lora_base: dict[str, torch.Tensor] = {}  # pristine CPU copies of the weights LoRAs now change
         if self.options.active:
             self.fast = FastPath(components.unet, components.vae, self.config.vae.scaling_factor, self.dtype,
                                  self.options)
@@ -75,6 +78,30 @@ class TorchBackend:
         dtype = _dtype(dtype) or (torch.float16 if device.startswith("cuda") else torch.float32)
         components = load_components(path, device=device, dtype=dtype, prediction_type=prediction_type)
         return cls(components, device, options)
+
+    def _lora_params(self) -> dict[str, torch.nn.Parameter]:
+        return {f"{component}.{name}": p for component in ("unet", "text_encoder")
+                for name, p in getattr(self.components, component).named_parameters()}
+
+    def lora_targets(self) -> dict[str, tuple[int, ...]]:
+        """{`unet.<parameter>` / `text_encoder.<parameter>`: shape} of the weights a LoRA may change."""
+        return {name: tuple(p.shape) for name, p in self._lora_params().items()}
+
+    @torch.inference_mode()
+    def set_loras(self, loras: Sequence[tuple[LoraFile, float]]) -> None:
+        """Merge `loras` (file, scale) into the weights in place, from kept copies of the pristine tensors:
+        weights no LoRA of the new set touches get their base back; `[]` restores the model."""
+        params = self._lora_params()
+        for lora, _ in loras:
+            for name in lora.targets - set(self._lora_base):
+                self._lora_base[name] = params[name].detach().to("cpu", copy=True)
+        base = {name: t.float().numpy() for name, t in self._lora_base.items()}
+        merged = sdlora.merge(base, loras)
+        for name in list(self._lora_base):
+            if name not in merged:
+                params[name].copy_(self._lora_base.pop(name))
+        for name, array in merged.items():
+            params[name].copy_(torch.from_numpy(array).to(params[name].dtype))
 
     def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype)

@@ -111,6 +111,7 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
     """
     from .fp16 import to_fp16
     from .onnx_io import save, set_metadata, trace
+    from .params import LORA_COMPONENTS, parameter_map
     from .wrappers import build
 
     start, entry = time.perf_counter(), None
@@ -123,12 +124,16 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
             model = to_fp16(model, gm.spec, gm.body, gm.fp32_attention)
         set_metadata(model, {META_GRAPH: name, META_SOURCE: source, META_KEY: key,
                              "sdengine.precision": settings.precision.value, "sdengine.version": __version__})
+        component = GRAPHS[name].component
+        params = parameter_map(model, component, getattr(c, component)) if component in LORA_COMPONENTS else None
         location = save(model, tmp / gm.spec.file)
         del model
         result.checks = structural_checks(tmp / gm.spec.file, gm.spec, c.config, ranges)
         compare(tmp / gm.spec.file, gm, c.config, ranges, settings.precision, seed, result)
         if result.status == "passed":
             entry = _install(tmp, out, gm.spec.file, location, key)
+            if params is not None:  # where LoRA merges go (sdengine.lora, the onnxruntime backend)
+                entry["parameters"] = params
     except Exception as exc:  # any failure of one graph is reported, and the others still export
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"

@@ -89,3 +89,33 @@ def check_external_data(path: Path, folder: Path) -> list[str]:
             raise ModelLoadError(f"{path} needs its external data file {loc}, which is missing from {folder}; "
                                  f"copy the whole export folder or re-export it")
     return locations
+
+
+def read_initializers(path: Path, names: set[str]) -> tuple[dict, frozenset[str]]:
+    """({name: numpy array} of the named initializers of graph `path`, the names of all its initializers stored
+    as external data). External data is read beside the graph: its locations were checked by
+    check_external_data when the manifest verified the graph."""
+    from onnx import numpy_helper
+
+    onnx = _onnx()
+    model = load_proto(path)
+    external = frozenset(t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    found = {t.name: numpy_helper.to_array(t, base_dir=str(path.parent)) for t in model.graph.initializer
+             if t.name in names}
+    missing = sorted(names - set(found))
+    if missing:
+        raise ModelLoadError(f"{path} has no initializer(s) {', '.join(missing[:5])} that its manifest names; "
+                             f"re-export the folder with sdengine export --force")
+    return found, external
+
+
+def with_initializers(path: Path, arrays: dict) -> bytes:
+    """Graph `path`, which holds all its tensors inline, serialized with the named initializers replaced by
+    `arrays` (same names, shapes and dtypes): what a session opens at every optimisation level."""
+    from onnx import numpy_helper
+
+    model = load_proto(path)
+    for t in model.graph.initializer:
+        if t.name in arrays:
+            t.CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+    return model.SerializeToString()

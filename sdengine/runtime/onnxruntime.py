@@ -123,14 +123,37 @@ class Graph:
     """One session, created once, with an IO binding whose addresses the caller sets per run."""
 
     def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[str], device: str, threads: int | None,
-                 provider_options: Mapping[str, dict[str, Any]] | None = None) -> None:
+                 provider_options: Mapping[str, dict[str, Any]] | None = None,
+                 initializers: Mapping[str, np.ndarray] | None = None, external: frozenset[str] = frozenset(),
+                 model_bytes: bytes | None = None) -> None:
+        """`initializers` replace the graph's own of those names (LoRA-merged weights) in this session; those
+        named in `external` are stored as external data in the graph file. `model_bytes`: the graph (`path`)
+        serialized with some initializers already replaced (sdengine.backends.onnxruntime_backend)."""
         ort = import_ort()
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        self.initializers: dict[str, Any] = {}  # the OrtValues given: they must outlive the session
+        inline = {k: v for k, v in (initializers or {}).items() if k not in external}
+        if inline:
+            # ORT_ENABLE_ALL's CPU layout and fp16 passes read some weights from the graph's own initializers and
+            # ignore add_initializer's (measured with onnxruntime 1.32: a LoRA on a Conv, or on an fp16 graph's
+            # MatMul, changed nothing); at ORT_ENABLE_EXTENDED they all take effect. Weights stored as external
+            # data are replaced as the graph loads (add_external_initializers), so every optimisation stays;
+            # so do weights replaced in `model_bytes`.
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        for name, array in (initializers or {}).items():
+            self.initializers[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            if name in inline:
+                options.add_initializer(name, self.initializers[name])
+        outside = [name for name in self.initializers if name not in inline]
+        if outside:
+            options.add_external_initializers(outside, [self.initializers[name] for name in outside])
+        self.optimization_level = options.graph_optimization_level
         opts = [dict((provider_options or {}).get(p, {})) for p in providers]
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=list(providers), provider_options=opts)
+            self.session = ort.InferenceSession(str(path) if model_bytes is None else model_bytes, options,
+                                                providers=list(providers), provider_options=opts)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"ONNX Runtime cannot load {path} ({str(exc).strip().splitlines()[0][:300]}); "
                                  f"re-export it with sdengine export --force") from None
