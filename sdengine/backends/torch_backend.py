@@ -80,14 +80,23 @@ class TorchBackend:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype)
 
     @torch.inference_mode()
-    def encode_text(self, input_ids: np.ndarray) -> torch.Tensor:
-        return self.components.text_encoder(self._tensor(input_ids, torch.long))
+    def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> torch.Tensor:
+        """Token ids [R, 77] -> embeddings [R, 77, D] (clip_skip: of layer -1-clip_skip, as diffusers)."""
+        return self.components.text_encoder(self._tensor(input_ids, torch.long), clip_skip)
+
+    def text_to_host(self, context: torch.Tensor) -> np.ndarray:
+        """encode_text's output as float32 numpy [R, 77, D]."""
+        return context.float().cpu().numpy()
 
     @torch.inference_mode()
     def denoise(self, latents: np.ndarray, context: Any, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None,
                 condition: ImageCondition | None = None) -> torch.Tensor:
-        """Every row of `schedule` from the initial latents [B,C,h,w]; the final latents on the device."""
+        """Every row of `schedule` from the initial latents [B,C,h,w]; the final latents on the device.
+
+        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts)."""
+        if isinstance(context, np.ndarray):
+            context = self._tensor(context, self.dtype)
         state = np.zeros((schedule.slots, *np.shape(latents)), np.float32)
         state[0] = latents
         f32 = lambda a: None if a is None else self._tensor(a, torch.float32)  # noqa: E731
