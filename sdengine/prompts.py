@@ -24,6 +24,7 @@ from .errors import InvalidInputError
 
 MAX_PROMPT_CHUNKS = 8   # 8 x 75 = 600 tokens: the default limit of exports, engines and the server
 ROUND_UP, SQUARE_DOWN = 1.1, 1 / 1.1
+MEAN_FLOOR = 1e-3  # emphasis restores a chunk's mean only when it is at least this fraction of its RMS
 BREAK = "BREAK"
 _BREAK_WEIGHT = -1.0
 # One token of the emphasis syntax per match: escapes, brackets, ":weight)", plain text, a lone ":".
@@ -206,6 +207,7 @@ def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
     Each chunk whose weights are not all 1 is scaled token by token, then multiplied by (mean before / mean after)
     so its mean over tokens and channels is restored (A1111's original emphasis, per row: rows stay independent).
+    Where either mean is below MEAN_FLOOR x the chunk's RMS, the mean is no scale to restore and is left alone.
     """
     hidden = np.asarray(hidden, np.float32)
     rows, k, length, dim = hidden.shape
@@ -216,10 +218,12 @@ def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
             if np.all(w == 1.0):
                 continue
             z = hidden[r, c].astype(np.float64)
-            before = z.mean()
+            before, scale = z.mean(), np.sqrt(np.mean(z * z))
             z = z * w[:, None].astype(np.float64)
             after = z.mean()
-            if after != 0.0 and np.isfinite(after):
+            # A mean near 0 against the values' size (a final layer norm without bias) fixes no scale: dividing by
+            # it would multiply the chunk by rounding noise, so such a chunk is only scaled.
+            if min(abs(before), abs(after)) > MEAN_FLOOR * scale:
                 z = z * (before / after)
             out[r, c] = z.astype(np.float32)
     return out.reshape(rows, k * length, dim)

@@ -95,8 +95,28 @@ def test_emphasis_scales_tokens_and_restores_the_mean(tiny_pipeline, diffusers_p
     n_red = len(tok("red", add_special_tokens=False).input_ids)
     w[1 + n_a:1 + n_a + n_red] = 1.5
     scaled = z * w[:, None]
-    expected = scaled * (z.mean() / scaled.mean())
+    # The tiny model's final layer norm has no bias, so a chunk's mean is ~1e-10 of its RMS: no scale to restore,
+    # and sdengine leaves it (restoring it would multiply by rounding noise). A model with a bias restores it.
+    rms = z.square().mean().sqrt()
+    assert z.mean().abs() < 1e-6 * rms
+    expected = scaled
     np.testing.assert_allclose(got[0], expected.numpy(), rtol=1e-5, atol=1e-5)
+    norms = (diffusers_pipe.text_encoder.final_layer_norm,
+             tiny_pipeline.backend.components.text_encoder.text_model.final_layer_norm)
+    with torch.no_grad():
+        try:
+            for ln in norms:
+                ln.bias.add_(0.5)  # the same weights with a bias: the mean is restored as A1111 restores it
+            z = reference_chunks(diffusers_pipe, "a red cat")[0].double()
+            got = captured_context(tiny_pipeline, monkeypatch, "a (red:1.5) cat", guidance_scale=1.0)
+        finally:
+            for ln in norms:
+                ln.bias.sub_(0.5)
+    scaled = z * w[:, None]
+    expected = scaled * (z.mean() / scaled.mean())
+    assert z.mean() > 0.4
+    np.testing.assert_allclose(got[0], expected.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[0].astype(np.float64).mean(), z.mean().item(), rtol=1e-5)
     plain = captured_context(tiny_pipeline, monkeypatch, "a (red:1.5) cat", guidance_scale=1.0,
                              prompt_weighting=False)
     text = reference_chunks(diffusers_pipe, "a (red:1.5) cat")

@@ -153,3 +153,14 @@ def test_break_inside_brackets_still_breaks(tok):
     """A1111 encodes the word "break" at weight -1.1 there; a negative weight is never meant: it breaks."""
     c = chunk_prompt(tok, "(a BREAK b)")
     assert c.chunks == 2 and (c.weights >= 0).all()
+
+
+def test_emphasis_leaves_a_mean_of_zero_alone():
+    """A chunk whose mean is ~0 against its size (a final layer norm without bias) is only scaled."""
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((1, 1, 77, 16))
+    z = (z - z.mean(axis=-1, keepdims=True)).astype(np.float32)  # every token's mean 0, as a bias-free layer norm
+    weights = np.ones((1, 1, 77), np.float32)
+    weights[0, 0, 2] = 1.3
+    out = apply_emphasis(z, weights)
+    np.testing.assert_allclose(out[0], z[0, 0] * weights[0, 0, :, None], rtol=1e-6)

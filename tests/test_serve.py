@@ -323,7 +323,7 @@ def test_sigterm_finishes_running_work_and_exits_0(start_server):
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
-LONG = "cat " * 80  # 80 tokens: CLIP reads 75
+LONG = "cat " * 601  # 601 tokens: 9 chunks of 75, one more than the server reads
 BAD = [
     ({"prompt": "a", "size": "65x64"}, 422, "size", "width must be a multiple of 8 (this model's VAE factor)"),
     ({"prompt": "a", "size": "56x64"}, 422, "size", "between 64 and 2048"),
@@ -346,8 +346,11 @@ BAD = [
     ({"prompt": "   "}, 422, "prompt", "empty"),
     ({"n": 1}, 422, "prompt", "required"),
     ({"prompt": ["a", "b"]}, 422, "prompt", "string"),
-    ({"prompt": LONG}, 422, "prompt", "80 tokens"),
-    ({"prompt": "a", "negative_prompt": LONG}, 422, "negative_prompt", "80 tokens"),
+    ({"prompt": LONG}, 422, "prompt", "needs 9 chunks of 75 tokens (601 tokens); at most 8"),
+    ({"prompt": "a", "negative_prompt": LONG}, 422, "negative_prompt", "needs 9 chunks"),
+    ({"prompt": "a", "clip_skip": 2}, 422, "clip_skip", "between 0 and 1"),
+    ({"prompt": "a", "clip_skip": "1"}, 422, "clip_skip", "integer"),
+    ({"prompt": "a", "prompt_weighting": 1}, 422, "prompt_weighting", "true or false"),
     ({"prompt": "a", "quality": 3}, 422, "quality", "must be a string (it is accepted and ignored)"),
     ({"prompt": "a", "colour": "red"}, 422, "colour", "unknown field"),
     ({"prompt": "a", "scheduler": "dpm"}, 422, "scheduler", "dpmpp_2m_karras"),

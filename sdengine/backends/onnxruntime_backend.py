@@ -30,6 +30,7 @@ from . import ImageCondition, StepCallback, reject_unknown_options
 _SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs; every graph is verified
 _REEXPORT = "re-export with sdengine export --batch/--height/--width MIN:MAX covering it"
 _REEXPORT_SLOTS = "re-export with sdengine export --state-slots {slots} (the default, 4, runs every sampler)"
+_REEXPORT_CHUNKS = "re-export with sdengine export --max-prompt-chunks {chunks} or more (the default, 8, reads every prompt)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +99,18 @@ class OnnxRuntimeBackend:
             self._buffers[key] = Buffer(shape, dtype, self._where)
         return self._buffers[key]
 
-    def encode_text(self, input_ids: np.ndarray) -> TextEmbeddings:
-        """Token ids [R, 77] -> embeddings [R, 77, D] on the device."""
+    def text_to_host(self, context: TextEmbeddings) -> np.ndarray:
+        """encode_text's output as float32 numpy [R, 77, D]."""
+        return context.buffer.read()[: context.rows]
+
+    def _host_context(self, context: np.ndarray) -> TextEmbeddings:
+        """Host embeddings [R, 77k, D] (long or weighted prompts) on the device, checked against the export."""
+        array = np.ascontiguousarray(context, dtype=np.float32)
+        self.ranges.check_context(array.shape[1], self.dims["sequence"].min, _REEXPORT_CHUNKS)
+        return TextEmbeddings(Buffer.holding(array, self._where), array.shape[0])
+
+    def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> TextEmbeddings:
+        """Token ids [R, 77] -> embeddings [R, 77, D] on the device (clip_skip: of layer -1-clip_skip)."""
         ids = np.asarray(input_ids)
         rows, run_rows = ids.shape[0], ids.shape[0]
         r = self.dims["rows"]
@@ -111,6 +122,9 @@ class OnnxRuntimeBackend:
         ids_buf = self._buffer("input_ids", shp["input_ids"], np.int32)
         ids_buf.write(ids.astype(np.int32))
         te.bind_buffer("input_ids", ids_buf)
+        skip = self._buffer("clip_skip", (1,), np.int32)
+        skip.write(np.array([clip_skip], np.int32))
+        te.bind_buffer("clip_skip", skip)
         out = Buffer(shp["last_hidden_state"], np.float32, self._where)  # per call: the caller keeps it
         te.bind_output("last_hidden_state", out)
         te.bind_output("pooled_output", self._buffer("pooled_output", shp["pooled_output"]))
@@ -144,7 +158,11 @@ class OnnxRuntimeBackend:
     def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None,
                 condition: ImageCondition | None = None) -> BufferView:
-        """Every row of `schedule` through the step graph; returns a view of the final latents (slot 0)."""
+        """Every row of `schedule` through the step graph; returns a view of the final latents (slot 0).
+
+        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts)."""
+        if isinstance(context, np.ndarray):
+            context = self._host_context(context)
         latents = np.ascontiguousarray(latents, dtype=np.float32)
         self._check_latents(latents.shape)
         schedule = fit_slots(schedule, self.ranges.slots, _REEXPORT_SLOTS)
