@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import PickleCheckpointError
+
 
 def umask_mode(mode: int) -> int:
     """`mode` less the process umask (what open() would have given; mkstemp/mkdtemp use 0o600/0o700)."""
@@ -44,3 +46,27 @@ def temporary_folder(out: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, umask_mode(0o777))
     return tmp
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save zip archive, raw pickle protocol >= 2
+
+
+def refuse_pickle(path: Path) -> None:
+    """Raise PickleCheckpointError, with the conversion command, if `path` is a pickle checkpoint."""
+    head = b""
+    if path.is_file():
+        with path.open("rb") as f:
+            head = f.read(9)
+    # A safetensors file is an 8-byte header length then a JSON object; its length bytes may look like pickle.
+    looks_pickled = head.startswith(_PICKLE_MAGIC) and head[8:9] != b"{"
+    if path.suffix.lower() in PICKLE_SUFFIXES or looks_pickled:
+        out = path.with_suffix(".safetensors")
+        raise PickleCheckpointError(
+            f"{path} is a pickle checkpoint; sdengine loads safetensors only, since unpickling can run "
+            f"arbitrary code. Convert it once, on a machine where you trust the file: "
+            f"python -c \"import torch; from safetensors.torch import save_file; "
+            f"sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
+            f"save_file({{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, '{out}')\" "
+            f"then pass {out}"
+        )

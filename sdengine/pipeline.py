@@ -245,6 +245,28 @@ class Pipeline:
             return PipelineResult(to_unit_float(images), seeds, infos, fallback)
         return PipelineResult(_pil_images(to_uint8(images), infos), seeds, infos, fallback)
 
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> list[str]:
+        """Add a textual inversion embedding (A1111 or diffusers safetensors; README, "Prompts"): its trigger (`token`,
+        else the file's token name or file name) then reads as its n vectors in prompts. The tokens added."""
+        from .embeddings import read_embedding
+
+        emb = read_embedding(path, token)
+        add = getattr(self.backend, "add_token_embeddings", None)
+        if add is None:
+            raise InvalidInputError("this backend cannot add textual inversion embeddings (a TensorRT engine's token "
+                                    "table is fixed): use --backend torch or onnxruntime")
+        taken = [t for t in emb.tokens if self.tokenizer.has_token(t)]
+        if taken:
+            raise InvalidInputError(f"the token {taken[0]!r} is already in the vocabulary: give the embedding another "
+                                    "token (--embedding FILE:TOKEN, or token=...)")
+        start = add(emb.vectors)
+        if start != self.tokenizer.vocab_size:
+            raise InvalidInputError(f"the text encoder's token table had {start} rows and the tokenizer "
+                                    f"{self.tokenizer.vocab_size} tokens: embeddings were added to one without the "
+                                    "other; load the pipeline again")
+        self.tokenizer.add_tokens(emb.tokens)
+        return emb.tokens
+
     def _encode_prompts(self, rows: list[str], weighting: bool, clip_skip: int) -> Any:
         """Text embeddings of `rows`: [R, 77, D] on the device for one unweighted chunk each, else every chunk index
         encoded on its own, weighted and concatenated on the host to [R, 77k, D] (sdengine.prompts)."""

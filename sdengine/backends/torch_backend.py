@@ -84,6 +84,18 @@ class TorchBackend:
         """Token ids [R, 77] -> embeddings [R, 77, D] (clip_skip: of layer -1-clip_skip, as diffusers)."""
         return self.components.text_encoder(self._tensor(input_ids, torch.long), clip_skip)
 
+    @torch.inference_mode()
+    def add_token_embeddings(self, vectors: np.ndarray) -> int:
+        """Append textual inversion vectors [n, D] to the text encoder's token table; the first new row's id."""
+        from ..embeddings import extended_table
+
+        emb = self.components.text_encoder.text_model.embeddings.token_embedding
+        old = emb.weight.detach()
+        table = extended_table(old.float().cpu().numpy(), np.asarray(vectors, np.float32))
+        emb.weight = torch.nn.Parameter(torch.from_numpy(table).to(old.device, old.dtype), requires_grad=False)
+        emb.num_embeddings = table.shape[0]
+        return old.shape[0]
+
     def text_to_host(self, context: torch.Tensor) -> np.ndarray:
         """encode_text's output as float32 numpy [R, 77, D]."""
         return context.float().cpu().numpy()

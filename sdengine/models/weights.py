@@ -9,31 +9,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, PickleCheckpointError, WeightsMismatchError
+from ..errors import ModelLoadError, WeightsMismatchError
+from ..files import PICKLE_SUFFIXES, refuse_pickle  # noqa: F401 - re-exported: the loaders import them here
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save zip archive, raw pickle protocol >= 2
 _SHOWN = 20  # keys listed per category in a mismatch report
-
-
-def refuse_pickle(path: Path) -> None:
-    """Raise PickleCheckpointError, with the conversion command, if `path` is a pickle checkpoint."""
-    head = b""
-    if path.is_file():
-        with path.open("rb") as f:
-            head = f.read(9)
-    # A safetensors file is an 8-byte header length then a JSON object; its length bytes may look like pickle.
-    looks_pickled = head.startswith(_PICKLE_MAGIC) and head[8:9] != b"{"
-    if path.suffix.lower() in PICKLE_SUFFIXES or looks_pickled:
-        out = path.with_suffix(".safetensors")
-        raise PickleCheckpointError(
-            f"{path} is a pickle checkpoint; sdengine loads safetensors only, since unpickling can run "
-            f"arbitrary code. Convert it once, on a machine where you trust the file: "
-            f"python -c \"import torch; from safetensors.torch import save_file; "
-            f"sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
-            f"save_file({{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, '{out}')\" "
-            f"then pass {out}"
-        )
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
