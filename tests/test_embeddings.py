@@ -8,6 +8,7 @@ import torch
 from safetensors.numpy import save_file
 
 import sdengine
+from onnx_support import onnx_fp32_dir  # noqa: F401 - the exported tiny model, a fixture
 from sdengine.embeddings import parse_spec, read_embedding
 from sdengine.errors import InvalidInputError, ModelLoadError, PickleCheckpointError
 
@@ -60,7 +61,7 @@ def _diffusers(tiny_model_dir):
     return pipe
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_same_ids_and_embeddings_as_diffusers(files, tiny_model_dir, request, backend):
     """diffusers' load_textual_inversion on the same files: equal token ids; text embeddings within 1e-5."""
     a1111, diff = files

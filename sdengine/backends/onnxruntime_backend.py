@@ -54,6 +54,27 @@ class OnnxRuntimeBackend:
         self._threads = threads
         self.graphs = {name: self._session(name, self._paths[name], threads) for name in _SESSIONS}
         self._buffers: dict[tuple, Buffer] = {}
+        self._token_table: tuple[str, np.ndarray] | None = None  # textual inversion: the extended table
+
+    def add_token_embeddings(self, vectors: np.ndarray) -> int:
+        """Append textual inversion vectors [n, D] to the text encoder's token table; the first new row's id.
+
+        The exported table is read once from the graph's external data; the extended one replaces it as an
+        initializer override (SessionOptions.add_initializer) in a new text encoder session: no re-export, and
+        the graph keeps its one input list on every backend (a table input would make every run bind it)."""
+        from ..embeddings import extended_table
+        from ..runtime.onnx_files import token_table
+
+        if self._token_table is None:
+            te = self.config.text_encoder
+            self._token_table = token_table(self._paths[TEXT_ENCODER], self.manifest.folder, te.vocab_size,
+                                            te.hidden_size)
+        name, table = self._token_table
+        extended = extended_table(table, np.asarray(vectors, np.float32))
+        self.graphs[TEXT_ENCODER] = self._session(TEXT_ENCODER, self._paths[TEXT_ENCODER], self._threads,
+                                                  {name: extended})
+        self._token_table = (name, extended)
+        return table.shape[0]
 
     def _graph(self, name: str) -> Graph:
         """A graph's session, created on first use (the VAE encoder: only image inputs need it)."""
@@ -74,14 +95,15 @@ class OnnxRuntimeBackend:
         chosen = resolve_providers(device, providers)
         return cls(Manifest.read(path), device, chosen, threads, prediction_type)
 
-    def _session(self, name: str, path: Path, threads: int | None) -> Graph:
+    def _session(self, name: str, path: Path, threads: int | None,
+                 initializers: dict[str, np.ndarray] | None = None) -> Graph:
         options = {}
         if TENSORRT in self.providers:
             options[TENSORRT] = tensorrt_options(profile(GRAPHS[name], self.config, self.ranges),
                                                  self.manifest.precision is Precision.FP16,
                                                  self.manifest.folder / "trt-cache")
         graph = Graph(path, GRAPHS[name], self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
-                      options)
+                      options, initializers)
         meta = graph.metadata()
         if meta.get(META_GRAPH) != name or meta.get(META_SOURCE) != self.manifest.source_sha256:
             raise ModelLoadError(f"{path} is not the {name} graph of the model this folder's manifest describes; "

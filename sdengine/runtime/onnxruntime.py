@@ -123,11 +123,18 @@ class Graph:
     """One session, created once, with an IO binding whose addresses the caller sets per run."""
 
     def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[str], device: str, threads: int | None,
-                 provider_options: Mapping[str, dict[str, Any]] | None = None) -> None:
+                 provider_options: Mapping[str, dict[str, Any]] | None = None,
+                 initializers: Mapping[str, np.ndarray] | None = None) -> None:
+        """`initializers` replace the graph's initializers of those names (SessionOptions.add_initializer), shape
+        included: a textual inversion token table with more rows than the exported one."""
         ort = import_ort()
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        self._overrides = [(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
+                           for name, value in (initializers or {}).items()]  # kept alive as long as the session
+        for name, value in self._overrides:
+            options.add_initializer(name, value)
         opts = [dict((provider_options or {}).get(p, {})) for p in providers]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=list(providers), provider_options=opts)
