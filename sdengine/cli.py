@@ -32,6 +32,9 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--no-prompt-weighting", action="store_true",
                    help="read (, ), [ and ] as text: no A1111 emphasis such as (word:1.3) (README, \"Prompts\")")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual inversion embedding (A1111 or diffusers .safetensors; repeatable): its trigger is "
+                        "TOKEN, else the file's token name or file name (README, \"Prompts\")")
     p.add_argument("--clip-skip", type=int, default=None, metavar="N",
                    help="condition on the text encoder's layer -1-N, as diffusers' clip_skip (A1111's "
                         "\"Clip skip: N+1\"; default 0: the last layer)")
@@ -258,6 +261,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import load_pipeline
 
     pipe = load_pipeline(args.model, backend=args.backend, device=_device(args), **_load_options(args))
+    if args.embedding:
+        from .embeddings import parse_spec
+
+        for spec in args.embedding:
+            pipe.load_textual_inversion(*parse_spec(spec))
     callback, bar = _progress("denoising")
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,

@@ -91,3 +91,31 @@ def test_same_ids_and_embeddings_as_diffusers(files, tiny_model_dir, request, ba
         wide = a1111.with_name("too-wide-embedding.safetensors")
         save_file({"emb_params": np.zeros((1, 64), np.float32)}, str(wide))
         pipe.load_textual_inversion(wide)
+
+
+def test_cli_embedding_option(files, tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    a1111, diff = files
+    out = tmp_path / "x.png"
+    cmd = [sys.executable, "-m", "sdengine", "generate", "a <shiny> and a <cat-toy>", "--model", str(tiny_model_dir),
+           "--steps", "1", "--out", str(out), "--embedding", f"{a1111}:<shiny>", "--embedding", str(diff)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and out.is_file(), r.stderr
+    pt = tmp_path / "style.pt"
+    pt.write_bytes(b"\x80\x04junk")
+    r = subprocess.run(cmd[:-4] + ["--embedding", str(pt)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "pickle embedding" in r.stderr, r.stderr
+
+
+def test_a_backend_without_a_token_table_says_so(files):
+    from types import SimpleNamespace
+
+    from sdengine.config import ModelConfig
+    from sdengine.pipeline import Pipeline
+    from sdengine.tokenizer import ClipTokenizer
+
+    backend = SimpleNamespace(config=ModelConfig.tiny(), tokenizer=ClipTokenizer.default())  # as the CUDA backend
+    with pytest.raises(InvalidInputError, match="use --backend torch or onnxruntime"):
+        Pipeline(backend).load_textual_inversion(files[0])

@@ -11,7 +11,7 @@ from torch_block import BLOCK_TORCH
 def test_runtime_imports_without_torch():
     code = BLOCK_TORCH + """
 import sdengine, sdengine.runtime, sdengine.config, sdengine.schedulers, sdengine.samplers, sdengine.tokenizer
-import sdengine.errors, sdengine.prompts
+import sdengine.errors, sdengine.prompts, sdengine.embeddings
 import sdengine.runtime.cuda, sdengine.runtime.device, sdengine.runtime.loop, sdengine.backends.cuda_backend
 import sdengine.backends.tensorrt_backend
 from sdengine.config import ModelConfig
