@@ -119,3 +119,21 @@ def test_a_backend_without_a_token_table_says_so(files):
     backend = SimpleNamespace(config=ModelConfig.tiny(), tokenizer=ClipTokenizer.default())  # as the CUDA backend
     with pytest.raises(InvalidInputError, match="use --backend torch or onnxruntime"):
         Pipeline(backend).load_textual_inversion(files[0])
+
+
+def test_onnxruntime_embedding_without_torch(files, onnx_fp32_dir):
+    import subprocess
+    import sys
+
+    from torch_block import BLOCK_TORCH
+
+    code = BLOCK_TORCH + f"""
+import sdengine
+pipe = sdengine.load_pipeline({str(onnx_fp32_dir)!r}, backend="onnxruntime")
+assert pipe.load_textual_inversion({str(files[0])!r}) == ["shiny-style", "shiny-style_1", "shiny-style_2"]
+pipe("a (shiny-style:1.1) cat", num_inference_steps=1, seed=0)
+assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")], "torch was imported"
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
