@@ -63,7 +63,8 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     if vectors.ndim == 1:
         vectors = vectors[None]
     if vectors.ndim != 2 or not vectors.shape[0] or not np.isfinite(vectors).all():
-        raise ModelLoadError(f"{path}: the embedding must be finite vectors [n, width], got shape {list(vectors.shape)}")
+        raise ModelLoadError(f"{path}: the embedding must be finite vectors [n, width], got shape "
+                             f"{list(vectors.shape)}")
     trigger = token if token is not None else name if name is not None else path.stem
     if not isinstance(trigger, str) or not trigger.strip() or any(c.isspace() for c in trigger):
         raise InvalidInputError(f"an embedding's token must be one word without spaces, got {trigger!r}")

@@ -116,7 +116,8 @@ class ShapeRanges:
             raise InvalidInputError(f"state slots must be between 1 and {STATE_SLOTS}, got {self.slots!r}")
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) \
                 or not 1 <= self.chunks <= MAX_PROMPT_CHUNKS:
-            raise InvalidInputError(f"--max-prompt-chunks must be between 1 and {MAX_PROMPT_CHUNKS}, got {self.chunks!r}")
+            raise InvalidInputError(f"--max-prompt-chunks must be between 1 and {MAX_PROMPT_CHUNKS}, "
+                                    f"got {self.chunks!r}")
         if self.static and self.chunks != 1:
             raise InvalidInputError("a static export reads one prompt chunk (77 tokens): leave out --max-prompt-chunks "
                                     "or export without --static")

@@ -30,7 +30,8 @@ from . import ImageCondition, StepCallback, reject_unknown_options
 _SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs; every graph is verified
 _REEXPORT = "re-export with sdengine export --batch/--height/--width MIN:MAX covering it"
 _REEXPORT_SLOTS = "re-export with sdengine export --state-slots {slots} (the default, 4, runs every sampler)"
-_REEXPORT_CHUNKS = "re-export with sdengine export --max-prompt-chunks {chunks} or more (the default, 8, reads every prompt)"
+_REEXPORT_CHUNKS = ("re-export with sdengine export --max-prompt-chunks {chunks} or more (the default, 8, reads every "
+                    "prompt)")
 
 
 @dataclasses.dataclass(frozen=True)

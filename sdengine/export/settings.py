@@ -80,7 +80,8 @@ class ExportSettings:
                        ((self.batch, default.batch.opt), (self.height, default.height.opt),
                         (self.width, default.width.opt)))
             ranges = ShapeRanges(Range(b, b, b), Range(h, h, h), Range(w, w, w), static=True,
-                                 slots=self.state_slots, chunks=1 if self.max_prompt_chunks is None else self.max_prompt_chunks)
+                                 slots=self.state_slots,
+                                 chunks=1 if self.max_prompt_chunks is None else self.max_prompt_chunks)
         else:
             ranges = ShapeRanges(_range(self.batch, default.batch, "batch"),
                                  _range(self.height, default.height, "height"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
 
+import numpy as np
+
 from ..errors import ModelLoadError
 
 
@@ -91,7 +93,7 @@ def check_external_data(path: Path, folder: Path) -> list[str]:
     return locations
 
 
-def token_table(path: Path, folder: Path, rows: int, width: int) -> tuple[str, "np.ndarray"]:
+def token_table(path: Path, folder: Path, rows: int, width: int) -> tuple[str, np.ndarray]:
     """The name and contents of the text encoder graph's token embedding table [rows, width] (an initializer, read
     from the graph or its checked external data): what textual inversion extends."""
     import numpy as np
