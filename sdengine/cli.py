@@ -30,6 +30,14 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="torch (the reference, default), onnxruntime (an exported folder; no torch needed) or "
                         "tensorrt (an engine set on an NVIDIA GPU; no torch needed)")
     p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--no-prompt-weighting", action="store_true",
+                   help="read (, ), [ and ] as text: no A1111 emphasis such as (word:1.3) (README, \"Prompts\")")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual inversion embedding (A1111 or diffusers .safetensors; repeatable): its trigger is "
+                        "TOKEN, else the file's token name or file name (README, \"Prompts\")")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="condition on the text encoder's layer -1-N, as diffusers' clip_skip (A1111's "
+                        "\"Clip skip: N+1\"; default 0: the last layer)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (1-1000, default 50)")
     p.add_argument("--scheduler", default="ddim", metavar="NAME",
                    help="the sampler: " + ", ".join(sampler_names()) + " (default ddim; A1111's names such as "
@@ -84,6 +92,9 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-slots", type=int, default=None,
                    help="the denoise step's sampler state (default 4: every sampler; 2: DDIM, DDPM, Euler, Euler a, "
                         "LCM, Heun and DPM++ 2M; 1: the single-step samplers only)")
+    p.add_argument("--max-prompt-chunks", type=int, default=None, metavar="K",
+                   help="the longest prompt the step graph reads, in chunks of 75 tokens (1-8, default 8; "
+                        "a static export reads 1)")
     p.add_argument("--force", action="store_true", help="re-export graphs that are up to date")
 
 
@@ -270,13 +281,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(args.model, backend=args.backend, device=_device(args), loras=dict(args.loras),
                          **_load_options(args))
+    if args.embedding:
+        from .embeddings import parse_spec
+
+        for spec in args.embedding:
+            pipe.load_textual_inversion(*parse_spec(spec))
     callback, bar = _progress("denoising")
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, eta=args.eta, seed=args.seed, height=args.height,
                       width=args.width, num_images_per_prompt=args.num_images, callback=callback,
                       scheduler=args.scheduler, image=args.image, mask_image=args.mask, strength=args.strength,
-                      mask_blur=args.mask_blur, keep_unmasked=args.keep_unmasked)
+                      mask_blur=args.mask_blur, keep_unmasked=args.keep_unmasked,
+                      prompt_weighting=not args.no_prompt_weighting, clip_skip=args.clip_skip)
     finally:
         if bar is not None:
             bar.close()
@@ -291,6 +308,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     ranges = {name: None if getattr(args, name) is None else parse_range(getattr(args, name), name)
               for name in ("batch", "height", "width")}
     slots = {} if args.state_slots is None else {"state_slots": args.state_slots}
+    if args.max_prompt_chunks is not None:
+        slots["max_prompt_chunks"] = args.max_prompt_chunks
     settings = ExportSettings(precision="fp16" if args.fp16 else "fp32", opset=args.opset, static=args.static,
                               force=args.force, **ranges, **slots)
     if args.model is None:

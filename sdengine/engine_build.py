@@ -78,9 +78,10 @@ def build_ranges(onnx_ranges: ShapeRanges, factor: int, settings: BuildSettings)
                                     f"for --batch, --height and --width")
         values = {n: getattr(onnx_ranges, n).opt if v is None else v[0] for n, v in given.items()}
         ranges = ShapeRanges(*(Range(values[n], values[n], values[n]) for n in _DIMS), static=True,
-                             slots=onnx_ranges.slots)
+                             slots=onnx_ranges.slots, chunks=1)  # a static engine reads one prompt chunk
     else:
-        ranges = ShapeRanges(*(_narrow(given[n], getattr(onnx_ranges, n)) for n in _DIMS), slots=onnx_ranges.slots)
+        ranges = ShapeRanges(*(_narrow(given[n], getattr(onnx_ranges, n)) for n in _DIMS), slots=onnx_ranges.slots,
+                             chunks=onnx_ranges.chunks)
     ranges.check_sides(factor)
     for name in _DIMS:
         r, o = getattr(ranges, name), getattr(onnx_ranges, name)

@@ -32,7 +32,7 @@ from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file
 from .specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, Precision, ShapeRanges, check_dim, \
     profile
 
-FORMAT, FORMAT_VERSION = "sdengine-engines", 2  # 2: the denoise step takes a sampler state
+FORMAT, FORMAT_VERSION = "sdengine-engines", 3  # 2: the denoise step takes a sampler state; 3: prompt chunks
 PLAN_SUFFIX = ".plan"
 ENGINE_GRAPHS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER, VAE_ENCODER)  # txt2img, and image inputs
 OPT_LEVELS = range(0, 6)

@@ -16,7 +16,7 @@ from .config import ModelConfig
 from .errors import ModelLoadError, UnsupportedModelError
 from .specs import GRAPHS, Precision, ShapeRanges
 
-FORMAT, FORMAT_VERSION = "sdengine-onnx", 2  # 2: the denoise step takes a sampler state
+FORMAT, FORMAT_VERSION = "sdengine-onnx", 3  # 2: the denoise step takes a sampler state; 3: prompt chunks
 MANIFEST, REPORT, TOKENIZER_DIR = "manifest.json", "export-report.json", "tokenizer"
 META_GRAPH, META_SOURCE, META_KEY = "sdengine.graph", "sdengine.source_sha256", "sdengine.export_key"
 _CHUNK = 1 << 22

@@ -52,6 +52,7 @@ class GenerationInfo:
     mask: str | None = None              # the mask: its sha256
     mask_blur: float = 0.0
     loras: tuple = ()                    # active LoRAs: objects with name, scale, sha256 (sdengine.lora.LoraInfo)
+    clip_skip: int = 0                   # diffusers' clip_skip; A1111 writes "Clip skip: clip_skip + 1"
 
     def infotext(self) -> str:
         """The A1111 `parameters` text."""
@@ -61,6 +62,8 @@ class GenerationInfo:
             fields["Seed"] = self.seed
         fields["Size"] = f"{self.width}x{self.height}"
         fields["Model"] = self.model
+        if self.clip_skip:
+            fields["Clip skip"] = self.clip_skip + 1
         if self.eta:
             fields["Eta DDIM"] = _number(self.eta)
         if self.strength is not None:
@@ -84,6 +87,8 @@ class GenerationInfo:
                   "sampler": self.sampler, "guidance_scale": _number(self.guidance_scale), "eta": _number(self.eta),
                   "seed": "" if self.seed is None else self.seed, "width": self.width, "height": self.height,
                   "model": self.model, "software": f"sdengine {__version__}"}
+        if self.clip_skip:
+            fields["clip_skip"] = self.clip_skip
         if self.strength is not None:
             fields.update(strength=_number(self.strength), source_image=self.source)
         if self.mask is not None:

@@ -21,6 +21,7 @@ from .errors import InvalidInputError, NonFiniteOutputError
 from .images import ImageInputs, prepare
 from .lora import LoraInfo, lora_specs, read_lora
 from .metadata import GenerationInfo, save_png
+from .prompts import MAX_PROMPT_CHUNKS, apply_emphasis, check_clip_skip, prompt_batch
 from .samplers import Schedule, build_schedule
 from .specs import MAX_SIDE, MIN_SIDE  # one set of image-side limits for every path
 from .tokenizer import check_text
@@ -206,7 +207,7 @@ class Pipeline:
                  callback: StepCallback | None = None, output_type: str = "pil",
                  scheduler: str = "ddim", image: Any = None, mask_image: Any = None, strength: float | None = None,
                  mask_blur: float = 0.0, keep_unmasked: bool = False, sample_posterior: bool = False,
-                 ) -> PipelineResult:
+                 prompt_weighting: bool = True, clip_skip: int | None = None) -> PipelineResult:
         """Generate images; parameters as in diffusers' StableDiffusion(Img2Img|Inpaint)Pipeline.
 
         `scheduler` names the sampler (sdengine.sampler_names(); A1111's names too); `latents` is unit
@@ -215,8 +216,15 @@ class Pipeline:
         encoded and noised to where `strength` of the schedule remains (default 0.8; 1.0 with a mask);
         `mask_image` repaints its white (or transparent) part: re-imposing the rest at every row with a plain
         U-Net, as extra input channels with an inpainting U-Net.
+
+        Prompts take A1111's syntax (README, "Prompts"): any length up to MAX_PROMPT_CHUNKS chunks of 75 tokens,
+        BREAK, and emphasis `(word)`, `[word]`, `(word:1.3)` unless prompt_weighting=False. `clip_skip` = n
+        conditions on layer -1-n of the text encoder, as diffusers (A1111's "Clip skip: n+1").
         """
         prompts, negatives = _prompt_pairs(prompt, negative_prompt)
+        if not isinstance(prompt_weighting, bool):
+            raise InvalidInputError(f"prompt_weighting must be True or False, got {prompt_weighting!r}")
+        clip_skip = check_clip_skip(clip_skip, self.config.text_encoder.num_hidden_layers)
         n = _check_count(num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
@@ -241,7 +249,7 @@ class Pipeline:
         rows = [p for p in prompts for _ in range(n)]
         if uses_guidance(self.config, guidance):  # unconditional rows first, as DenoiseStep expects
             rows = [p for p in negatives for _ in range(n)] + rows
-        context = self.backend.encode_text(self.tokenizer(rows))
+        context = self._encode_prompts(rows, prompt_weighting, clip_skip)
         if self.embedded:
             _warn_outside_demo_vocabulary(prompts)
         final = self.backend.denoise(init, context, schedule, guidance, noise, callback, condition)
@@ -253,11 +261,44 @@ class Pipeline:
                                                mask_blur=float(mask_blur))
         infos = [GenerationInfo(prompt=p, negative_prompt=neg, steps=schedule.steps, sampler=schedule.label,
                                 guidance_scale=guidance, seed=s, width=width, height=height, model=self.model_name,
-                                eta=float(eta), loras=self.loras, **extra)
+                                eta=float(eta), loras=self.loras, clip_skip=clip_skip, **extra)
                  for (p, neg), s in zip([(p, q) for p, q in zip(prompts, negatives) for _ in range(n)], seeds)]
         if output_type == "np":
             return PipelineResult(to_unit_float(images), seeds, infos, fallback)
         return PipelineResult(_pil_images(to_uint8(images), infos), seeds, infos, fallback)
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> list[str]:
+        """Add a textual inversion embedding (A1111 or diffusers safetensors; README, "Prompts"): its trigger (`token`,
+        else the file's token name or file name) then reads as its n vectors in prompts. The tokens added."""
+        from .embeddings import read_embedding
+
+        emb = read_embedding(path, token)
+        add = getattr(self.backend, "add_token_embeddings", None)
+        if add is None:
+            raise InvalidInputError("this backend cannot add textual inversion embeddings (a TensorRT engine's token "
+                                    "table is fixed): use --backend torch or onnxruntime")
+        taken = [t for t in emb.tokens if self.tokenizer.has_token(t)]
+        if taken:
+            raise InvalidInputError(f"the token {taken[0]!r} is already in the vocabulary: give the embedding another "
+                                    "token (--embedding FILE:TOKEN, or token=...)")
+        start = add(emb.vectors)
+        if start != self.tokenizer.vocab_size:
+            raise InvalidInputError(f"the text encoder's token table had {start} rows and the tokenizer "
+                                    f"{self.tokenizer.vocab_size} tokens: embeddings were added to one without the "
+                                    "other; load the pipeline again")
+        self.tokenizer.add_tokens(emb.tokens)
+        return emb.tokens
+
+    def _encode_prompts(self, rows: list[str], weighting: bool, clip_skip: int) -> Any:
+        """Text embeddings of `rows`: [R, 77, D] on the device for one unweighted chunk each, else every chunk index
+        encoded on its own, weighted and concatenated on the host to [R, 77k, D] (sdengine.prompts)."""
+        ids, weights = prompt_batch(self.tokenizer, rows, weighting, MAX_PROMPT_CHUNKS)
+        encode = self.backend.encode_text
+        run = (lambda x: encode(x)) if not clip_skip else (lambda x: encode(x, clip_skip=clip_skip))
+        if ids.shape[1] == 1 and (weights == 1).all():
+            return run(ids[:, 0])
+        hidden = np.stack([self.backend.text_to_host(run(ids[:, c])) for c in range(ids.shape[1])], axis=1)
+        return apply_emphasis(hidden, weights)
 
     def _image_inputs(self, image: Any, mask_image: Any, factor: int, width: int | None, height: int | None,
                       mask_blur: Any) -> ImageInputs | None:

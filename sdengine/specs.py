@@ -24,6 +24,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InvalidInputError
+from .prompts import MAX_PROMPT_CHUNKS
 from .samplers.table import row_width
 
 MIN_SIDE, MAX_SIDE, MAX_BATCH = 64, 2048, 64
@@ -75,6 +76,8 @@ class ShapeRanges:
 
     `slots` is the denoise step's state size S (latent + S-1 history slots): 1 runs the single-step
     samplers (DDIM, DDPM, Euler, Euler a, LCM), 2 adds Heun and DPM++ 2M, 4 every sampler.
+    `chunks` is the most prompt chunks the step graph's text embeddings hold: their length is 77 x k for
+    k in 1..chunks (README, "Prompts"); a static export reads one chunk.
     """
 
     batch: Range
@@ -82,6 +85,11 @@ class ShapeRanges:
     width: Range
     static: bool = False
     slots: int = STATE_SLOTS
+    chunks: int | None = None  # None: MAX_PROMPT_CHUNKS, or 1 when static
+
+    def __post_init__(self) -> None:
+        if self.chunks is None:
+            object.__setattr__(self, "chunks", 1 if self.static else MAX_PROMPT_CHUNKS)
 
     @classmethod
     def default(cls, config: ModelConfig, static: bool = False) -> "ShapeRanges":
@@ -106,6 +114,13 @@ class ShapeRanges:
             raise InvalidInputError("a static export takes one value for batch, height and width, not a range")
         if not isinstance(self.slots, int) or not 1 <= self.slots <= STATE_SLOTS:
             raise InvalidInputError(f"state slots must be between 1 and {STATE_SLOTS}, got {self.slots!r}")
+        if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) \
+                or not 1 <= self.chunks <= MAX_PROMPT_CHUNKS:
+            raise InvalidInputError(f"--max-prompt-chunks must be between 1 and {MAX_PROMPT_CHUNKS}, "
+                                    f"got {self.chunks!r}")
+        if self.static and self.chunks != 1:
+            raise InvalidInputError("a static export reads one prompt chunk (77 tokens): leave out --max-prompt-chunks "
+                                    "or export without --static")
 
     def request(self, batch: int, height: int, width: int) -> tuple[tuple[str, str, int, Range], ...]:
         """(what, option, value, range) of each dimension of a request: images, height, width."""
@@ -119,11 +134,20 @@ class ShapeRanges:
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch": _range_list(self.batch), "height": _range_list(self.height),
-                "width": _range_list(self.width), "static": self.static, "slots": self.slots}
+                "width": _range_list(self.width), "static": self.static, "slots": self.slots, "chunks": self.chunks}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ShapeRanges":
-        return cls(Range(*d["batch"]), Range(*d["height"]), Range(*d["width"]), bool(d["static"]), int(d["slots"]))
+        return cls(Range(*d["batch"]), Range(*d["height"]), Range(*d["width"]), bool(d["static"]), int(d["slots"]),
+                   None if d.get("chunks") is None else int(d["chunks"]))
+
+    def check_context(self, length: int, sequence: int, hint: str) -> None:
+        """InvalidInputError unless text embeddings of `length` tokens (k chunks of `sequence`) fit the export."""
+        chunks = length // sequence
+        if length % sequence or not 1 <= chunks <= self.chunks:
+            raise InvalidInputError(f"the prompt needs {chunks} chunks of {sequence - 2} tokens (text embeddings of "
+                                    f"{length}); this export reads 1..{self.chunks}: "
+                                    + hint.format(chunks=max(chunks, 1)))
 
 
 def check_dim(value: int, r: Range, what: str, hint: str, where: str = "this ONNX export's range {}") -> None:
@@ -182,25 +206,28 @@ class GraphSpec:
         raise KeyError(name)
 
 
-# Symbols of the dynamic dimensions. `rows` is B, or 2B with guidance (unconditional rows first).
-DYNAMIC_DIMS = ("batch", "batch_x2", "rows", "latent_height", "latent_width", "height", "width")
+# Symbols of the dynamic dimensions. `rows` is B, or 2B with guidance (unconditional rows first); `context` is the
+# text embeddings' length in the step graphs: 77 x k for a prompt of k chunks.
+DYNAMIC_DIMS = ("batch", "batch_x2", "rows", "latent_height", "latent_width", "height", "width", "context")
 _LATENT = ("batch", "channels", "latent_height", "latent_width")
 _STATE = ("slots", *_LATENT)
 
 GRAPHS: dict[str, GraphSpec] = {
     TEXT_ENCODER: GraphSpec(
         TEXT_ENCODER, "text_encoder",
-        inputs=(TensorSpec("input_ids", "int32", ("rows", "sequence"), "token_ids", "CLIP token ids"),),
+        inputs=(TensorSpec("input_ids", "int32", ("rows", "sequence"), "token_ids", "CLIP token ids"),
+                TensorSpec("clip_skip", "int32", (1,), "clip_skip",
+                           "layers skipped from the end: 0 reads the last layer (diffusers' clip_skip)")),
         outputs=(TensorSpec("last_hidden_state", "float32", ("rows", "sequence", "hidden"),
-                            doc="after the final layer norm: what the U-Net attends to"),
+                            doc="layer -1-clip_skip's output after the final layer norm: what the U-Net attends to"),
                  TensorSpec("pooled_output", "float32", ("rows", "hidden"), doc="hidden state at the EOS token")),
         doc="CLIP text transformer: token ids -> text embeddings"),
     DENOISE_STEP: GraphSpec(
         DENOISE_STEP, "unet",
         inputs=(TensorSpec("state", "float32", _STATE, "state", "slot 0: x_t; slots 1..S-1: the sampler's history"),
                 TensorSpec("timestep", "float32", (1,), "timestep", "the row's (possibly fractional) timestep"),
-                TensorSpec("text_embeddings", "float32", ("batch_x2", "sequence", "hidden"),
-                           doc="unconditional rows first, then conditional"),
+                TensorSpec("text_embeddings", "float32", ("batch_x2", "context", "hidden"),
+                           doc="unconditional rows first, then conditional; 77 x k tokens for k prompt chunks"),
                 TensorSpec("guidance_scale", "float32", (1,), "guidance", "g"),
                 TensorSpec("coefficients", "float32", ("row",), "coefficients",
                            "the row's A (S x S, row-major), b (S), c (S)"),
@@ -220,7 +247,7 @@ GRAPHS: dict[str, GraphSpec] = {
         UNET, "unet",
         inputs=(TensorSpec("sample", "float32", ("rows", "unet_channels", "latent_height", "latent_width")),
                 TensorSpec("timestep", "float32", (1,), "timestep"),
-                TensorSpec("text_embeddings", "float32", ("rows", "sequence", "hidden"))),
+                TensorSpec("text_embeddings", "float32", ("rows", "context", "hidden"))),
         outputs=(TensorSpec("model_output", "float32", ("rows", "channels", "latent_height", "latent_width"),
                             doc="eps or v, by the model's prediction type"),),
         doc="the plain U-Net, for loops of your own", fp32_inputs=("timestep",)),
@@ -256,6 +283,8 @@ def dim_ranges(config: ModelConfig, ranges: ShapeRanges) -> dict[str, Range]:
            "height": ranges.height, "width": ranges.width,
            "latent_height": ranges.height.divided(f), "latent_width": ranges.width.divided(f)}
     out.update({k: Range(v, v, v) for k, v in fixed_dims(config, ranges.slots).items()})
+    seq = out["sequence"].min
+    out["context"] = Range(seq, seq, seq * ranges.chunks)
     return out
 
 
@@ -270,13 +299,15 @@ def profile(spec: GraphSpec, config: ModelConfig, ranges: ShapeRanges) -> dict[s
 
 
 def point_dims(config: ModelConfig, batch: int, latent_height: int, latent_width: int,
-               rows: int | None = None, slots: int | None = None) -> dict[str, int]:
+               rows: int | None = None, slots: int | None = None, context: int | None = None) -> dict[str, int]:
     """Values of every symbol at one shape point (`rows` defaults to 2B, the guided case; `slots`, the
-    state size, is needed for the denoise step only)."""
+    state size, is needed for the denoise step only; `context` defaults to one prompt chunk, 77)."""
     f = config.vae.downscale
+    fixed = fixed_dims(config, slots)
     return {"batch": batch, "batch_x2": 2 * batch, "rows": 2 * batch if rows is None else rows,
             "latent_height": latent_height, "latent_width": latent_width,
-            "height": latent_height * f, "width": latent_width * f, **fixed_dims(config, slots)}
+            "height": latent_height * f, "width": latent_width * f,
+            "context": fixed["sequence"] if context is None else context, **fixed}
 
 
 def shapes(spec: GraphSpec, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
@@ -289,7 +320,8 @@ def shapes(spec: GraphSpec, dims: Mapping[str, int]) -> dict[str, tuple[int, ...
 
 
 def validation_points(config: ModelConfig, ranges: ShapeRanges) -> list[dict[str, int]]:
-    """Two shape points: the opt shape, and one more image with other (odd where possible) sides and rows."""
+    """Two shape points: the opt shape, and one more image with other (odd where possible) sides and rows, and
+    two prompt chunks where the export reads them."""
     d = dim_ranges(config, ranges)
     b, lh, lw = d["batch"], d["latent_height"], d["latent_width"]
     first = point_dims(config, b.opt, lh.opt, lw.opt, slots=ranges.slots)
@@ -297,7 +329,8 @@ def validation_points(config: ModelConfig, ranges: ShapeRanges) -> list[dict[str
     w2 = next((w for w in (lw.opt + 1, lw.opt - 1) if lw.min <= w <= lw.max), lw.opt)
     b2 = min(b.max, b.opt + 1)
     rows2 = 2 * b2 if ranges.static else min(d["rows"].max, max(d["rows"].min, 2 * b2 - 1))  # an odd row count
-    return [first, point_dims(config, b2, h2, w2, rows=rows2, slots=ranges.slots)]
+    context2 = d["context"].min * min(2, ranges.chunks)
+    return [first, point_dims(config, b2, h2, w2, rows=rows2, slots=ranges.slots, context=context2)]
 
 
 def sample_inputs(spec: GraphSpec, config: ModelConfig, dims: Mapping[str, int],
@@ -315,6 +348,8 @@ def sample_inputs(spec: GraphSpec, config: ModelConfig, dims: Mapping[str, int],
         kind, shape = t.sample, shp[t.name]
         if kind == "token_ids":
             value = _token_rows(shape, config, rng)
+        elif kind == "clip_skip":
+            value = rng.integers(0, config.text_encoder.num_hidden_layers, size=shape)
         elif kind == "timestep":
             value = np.full(shape, sched.timesteps[step], np.float32)
         elif kind == "coefficients":

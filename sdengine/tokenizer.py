@@ -170,10 +170,13 @@ class ClipTokenizer:
                 f"max_length must be an int >= 2 (room for BOS and EOS), got {max_length!r}")
         self._vocab = dict(vocab)
         self._id_to_token = {i: t for t, i in self._vocab.items()}
+        self._base_size = len(self._vocab)
         self._ranks = {m: r for r, m in enumerate(merges)}
         self._max_length = max_length
         self._pad_token = pad_token
         self._cache: dict[str, tuple[str, ...]] = {}
+        self._triggers: dict[str, list[int]] = {}  # textual inversion: a trigger -> its n added ids
+        self._trigger_re: re.Pattern | None = None
 
     @classmethod
     def from_files(cls, vocab_path: str | Path, merges_path: str | Path, *, pad_token: str = EOS_TOKEN,
@@ -252,10 +255,41 @@ class ClipTokenizer:
             self._cache[word] = symbols
         return symbols
 
+    def has_token(self, token: str) -> bool:
+        """Whether `token` is a vocabulary entry (BPE symbol or added token)."""
+        return token in self._vocab
+
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Append textual inversion tokens at ids vocab_size, ...; tokens[0] is the trigger and stands for all of
+        them in a prompt (diffusers' load_textual_inversion and maybe_convert_prompt). Matched case-sensitively in
+        the raw text, before cleaning, as transformers matches added tokens."""
+        clash = [t for t in tokens if t in self._vocab or t in (BOS_TOKEN, EOS_TOKEN)]
+        if clash or not tokens:
+            raise InvalidInputError(f"the token {clash[0] if clash else ''!r} is already in the vocabulary: give the "
+                                    "embedding another token (--embedding FILE:TOKEN, or token=...)")
+        ids = list(range(len(self._vocab), len(self._vocab) + len(tokens)))
+        for token, i in zip(tokens, ids):
+            self._vocab[token] = i
+            self._id_to_token[i] = token
+        self._triggers[tokens[0]] = ids
+        self._trigger_re = re.compile("|".join(re.escape(t) for t in sorted(self._triggers, key=len, reverse=True)))
+        return ids
+
     def encode(self, text: str) -> list[int]:
         """BPE ids of text, without BOS/EOS (InvalidInputError on a lone surrogate)."""
         if not isinstance(text, str):
             raise InvalidInputError(f"prompt must be a str, got {type(text).__name__}")
+        if self._trigger_re is None:
+            return self._encode_plain(text)
+        check_text(text)
+        out: list[int] = []
+        pos = 0
+        for match in self._trigger_re.finditer(text):
+            out += self._encode_plain(text[pos:match.start()]) + self._triggers[match.group()]
+            pos = match.end()
+        return out + self._encode_plain(text[pos:])
+
+    def _encode_plain(self, text: str) -> list[int]:
         return [self._vocab[s] for word in _SPLIT.findall(clean_text(text))
                 for s in self._word_symbols(word)]
 
@@ -276,7 +310,9 @@ class ClipTokenizer:
             if i in (self.bos_id, self.eos_id):
                 continue
             token = self._id_to_token[i]
-            if token.endswith(END_OF_WORD):
+            if i >= self._base_size:  # an added (textual inversion) token: its own text, then a space
+                token = "".join(_BYTE_ENCODER[b] for b in (token + " ").encode("utf-8"))
+            elif token.endswith(END_OF_WORD):
                 token = token[: -len(END_OF_WORD)] + _BYTE_ENCODER[ord(" ")]
             chars.append(token)
         data = bytes(_BYTE_DECODER[c] for c in "".join(chars))

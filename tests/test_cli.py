@@ -191,12 +191,14 @@ def test_steps_are_checked_before_the_weights_load(tiny_model_dir, tmp_path):
     one_line_error(r, "outside the trained range 0..999")
 
 
-def test_long_prompt_warning_is_one_short_line(tiny_model_dir, tmp_path):
+def test_long_prompts_are_read_in_chunks_and_too_long_is_one_short_line(tiny_model_dir, tmp_path):
+    """A 2-chunk prompt runs without a warning (nothing is dropped); over 8 chunks is a one-line error."""
+    r = run("generate", "a cat " + "in a very detailed garden " * 20, "--model", str(tiny_model_dir), "--steps",
+            "1", "--out", str(tmp_path / "x.png"), "--clip-skip", "1", "--no-prompt-weighting")
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
     r = run("generate", "a cat " + "in a very detailed garden " * 400, "--model", str(tiny_model_dir), "--steps",
             "1", "--out", str(tmp_path / "x.png"))
-    assert r.returncode == 0, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sdengine: warning: ") and len(lines[0]) < 240, r.stderr
+    one_line_error(r, "prompt needs 27 chunks of 75 tokens (2002 tokens); at most 8 are read (600 tokens): shorten it")
 
 
 def test_demo_model_warns_about_prompts_outside_its_vocabulary(tmp_path):

@@ -443,3 +443,31 @@ def test_torch_executor_shapes_and_fp16_body():
     g = with_fp16_body(Graph(), ("body",))
     assert g.body.net.weight.dtype == torch.float16 and g.head.weight.dtype == torch.float32
     assert g(torch.ones(2, 4)).dtype == torch.float32  # fp32 edges around the fp16 body
+
+
+def test_long_weighted_prompt_over_the_cuda_backend(fake):
+    """A 2-chunk weighted prompt: the loop binds text embeddings [2B, 154, D] and its key holds their length."""
+    from sdengine.pipeline import Pipeline, initial_noise, to_uint8
+    from sdengine.prompts import apply_emphasis, prompt_batch
+
+    ranges = ShapeRanges.default(CONFIG)
+    backend = _backend(fake, ranges)
+    prompt = " ".join(["red"] * 75) + " a (circle:1.4)"
+    result = Pipeline(backend)(prompt, negative_prompt="blue", num_inference_steps=3, seed=5, height=64, width=64)
+    schedule = build_schedule(CONFIG.scheduler, "ddim", 3, 0.0)
+    x, _ = initial_noise([5], (4, 8, 8), schedule)
+    x = x * np.float32(schedule.init_scale)
+    ids, weights = prompt_batch(backend.tokenizer, ["blue", prompt])
+    hidden = np.stack([text_encoder(ids[:, c].astype(np.int32))[0] for c in range(2)], axis=1)
+    ctx = apply_emphasis(hidden, weights)
+    assert ctx.shape[1] == 154
+    want = to_uint8(vae_decoder(reference_loop(x, ctx, schedule, 7.5, None)))
+    assert np.array_equal(np.asarray(result.images[0]), want[0])
+    assert [k.context for k in backend.loop.graphs] == [154]
+    short = ShapeRanges(ranges.batch, ranges.height, ranges.width, chunks=1)
+    backend.ranges = short
+    with pytest.raises(InvalidInputError, match=r"needs 2 chunks .* reads 1\.\.1: re-export with sdengine export "
+                                                r"--max-prompt-chunks 2 or more .* and rebuild the engines"):
+        Pipeline(backend)(prompt, num_inference_steps=1, height=64, width=64)
+    backend.close()
+    assert not any(fake.live().values())

@@ -29,7 +29,7 @@ def test_round_trip_records_everything(engine_set):
     back = em.read(engine_set.folder)
     assert back == engine_set
     data = json.loads((engine_set.folder / "manifest.json").read_text())
-    assert (data["format"], data["format_version"]) == ("sdengine-engines", 2)
+    assert (data["format"], data["format_version"]) == ("sdengine-engines", 3)
     assert data["tensorrt_version"] == TRT_VERSION and data["gpu"] == {"name": GPU[0], "compute_capability": GPU[1]}
     assert data["precision"] == "fp16" and data["static"] is False and data["sdengine_version"]
     assert data["builder"] == {"workspace_gb": None, "opt_level": 3, "refittable": False, "timing_cache": None}
@@ -53,7 +53,8 @@ def test_profiles_follow_the_specs_for_dynamic_and_static_ranges():
     dynamic = em.profiles(TINY, ShapeRanges.default(TINY), em.ENGINE_GRAPHS)
     assert dynamic["text_encoder"]["input_ids"] == [[1, 77], [2, 77], [8, 77]]  # rows: B..2B, opt guided
     assert dynamic["denoise_step"]["state"] == [[4, 1, 4, 8, 8], [4, 1, 4, 8, 8], [4, 4, 4, 16, 16]]  # 4 slots
-    assert dynamic["denoise_step"]["text_embeddings"] == [[2, 77, 32], [2, 77, 32], [8, 77, 32]]
+    # 77 x 1..8 prompt chunks (a dynamic axis)
+    assert dynamic["denoise_step"]["text_embeddings"] == [[2, 77, 32], [2, 77, 32], [8, 77 * 8, 32]]
     assert dynamic["denoise_step"]["coefficients"] == [[24], [24], [24]]  # A (4x4), b (4), c (4)
     assert dynamic["denoise_step"]["noise"] == [[1, 4, 8, 8], [1, 4, 8, 8], [4, 4, 16, 16]]
     assert dynamic["vae_decoder"]["latent"] == [[1, 4, 8, 8], [1, 4, 8, 8], [4, 4, 16, 16]]
@@ -67,6 +68,7 @@ def test_profiles_follow_the_specs_for_dynamic_and_static_ranges():
                       em.ENGINE_GRAPHS)
     assert one["denoise_step"]["state"][0] == [1, 1, 4, 8, 8] and one["denoise_step"]["coefficients"][0] == [3]
     assert static["text_encoder"]["input_ids"] == [[2, 77], [4, 77], [4, 77]]  # B rows unguided, 2B guided
+    assert static["denoise_step"]["text_embeddings"][0] == [4, 77, 32]  # a static set reads one prompt chunk
 
 
 @pytest.mark.parametrize("host, says", [
@@ -156,7 +158,7 @@ def test_check_source_notices_a_re_export(tmp_path):
     onnx = tmp_path / "onnx"
     onnx.mkdir()
     graphs = {name: {"file": f"{name}.onnx", "sha256": "0" * 64} for name in PLANS}
-    data = {"format": "sdengine-onnx", "format_version": 2, "model_config": TINY.to_dict(), "precision": "fp16",
+    data = {"format": "sdengine-onnx", "format_version": 3, "model_config": TINY.to_dict(), "precision": "fp16",
             "shapes": ShapeRanges.default(TINY).to_dict(), "source": {"sha256": "ab" * 32}, "graphs": graphs}
     write_json_atomic(onnx / "manifest.json", data)
     m = make_engine_set(tmp_path / "e", PLANS, source=str(onnx))

@@ -17,10 +17,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 from sdengine.config import ModelConfig  # noqa: E402
 from sdengine.errors import SDEngineError  # noqa: E402
 from sdengine.serve.schema import FIELDS, Limits, RequestError, parse_generation  # noqa: E402
+from sdengine.prompts import chunk_prompt  # noqa: E402
 from sdengine.tokenizer import ClipTokenizer  # noqa: E402
 
 TOKENIZER = ClipTokenizer.default()
-LIMITS = Limits(factor=8, default_size=(512, 512), count_tokens=lambda text: len(TOKENIZER.encode(text)),
+LIMITS = Limits(factor=8, default_size=(512, 512),
+                count_chunks=lambda text, weighting: chunk_prompt(TOKENIZER, text, weighting).chunks,
                 scheduler=ModelConfig().scheduler)
 # Any code point, lone surrogates drawn on purpose (2,048 of 1.1M code points: rare otherwise), and the
 # characters prompts and sizes are made of.

@@ -201,9 +201,44 @@ def test_add_initializer_fallback_takes_effect(onnx_fp16_dir):
     proto = onnx.load(str(path), load_external_data=False)
     (tensor,) = [t for t in proto.graph.initializer if t.name == init]
     zeros = np.zeros(tuple(tensor.dims), onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    ids = {"input_ids": np.array([[49406, 320, 2368, 49407] + [49407] * 73], np.int32)}
+    ids = {"input_ids": np.array([[49406, 320, 2368, 49407] + [49407] * 73], np.int32),
+           "clip_skip": np.zeros(1, np.int32)}
     plain = Graph(path, GRAPHS[TEXT_ENCODER], [CPU], "cpu", 1)
     swapped = Graph(path, GRAPHS[TEXT_ENCODER], [CPU], "cpu", 1, initializers={init: zeros})
     assert swapped.optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     a, b = (g.session.run(["last_hidden_state"], ids)[0] for g in (plain, swapped))
     assert np.abs(a - b).max() > 1e-2
+
+
+def test_lora_and_textual_inversion_together(onnx_fp32_dir, tiny_model_dir, lora_files, tmp_path):
+    """The text encoder session holds the LoRA-merged weights and the extended token table at once, whichever
+    came first, and keeps the table when the LoRAs are removed: ONNX Runtime equals torch."""
+    from safetensors.numpy import save_file
+
+    kohya, peft = lora_files
+    width = Manifest.read(onnx_fp32_dir).config.text_encoder.hidden_size
+    embedding = tmp_path / "shiny-style.safetensors"
+    save_file({"emb_params": np.random.default_rng(5).standard_normal((2, width)).astype(np.float32)}, str(embedding))
+    prompt = ["a photo of shiny-style on a table"]
+    ref = sdengine.load_pipeline(tiny_model_dir)
+    ort_pipe = sdengine.load_pipeline(onnx_fp32_dir, backend="onnxruntime")
+    ref.load_textual_inversion(embedding)
+    ort_pipe.set_loras({kohya: 0.8, peft: 0.6})  # LoRA first, then the embedding
+    ort_pipe.load_textual_inversion(embedding)
+    ref.set_loras({kohya: 0.8, peft: 0.6})
+
+    def hidden(pipe):
+        return pipe.backend.text_to_host(pipe.backend.encode_text(pipe.tokenizer(prompt)))
+
+    try:
+        both = hidden(ref)
+        np.testing.assert_allclose(hidden(ort_pipe), both, atol=1e-4)
+        ort_pipe.set_loras({})
+        ref.set_loras({})
+        embedding_only = hidden(ref)
+        np.testing.assert_allclose(hidden(ort_pipe), embedding_only, atol=1e-4)
+        assert np.abs(both - embedding_only).max() > 1e-2  # the LoRA does change the text encoder
+        ort_pipe.set_loras({kohya: 0.8, peft: 0.6})  # the embedding first, then the LoRA
+        np.testing.assert_allclose(hidden(ort_pipe), both, atol=1e-4)
+    finally:
+        ref.set_loras({})

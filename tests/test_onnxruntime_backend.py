@@ -250,3 +250,52 @@ def test_tensorrt_provider_matches_cpu(onnx_fp16_dir, ort_pipeline):
                                  providers=["TensorrtExecutionProvider", "CUDAExecutionProvider"])
     got, ref = _same_call(gpu, ort_pipeline, num_inference_steps=10, seed=3)
     assert np.abs(got - ref).mean() < 2
+
+
+LONG_PROMPT = " ".join(["cat"] * 75) + " a (red:1.3) [square] " + " ".join(["blue"] * 70)  # 2 chunks, weighted
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_long_weighted_prompt_matches_torch(ort_pipeline, tiny_pipeline, guidance):
+    """A 2-chunk prompt with emphasis against a short negative: the step graph's context axis is 154 long here."""
+    kwargs = dict(negative_prompt="blurry", num_inference_steps=8, seed=4, guidance_scale=guidance)
+    got, ref = pixels(ort_pipeline(LONG_PROMPT, **kwargs)), pixels(tiny_pipeline(LONG_PROMPT, **kwargs))
+    short = pixels(tiny_pipeline(" ".join(["cat"] * 75), **kwargs))
+    diff = np.abs(got - ref)
+    print(f"\nparity onnxruntime vs torch, 2-chunk weighted prompt, guidance {guidance}: max pixel difference "
+          f"{diff.max()}/255, mean {diff.mean():.2e}")
+    assert diff.max() <= 2 and np.abs(ref - short).max() > 0
+
+
+def test_prompt_longer_than_the_export_is_refused(onnx_fp32_dir, tmp_path):
+    from sdengine.export import ExportSettings, export_model
+
+    out = tmp_path / "one-chunk"
+    folder = copy_export(onnx_fp32_dir, out)
+    data = json.loads((folder / "manifest.json").read_text())
+    assert data["shapes"]["chunks"] == 8  # the default export reads 8 chunks
+    data["shapes"]["chunks"] = 1  # the ranges say one chunk (the graphs are dynamic either way)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    pipe = sdengine.load_pipeline(folder, backend="onnxruntime")
+    pipe("a cat", num_inference_steps=1)
+    with pytest.raises(InvalidInputError, match=r"the prompt needs 2 chunks of 75 tokens .* this export reads 1\.\.1: "
+                                                r"re-export with sdengine export --max-prompt-chunks 2"):
+        pipe(LONG_PROMPT, num_inference_steps=1)
+    with pytest.raises(InvalidInputError, match="--max-prompt-chunks must be between 1 and 8"):
+        ExportSettings(max_prompt_chunks=9).ranges(sdengine.config.ModelConfig.tiny())
+    with pytest.raises(InvalidInputError, match="a static export reads one prompt chunk"):
+        ExportSettings(static=True, max_prompt_chunks=2).ranges(sdengine.config.ModelConfig.tiny())
+    del export_model
+
+
+def test_clip_skip_matches_torch(ort_pipeline, tiny_pipeline):
+    """The text encoder graph gathers layer -1-clip_skip: the same embeddings and image as the torch backend."""
+    ids = tiny_pipeline.tokenizer(["a photo of a red cat", ""])
+    for skip in (0, 1):
+        got = ort_pipeline.backend.text_to_host(ort_pipeline.backend.encode_text(ids, clip_skip=skip))
+        ref = tiny_pipeline.backend.text_to_host(tiny_pipeline.backend.encode_text(ids, clip_skip=skip))
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+    kwargs = dict(negative_prompt="blurry", num_inference_steps=8, seed=2, clip_skip=1)
+    got, ref = _same_call(ort_pipeline, tiny_pipeline, **kwargs)
+    assert np.abs(got - ref).max() <= 2
+    assert "Clip skip: 2" in ort_pipeline(PROMPT, **kwargs).infos[0].infotext()

@@ -323,7 +323,7 @@ def test_sigterm_finishes_running_work_and_exits_0(start_server):
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------
-LONG = "cat " * 80  # 80 tokens: CLIP reads 75
+LONG = "cat " * 601  # 601 tokens: 9 chunks of 75, one more than the server reads
 BAD = [
     ({"prompt": "a", "size": "65x64"}, 422, "size", "width must be a multiple of 8 (this model's VAE factor)"),
     ({"prompt": "a", "size": "56x64"}, 422, "size", "between 64 and 2048"),
@@ -346,8 +346,11 @@ BAD = [
     ({"prompt": "   "}, 422, "prompt", "empty"),
     ({"n": 1}, 422, "prompt", "required"),
     ({"prompt": ["a", "b"]}, 422, "prompt", "string"),
-    ({"prompt": LONG}, 422, "prompt", "80 tokens"),
-    ({"prompt": "a", "negative_prompt": LONG}, 422, "negative_prompt", "80 tokens"),
+    ({"prompt": LONG}, 422, "prompt", "needs 9 chunks of 75 tokens (601 tokens); at most 8"),
+    ({"prompt": "a", "negative_prompt": LONG}, 422, "negative_prompt", "needs 9 chunks"),
+    ({"prompt": "a", "clip_skip": 2}, 422, "clip_skip", "between 0 and 1"),
+    ({"prompt": "a", "clip_skip": "1"}, 422, "clip_skip", "integer"),
+    ({"prompt": "a", "prompt_weighting": 1}, 422, "prompt_weighting", "true or false"),
     ({"prompt": "a", "quality": 3}, 422, "quality", "must be a string (it is accepted and ignored)"),
     ({"prompt": "a", "colour": "red"}, 422, "colour", "unknown field"),
     ({"prompt": "a", "scheduler": "dpm"}, 422, "scheduler", "dpmpp_2m_karras"),
@@ -447,8 +450,26 @@ def test_batch_key_separates_sampler_tables():
     assert base.batch_key == same.batch_key
     for other in (GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.0, 1, "euler_a"),
                   GenerationRequest("a", "", 1, 64, 64, 21, 7.5, 0.0, 1, "ddim"),
-                  GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.3, 1, "ddim")):
+                  GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.3, 1, "ddim"),
+                  GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.0, 1, "ddim", chunks=2),
+                  GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.0, 1, "ddim", clip_skip=1),
+                  GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.0, 1, "ddim", prompt_weighting=False)):
         assert other.batch_key != base.batch_key
+
+
+def test_long_prompts_and_clip_skip_are_served(server):
+    """A 2-chunk weighted prompt with clip_skip: served, recorded in the PNG; the same image as alone in a batch."""
+    from a1111_infotext import parse
+
+    prompt = " ".join(["red"] * 75) + " a (circle:1.3)"
+    body = {"prompt": prompt, "seed": 4, "steps": 2, "clip_skip": 1, "negative_prompt": "blurry"}
+    status, _, answer = generate(server.port, body)
+    assert status == 200, answer
+    fields = parse(decode_png(answer["data"][0]["b64_json"]).text["parameters"])
+    assert fields["Prompt"] == prompt and fields["Clip skip"] == "2"
+    status, _, plain = generate(server.port, {**body, "prompt_weighting": False})
+    assert status == 200, plain
+    assert plain["data"][0]["b64_json"] != answer["data"][0]["b64_json"]
 
 
 def test_limits_follow_the_engine_profile():
@@ -473,6 +494,12 @@ def test_limits_follow_the_engine_profile():
             parse_generation(json.dumps({"prompt": "a", "size": size}).encode(), limits)
     with pytest.raises(RequestError, match="between 1 and 2"):
         parse_generation(b'{"prompt": "a", "n": 3}', limits)
+    short = ShapeRanges(Range(1, 1, 2), Range(64, 64, 96), Range(64, 64, 128), chunks=2)
+    pipe = SimpleNamespace(config=config, tokenizer=ClipTokenizer.default(), backend=SimpleNamespace(ranges=short))
+    limits, _ = limits_for(pipe, ServeSettings(max_batch=4))
+    assert parse_generation(json.dumps({"prompt": "cat " * 150}).encode(), limits).chunks == 2
+    with pytest.raises(RequestError, match="prompt needs 3 chunks of 75 tokens; this server reads at most 2"):
+        parse_generation(json.dumps({"prompt": "cat " * 151}).encode(), limits)
 
 
 def test_metrics_renderer():

@@ -151,11 +151,11 @@ def _output(rank):
 
 
 IO = {  # fake plans' IO, as a build from the tiny model's dynamic fp16 export would give
-    TEXT_ENCODER: {"input_ids": _input("int32", [-1, 77], [1, 77], [8, 77]),
+    TEXT_ENCODER: {"input_ids": _input("int32", [-1, 77], [1, 77], [8, 77]), "clip_skip": _input("int32", [1]),
                    "last_hidden_state": _output(3), "pooled_output": _output(2)},
     DENOISE_STEP: {"state": _input("float32", [4, -1, 4, -1, -1], [4, 1, 4, 8, 8], [4, 4, 4, 32, 32]),
                    "timestep": _input("float32", [1]),
-                   "text_embeddings": _input("float32", [-1, 77, 32], [2, 77, 32], [8, 77, 32]),
+                   "text_embeddings": _input("float32", [-1, -1, 32], [2, 77, 32], [8, 616, 32]),
                    "guidance_scale": _input("float32", [1]), "coefficients": _input("float32", [24]),
                    "noise": _input("float32", [-1, 4, -1, -1], [1, 4, 8, 8], [4, 4, 32, 32]),
                    "mask": _input("float32", [-1, 1, -1, -1], [1, 1, 8, 8], [4, 1, 32, 32]),

@@ -25,6 +25,8 @@ from ..tokenizer import ClipTokenizer
 
 NETWORKS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER, VAE_ENCODER)  # the encoder: image inputs only
 REBUILD = "rebuild the engines with sdengine build --batch/--height/--width MIN:OPT:MAX covering it"
+REBUILD_CHUNKS = ("re-export with sdengine export --max-prompt-chunks {chunks} or more (the default, 8, reads every "
+                  "prompt) and rebuild the engines from it")
 
 
 class CudaBackend:
@@ -63,8 +65,9 @@ class CudaBackend:
         self._check_dim(shape[2] * f, "height", "height")
         self._check_dim(shape[3] * f, "width", "width")
 
-    def encode_text(self, input_ids: np.ndarray) -> TextEmbeddings:
-        """Token ids [R, 77] -> embeddings [R, 77, D] on the device (valid until the next call with R rows)."""
+    def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> TextEmbeddings:
+        """Token ids [R, 77] -> embeddings [R, 77, D] on the device (valid until the next call with R rows);
+        clip_skip: of layer -1-clip_skip, as diffusers."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise InvalidInputError(f"token ids must be [rows, {self.config.text_encoder.max_position_embeddings}], "
@@ -74,21 +77,42 @@ class CudaBackend:
             ids, run_rows = np.concatenate([ids, ids]), 2 * rows  # a static engine takes 2B rows: run B twice
         self._check_dim(run_rows, "rows", "text rows (images, times 2 with guidance)")
         te = self.executors[TEXT_ENCODER]
-        (ids_name,), (hidden_name, pooled_name) = te.spec.input_names, te.spec.output_names
+        (ids_name, skip_name), (hidden_name, pooled_name) = te.spec.input_names, te.spec.output_names
         shp = shapes(te.spec, point_dims(self.config, 1, 1, 1, rows=run_rows))
         bind_shapes(te, shp)
         ids_buf = self._buffer(ids_name, shp[ids_name], np.int32)
         self.device.upload(ids_buf, ids.astype(np.int32))
         hidden = self._buffer(hidden_name, shp[hidden_name])
         te.set_address(ids_name, ids_buf.ptr)
+        skip = self._buffer(skip_name, shp[skip_name], np.int32)
+        self.device.upload(skip, np.array([clip_skip], np.int32))
+        te.set_address(skip_name, skip.ptr)
         te.set_address(hidden_name, hidden.ptr)
         te.set_address(pooled_name, self._buffer(pooled_name, shp[pooled_name]).ptr)
         te.execute(self.device.handle)
         return TextEmbeddings(hidden, rows)
 
+    def text_to_host(self, context: TextEmbeddings) -> np.ndarray:
+        """encode_text's output as float32 numpy [R, 77, D]."""
+        return self.device.download(context.buffer, context.rows)
+
+    def _host_context(self, context: np.ndarray) -> TextEmbeddings:
+        """Host embeddings [R, 77k, D] (long or weighted prompts) uploaded, checked against the engines' range."""
+        array = np.ascontiguousarray(context, dtype=np.float32)
+        if self.ranges is not None:
+            self.ranges.check_context(array.shape[1], self.config.text_encoder.max_position_embeddings,
+                                      REBUILD_CHUNKS)
+        buf = self._buffer("host_context", array.shape)
+        self.device.upload(buf, array)
+        return TextEmbeddings(buf, array.shape[0])
+
     def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None, condition: Any = None) -> Any:
-        """Every row of `schedule`; a view of the final latents on the device (valid until the next call)."""
+        """Every row of `schedule`; a view of the final latents on the device (valid until the next call).
+
+        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts)."""
+        if isinstance(context, np.ndarray):
+            context = self._host_context(context)
         if not isinstance(context, TextEmbeddings):
             raise InvalidInputError("context must be what this backend's encode_text returned")
         x = np.ascontiguousarray(latents, dtype=np.float32)

@@ -33,6 +33,8 @@ _SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs; ever
 _LORA_GRAPHS = (TEXT_ENCODER, DENOISE_STEP)  # the sessions holding weights a LoRA changes
 _REEXPORT = "re-export with sdengine export --batch/--height/--width MIN:MAX covering it"
 _REEXPORT_SLOTS = "re-export with sdengine export --state-slots {slots} (the default, 4, runs every sampler)"
+_REEXPORT_CHUNKS = ("re-export with sdengine export --max-prompt-chunks {chunks} or more (the default, 8, reads every "
+                    "prompt)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +59,32 @@ class OnnxRuntimeBackend:
         self.graphs = {name: self._session(name, self._paths[name], threads) for name in _SESSIONS}
         self._buffers: dict[tuple, Buffer] = {}
         self._lora_base: dict[str, dict[str, np.ndarray]] = {}  # graph -> {parameter: pristine weight}
-        self._swapped: dict[str, bool] = {}  # graph -> its session holds merged initializers
+        self._lora_inits: dict[str, dict[str, np.ndarray]] = {}  # graph -> {initializer: merged tensor}
         self._external: dict[str, frozenset[str]] = {}  # graph -> its initializers stored as external data
+        self._token_table: tuple[str, np.ndarray] | None = None  # textual inversion: the extended table
+
+    def add_token_embeddings(self, vectors: np.ndarray) -> int:
+        """Append textual inversion vectors [n, D] to the text encoder's token table; the first new row's id.
+
+        The exported table is read once from the graph; the extended one replaces it in a new text encoder
+        session (with any LoRA-merged weights, see _open): no re-export, and the graph keeps its one input
+        list on every backend (a table input would make every run bind it)."""
+        from ..embeddings import extended_table
+        from ..runtime.onnx_files import token_table
+
+        if self._token_table is None:
+            te = self.config.text_encoder
+            self._token_table = token_table(self._paths[TEXT_ENCODER], self.manifest.folder, te.vocab_size,
+                                            te.hidden_size)
+        previous = self._token_table
+        name, table = previous
+        self._token_table = (name, extended_table(table, np.asarray(vectors, np.float32)))
+        try:
+            self.graphs[TEXT_ENCODER] = self._open(TEXT_ENCODER, self._lora_inits.get(TEXT_ENCODER, {}))
+        except BaseException:
+            self._token_table = previous
+            raise
+        return table.shape[0]
 
     def _graph(self, name: str) -> Graph:
         """A graph's session, created on first use (the VAE encoder: only image inputs need it)."""
@@ -93,17 +119,14 @@ class OnnxRuntimeBackend:
     def set_loras(self, loras: Sequence[tuple[Any, float]]) -> None:
         """Merge `loras` (LoraFile, scale) with numpy from the pristine initializers and open new text encoder and
         denoise-step sessions whose initializers are the merged tensors, in each initializer's dtype; `[]`
-        reopens the graphs as exported. No graph is re-exported or rewritten: weights stored as external data
-        are given with add_external_initializers, a graph held inline is opened from its proto with the
-        tensors replaced (ONNX Runtime ignores add_initializer for some weights at ORT_ENABLE_ALL; that is
-        the fallback only for inline tensors of an external-data graph, at ORT_ENABLE_EXTENDED)."""
+        reopens the graphs as exported. No graph is re-exported or rewritten (see _open)."""
         touched = set().union(*(lora.targets for lora, _ in loras)) if loras else set()
         maps = {graph: self._lora_map(graph) for graph in _LORA_GRAPHS} if touched else {}
         known = set().union(*(set(m) for m in maps.values())) if maps else set()
         if touched - known:
             raise LoraError(f"weights {sorted(touched - known)[:5]} are not single initializers of this export, so "
                             f"they cannot be swapped; use the torch backend for this LoRA")
-        sessions = {}
+        changed = {}
         for graph in _LORA_GRAPHS:
             params = maps.get(graph, {})
             mine = touched & set(params)
@@ -124,16 +147,31 @@ class OnnxRuntimeBackend:
                 dtype = base[name].dtype
                 for init, transposed in params[name]["initializers"]:
                     inits[init] = np.ascontiguousarray((array.T if transposed else array).astype(dtype))
-            if inits or self._swapped.get(graph):
-                external = self._external.get(graph, frozenset())
-                data = None
-                if inits and not external:  # an inline graph (under 2 GB): replaced in the proto it is read from
-                    data, inits = with_initializers(self._paths[graph], inits), {}
-                session = self._session(graph, self._paths[graph], self._threads, inits, external, data)
-                sessions[graph] = (bool(inits) or data is not None, session)
-        for graph, (swapped, session) in sessions.items():  # all or nothing: swap once every session opened
+            if inits or self._lora_inits.get(graph):
+                changed[graph] = inits
+        sessions = {graph: self._open(graph, inits) for graph, inits in changed.items()}
+        for graph, session in sessions.items():  # all or nothing: swap once every session opened
             self.graphs[graph] = session
-            self._swapped[graph] = swapped
+            self._lora_inits[graph] = changed[graph]
+
+    def _open(self, graph: str, lora: dict[str, np.ndarray]) -> Graph:
+        """A new session of `graph` whose initializers are replaced by the LoRA-merged tensors `lora` and, for the
+        text encoder, the textual inversion token table. A graph held inline (under 2 GB) is opened from its
+        proto with the tensors replaced; weights stored as external data are given with
+        add_external_initializers, inline tensors of such a graph with add_initializer (at
+        ORT_ENABLE_EXTENDED: ONNX Runtime ignores add_initializer for some weights at ORT_ENABLE_ALL). Each keeps
+        every optimisation but the last."""
+        inits = dict(lora)
+        if graph == TEXT_ENCODER and self._token_table is not None:
+            name, table = self._token_table
+            inits[name] = table
+        if inits and graph not in self._external:
+            self._external[graph] = read_initializers(self._paths[graph], set())[1]
+        external = self._external.get(graph, frozenset())
+        data = None
+        if inits and not external:
+            data, inits = with_initializers(self._paths[graph], inits), {}
+        return self._session(graph, self._paths[graph], self._threads, inits, external, data)
 
     def _session(self, name: str, path: Path, threads: int | None, initializers: dict[str, np.ndarray] | None = None,
                  external: frozenset[str] = frozenset(), model_bytes: bytes | None = None) -> Graph:
@@ -161,8 +199,18 @@ class OnnxRuntimeBackend:
             self._buffers[key] = Buffer(shape, dtype, self._where)
         return self._buffers[key]
 
-    def encode_text(self, input_ids: np.ndarray) -> TextEmbeddings:
-        """Token ids [R, 77] -> embeddings [R, 77, D] on the device."""
+    def text_to_host(self, context: TextEmbeddings) -> np.ndarray:
+        """encode_text's output as float32 numpy [R, 77, D]."""
+        return context.buffer.read()[: context.rows]
+
+    def _host_context(self, context: np.ndarray) -> TextEmbeddings:
+        """Host embeddings [R, 77k, D] (long or weighted prompts) on the device, checked against the export."""
+        array = np.ascontiguousarray(context, dtype=np.float32)
+        self.ranges.check_context(array.shape[1], self.dims["sequence"].min, _REEXPORT_CHUNKS)
+        return TextEmbeddings(Buffer.holding(array, self._where), array.shape[0])
+
+    def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> TextEmbeddings:
+        """Token ids [R, 77] -> embeddings [R, 77, D] on the device (clip_skip: of layer -1-clip_skip)."""
         ids = np.asarray(input_ids)
         rows, run_rows = ids.shape[0], ids.shape[0]
         r = self.dims["rows"]
@@ -174,6 +222,9 @@ class OnnxRuntimeBackend:
         ids_buf = self._buffer("input_ids", shp["input_ids"], np.int32)
         ids_buf.write(ids.astype(np.int32))
         te.bind_buffer("input_ids", ids_buf)
+        skip = self._buffer("clip_skip", (1,), np.int32)
+        skip.write(np.array([clip_skip], np.int32))
+        te.bind_buffer("clip_skip", skip)
         out = Buffer(shp["last_hidden_state"], np.float32, self._where)  # per call: the caller keeps it
         te.bind_output("last_hidden_state", out)
         te.bind_output("pooled_output", self._buffer("pooled_output", shp["pooled_output"]))
@@ -207,7 +258,11 @@ class OnnxRuntimeBackend:
     def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None,
                 condition: ImageCondition | None = None) -> BufferView:
-        """Every row of `schedule` through the step graph; returns a view of the final latents (slot 0)."""
+        """Every row of `schedule` through the step graph; returns a view of the final latents (slot 0).
+
+        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts)."""
+        if isinstance(context, np.ndarray):
+            context = self._host_context(context)
         latents = np.ascontiguousarray(latents, dtype=np.float32)
         self._check_latents(latents.shape)
         schedule = fit_slots(schedule, self.ranges.slots, _REEXPORT_SLOTS)

@@ -107,14 +107,35 @@ class TorchBackend:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype)
 
     @torch.inference_mode()
-    def encode_text(self, input_ids: np.ndarray) -> torch.Tensor:
-        return self.components.text_encoder(self._tensor(input_ids, torch.long))
+    def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> torch.Tensor:
+        """Token ids [R, 77] -> embeddings [R, 77, D] (clip_skip: of layer -1-clip_skip, as diffusers)."""
+        return self.components.text_encoder(self._tensor(input_ids, torch.long), clip_skip)
+
+    @torch.inference_mode()
+    def add_token_embeddings(self, vectors: np.ndarray) -> int:
+        """Append textual inversion vectors [n, D] to the text encoder's token table; the first new row's id."""
+        from ..embeddings import extended_table
+
+        emb = self.components.text_encoder.text_model.embeddings.token_embedding
+        old = emb.weight.detach()
+        table = extended_table(old.float().cpu().numpy(), np.asarray(vectors, np.float32))
+        emb.weight = torch.nn.Parameter(torch.from_numpy(table).to(old.device, old.dtype), requires_grad=False)
+        emb.num_embeddings = table.shape[0]
+        return old.shape[0]
+
+    def text_to_host(self, context: torch.Tensor) -> np.ndarray:
+        """encode_text's output as float32 numpy [R, 77, D]."""
+        return context.float().cpu().numpy()
 
     @torch.inference_mode()
     def denoise(self, latents: np.ndarray, context: Any, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None,
                 condition: ImageCondition | None = None) -> torch.Tensor:
-        """Every row of `schedule` from the initial latents [B,C,h,w]; the final latents on the device."""
+        """Every row of `schedule` from the initial latents [B,C,h,w]; the final latents on the device.
+
+        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts)."""
+        if isinstance(context, np.ndarray):
+            context = self._tensor(context, self.dtype)
         state = np.zeros((schedule.slots, *np.shape(latents)), np.float32)
         state[0] = latents
         f32 = lambda a: None if a is None else self._tensor(a, torch.float32)  # noqa: E731

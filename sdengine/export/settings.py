@@ -52,6 +52,7 @@ class ExportSettings:
     force: bool = False
     graphs: tuple[str, ...] = field(default=GRAPH_ORDER)
     state_slots: int = STATE_SLOTS  # the denoise step's sampler state (README, "Samplers")
+    max_prompt_chunks: int | None = None  # prompt chunks the step graph reads (None: 8, or 1 when static)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision(self.precision))
@@ -79,11 +80,13 @@ class ExportSettings:
                        ((self.batch, default.batch.opt), (self.height, default.height.opt),
                         (self.width, default.width.opt)))
             ranges = ShapeRanges(Range(b, b, b), Range(h, h, h), Range(w, w, w), static=True,
-                                 slots=self.state_slots)
+                                 slots=self.state_slots,
+                                 chunks=1 if self.max_prompt_chunks is None else self.max_prompt_chunks)
         else:
             ranges = ShapeRanges(_range(self.batch, default.batch, "batch"),
                                  _range(self.height, default.height, "height"),
-                                 _range(self.width, default.width, "width"), slots=self.state_slots)
+                                 _range(self.width, default.width, "width"), slots=self.state_slots,
+                                 chunks=default.chunks if self.max_prompt_chunks is None else self.max_prompt_chunks)
         ranges.check_sides(config.vae.downscale)
         return ranges
 

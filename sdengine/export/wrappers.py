@@ -21,15 +21,23 @@ from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_E
 
 
 class TextEncoderGraph(nn.Module):
-    """input_ids [R,77] int32 -> (last_hidden_state [R,77,D], pooled_output [R,D])."""
+    """input_ids [R,77] int32, clip_skip [1] int32 -> (last_hidden_state [R,77,D], pooled_output [R,D]).
+
+    last_hidden_state is layer -1-clip_skip's output through the final layer norm (diffusers' clip_skip; 0 gives
+    CLIPTextModel's own last_hidden_state): every layer's output is stacked and one is gathered, so one graph
+    serves every clip_skip.
+    """
 
     def __init__(self, text_model: nn.Module) -> None:
         super().__init__()
         self.net = text_model
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.net(input_ids=input_ids.long())
-        return out.last_hidden_state, out.pooler_output
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(input_ids=input_ids.long(), output_hidden_states=True)
+        layers = torch.stack(out.hidden_states[1:])  # [L, R, 77, D]: each layer's output, before the final norm
+        index = (layers.shape[0] - 1) - clip_skip.long().reshape(1)
+        chosen = layers.index_select(0, index)[0]
+        return self.net.final_layer_norm(chosen), out.pooler_output
 
 
 class VaeDecoderGraph(nn.Module):

@@ -23,5 +23,9 @@ class TextEncoder(nn.Module):
         # transformers 4 nests the transformer under .text_model; transformers 5 flattens it.
         self.text_model = getattr(model, "text_model", model)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model(input_ids=input_ids).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+        """The last hidden state; with clip_skip = n, layer -1-n's output through the final layer norm (diffusers)."""
+        if not clip_skip:
+            return self.text_model(input_ids=input_ids).last_hidden_state
+        out = self.text_model(input_ids=input_ids, output_hidden_states=True)
+        return self.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])

@@ -3,7 +3,7 @@
 For one call of N rows (a sampler's table, sdengine.samplers): the initial state [S,B,C,h,w] (slot 0
 the latent, the history slots zero), the timesteps [N,1], the coefficient rows [N,S(S+2)], the guidance
 scale and, for a stochastic sampler, the noise [N,B,C,h,w] are uploaded once into buffers allocated
-once per shape; the text embeddings are copied into a loop-owned [2B,77,D] buffer (B rows are
+once per shape; the text embeddings are copied into a loop-owned [2B,77k,D] buffer (k prompt chunks) (B rows are
 duplicated: guidance 1, as the ONNX Runtime backend does). Row i binds row i of each array, reads state
 buffer i % 2 and writes the other, so the result of N rows is in buffer N % 2. Every address a row binds
 therefore depends only on (shape, N, noise or not): the whole loop is captured once per such key as one
@@ -83,6 +83,7 @@ class LoopKey:
     shape: tuple[int, ...]  # the state's [S,B,C,h,w]
     steps: int              # rows
     noise: bool
+    context: int = 77       # the text embeddings' length: 77 x prompt chunks
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,9 @@ class DenoiseLoop:
                 self.device.zero(self._buffers[key])
         return self._buffers[key]
 
-    def _shapes(self, state_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    def _shapes(self, state_shape: tuple[int, ...], context: int | None = None) -> dict[str, tuple[int, ...]]:
         slots, b, _, lh, lw = state_shape
-        return shapes(self.step.spec, point_dims(self.config, b, lh, lw, slots=slots))
+        return shapes(self.step.spec, point_dims(self.config, b, lh, lw, slots=slots, context=context))
 
     def prepare(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, condition: Any = None) -> Prepared:
@@ -155,8 +156,9 @@ class DenoiseLoop:
         n, b = schedule.num_rows, x.shape[0]
         state = np.zeros((schedule.slots, *x.shape), np.float32)
         state[0] = x
-        key = LoopKey(state.shape, n, noise is not None)
-        shp = self._shapes(state.shape)
+        length = int(context.buffer.shape[1])
+        key = LoopKey(state.shape, n, noise is not None, length)
+        shp = self._shapes(state.shape, length)
         dev = self.device
         bufs = (self.buffer("state_a", state.shape), self.buffer("state_b", state.shape))
         dev.upload(bufs[0], state)
@@ -188,7 +190,7 @@ class DenoiseLoop:
         return Prepared(key, bufs, ts, rows, steps_noise, ctx, scale, cond, blend)
 
     def _copy_context(self, dst: Any, context: TextEmbeddings, batch: int) -> None:
-        """[2B,77,D] into the loop's own buffer: 2B rows as given, or B rows twice (guidance 1)."""
+        """[2B,77k,D] into the loop's own buffer: 2B rows as given, or B rows twice (guidance 1)."""
         src = context.buffer
         if tuple(src.shape[1:]) != tuple(dst.shape[1:]) or src.dtype != dst.dtype:
             raise InvalidInputError(f"text embeddings {src.shape} do not fit this model's {dst.shape}")
@@ -229,7 +231,7 @@ class DenoiseLoop:
         shape. With the graph, `callback` is called once, with (N, N), after the launch is enqueued.
         """
         n = p.key.steps
-        bind_shapes(self.step, self._shapes(p.key.shape))
+        bind_shapes(self.step, self._shapes(p.key.shape, p.key.context))
         self._bind_fixed(p)
         if self.use_graph if graph is None else graph:
             cached = self.graphs.get(p.key)

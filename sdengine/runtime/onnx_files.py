@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
 
+import numpy as np
+
 from ..errors import ModelLoadError
 
 
@@ -119,3 +121,27 @@ def with_initializers(path: Path, arrays: dict) -> bytes:
         if t.name in arrays:
             t.CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
     return model.SerializeToString()
+
+
+def token_table(path: Path, folder: Path, rows: int, width: int) -> tuple[str, np.ndarray]:
+    """The name and contents of the text encoder graph's token embedding table [rows, width] (an initializer, read
+    from the graph or its checked external data): what textual inversion extends."""
+    import numpy as np
+
+    onnx = _onnx()
+    model = load_proto(path)
+    found = [t for t in model.graph.initializer if list(t.dims) == [rows, width]]
+    if len(found) != 1:
+        raise ModelLoadError(f"{path} has {len(found)} initializers shaped [{rows}, {width}] where one token table "
+                             f"was expected: re-export it with sdengine export --force")
+    (table,) = found
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(table.data_type)
+    if table.data_location != onnx.TensorProto.EXTERNAL:
+        return table.name, onnx.numpy_helper.to_array(table)
+    info = {e.key: e.value for e in table.external_data}
+    if not _inside(info["location"], folder):
+        raise ModelLoadError(f"{path}: external data {info['location']!r} lies outside {folder}")
+    values = np.fromfile(folder / info["location"], dtype=dtype, count=rows * width, offset=int(info.get("offset", 0)))
+    if values.size != rows * width:
+        raise ModelLoadError(f"{path}: its token table's external data is truncated; re-export it")
+    return table.name, values.reshape(rows, width)

@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import InvalidInputError, NonFiniteOutputError
 from ..metadata import GenerationInfo, png_bytes
 from ..pipeline import model_name
+from ..prompts import MAX_PROMPT_CHUNKS, chunk_prompt
 from .batcher import Batcher, BatchAbandoned, Job, ModelThread, QueueFull, Unavailable
 from .edits import parse_edit
 from .metrics import CONTENT_TYPE, ServeMetrics
@@ -137,7 +138,8 @@ class Service:
                                num_inference_steps=first.steps, guidance_scale=first.guidance_scale, eta=first.eta,
                                seed=[s for r in requests for s in r.seeds], width=first.width, height=first.height,
                                callback=callback, scheduler=first.scheduler, image=first.image,
-                               mask_image=first.mask, strength=first.strength)
+                               mask_image=first.mask, strength=first.strength,
+                               prompt_weighting=first.prompt_weighting, clip_skip=first.clip_skip)
         if result.vae_fp32_fallback:
             self.metrics.vae_fp32_fallbacks.inc()
         return list(zip(result.images, result.infos))
@@ -286,6 +288,7 @@ def limits_for(pipeline: Any, settings: ServeSettings) -> tuple[Limits, int]:
     config, tokenizer = pipeline.config, pipeline.tokenizer
     ranges = getattr(pipeline.backend, "ranges", None)  # an ONNX/TensorRT export's shape profile
     max_batch, size = settings.max_batch, (config.default_size, config.default_size)
+    max_chunks = MAX_PROMPT_CHUNKS if ranges is None else ranges.chunks
     width_range = height_range = None
     if ranges is not None:
         max_batch = min(max_batch, ranges.batch.max)
@@ -298,7 +301,9 @@ def limits_for(pipeline: Any, settings: ServeSettings) -> tuple[Limits, int]:
     limits = Limits(factor=config.vae.downscale, default_size=size, width_range=width_range,
                     height_range=height_range, max_pixels=settings.max_pixels, max_images=max_batch,
                     default_steps=settings.default_steps, max_steps=settings.max_steps,
-                    max_prompt_tokens=tokenizer.max_length - 2, count_tokens=lambda text: len(tokenizer.encode(text)),
+                    max_prompt_chunks=max_chunks, count_chunks=lambda text, weighting: chunk_prompt(
+                        tokenizer, text, weighting, MAX_PROMPT_CHUNKS).chunks,
+                    clip_layers=config.text_encoder.num_hidden_layers,
                     scheduler=config.scheduler, slots=None if ranges is None else ranges.slots,
                     inpainting=config.inpainting)
     if size[0] * size[1] > settings.max_pixels:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from ..errors import InvalidInputError
 from ..pipeline import MAX_SEED, check_size
+from ..prompts import MAX_PROMPT_CHUNKS
 from ..samplers import build_schedule, canonical_name
 from ..samplers.table import fit_slots
 from ..schedulers import SchedulerConfig
@@ -26,7 +27,7 @@ SIZE_RE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 # (one model is served; OpenAI's quality and style select among its own models' settings).
 IGNORED = ("model", "user", "quality", "style")
 FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "seed", "steps", "guidance_scale", "eta",
-          "scheduler", *IGNORED)
+          "scheduler", "prompt_weighting", "clip_skip", *IGNORED)
 EDIT_FIELDS = (*FIELDS, "strength")  # POST /v1/images/edits: these as form fields, and the files image and mask
 
 
@@ -50,8 +51,9 @@ class Limits:
     max_images: int = 4              # n: 1..max_images (= the server's --max-batch)
     default_steps: int = 20
     max_steps: int = 100
-    max_prompt_tokens: int = 75      # CLIP reads 77 ids: BOS, 75 tokens, EOS
-    count_tokens: Callable[[str], int] = len
+    max_prompt_chunks: int = MAX_PROMPT_CHUNKS  # chunks of 75 tokens (README, "Prompts"); an export's own limit
+    count_chunks: Callable[[str, bool], int] = lambda text, weighting: 1  # (text, prompt_weighting) -> chunks
+    clip_layers: int = 12            # the text encoder's layers: clip_skip is 0 .. clip_layers - 1
     scheduler: SchedulerConfig | None = None
     slots: int | None = None         # an export's denoise-step state: samplers needing more are refused
     inpainting: bool = False         # a 9-channel U-Net: every request needs an image and a mask (edits)
@@ -75,6 +77,9 @@ class GenerationRequest:
     mask: Any = None                 # an edit's mask: [H, W] floats, 1 where the image is repainted
     strength: float | None = None
     inputs_key: str = ""             # sha256 of the image and mask: edits batch only with the same ones
+    prompt_weighting: bool = True    # A1111's emphasis syntax; False reads brackets as text
+    clip_skip: int = 0
+    chunks: int = 1                  # prompt chunks of the longer of prompt and negative prompt
 
     @property
     def seeds(self) -> list[int]:
@@ -83,9 +88,10 @@ class GenerationRequest:
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys share one denoise loop: the same sampler table (sampler, steps, eta,
-        strength), guidance scale, size, and for edits the same image and mask."""
+        strength), guidance scale, size, for edits the same image and mask, and the same prompt reading (weighting,
+        clip_skip, number of chunks: a prompt padded to more chunks than its own would give another image)."""
         return (self.width, self.height, self.scheduler, self.steps, self.guidance_scale, self.eta, self.strength,
-                self.inputs_key)
+                self.inputs_key, self.prompt_weighting, self.clip_skip, self.chunks)
 
 
 def _invalid(message: str, param: str | None = None) -> RequestError:
@@ -145,13 +151,29 @@ def _text(data: dict, name: str, limits: Limits, required: bool) -> str:
         raise _invalid(f"{name} must be a string, got {type(value).__name__}", name)
     if required and not value.strip():
         raise _invalid(f"{name} must not be empty", name)
+    return value
+
+
+def _chunks(value: str, name: str, limits: Limits, weighting: bool) -> int:
+    """The prompt's chunks of 75 tokens; 422 beyond the server's limit or on text that is not valid Unicode."""
     try:
-        tokens = limits.count_tokens(value)
+        chunks = limits.count_chunks(value, weighting)
     except InvalidInputError as exc:
         raise _invalid(f"{name}: {exc}", name) from None
-    if tokens > limits.max_prompt_tokens:
-        raise _invalid(f"{name} is {tokens} tokens long; the model reads at most {limits.max_prompt_tokens}: "
-                       f"shorten it", name)
+    if chunks > limits.max_prompt_chunks:
+        raise _invalid(f"{name} needs {chunks} chunks of 75 tokens; this server reads at most "
+                       f"{limits.max_prompt_chunks} ({75 * limits.max_prompt_chunks} tokens): shorten it", name)
+    return chunks
+
+
+def _flag(data: dict, name: str, default: bool) -> bool:
+    value = data.get(name)
+    if value is None:
+        return default
+    if isinstance(value, str) and value.lower() in ("true", "false"):  # a form field's text
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise _invalid(f"{name} must be true or false, got {json.dumps(value)}", name)
     return value
 
 
@@ -207,6 +229,9 @@ def validate(data: dict, limits: Limits, edit: Any = None) -> GenerationRequest:
             raise _invalid(f"{name} must be a string (it is accepted and ignored)", name)
     prompt = _text(data, "prompt", limits, required=True)
     negative = _text(data, "negative_prompt", limits, required=False)
+    weighting = _flag(data, "prompt_weighting", True)
+    chunks = max(_chunks(prompt, "prompt", limits, weighting), _chunks(negative, "negative_prompt", limits, weighting))
+    clip_skip = _int(data, "clip_skip", 0, 0, limits.clip_layers - 1)
     n = _int(data, "n", 1, 1, limits.max_images)
     width, height = _size(data, limits, None if edit is None else edit.default_size)
     steps = _int(data, "steps", limits.default_steps, 1, limits.max_steps)
@@ -218,7 +243,8 @@ def validate(data: dict, limits: Limits, edit: Any = None) -> GenerationRequest:
     extra = {} if edit is None else dict(image=edit.image, mask=edit.mask, strength=strength, inputs_key=edit.key)
     return GenerationRequest(prompt=prompt, negative_prompt=negative, n=n, width=width, height=height, steps=steps,
                              guidance_scale=guidance, eta=eta,
-                             seed=secrets.randbelow(2**32) if seed is None else seed, scheduler=scheduler, **extra)
+                             seed=secrets.randbelow(2**32) if seed is None else seed, scheduler=scheduler,
+                             prompt_weighting=weighting, clip_skip=clip_skip, chunks=chunks, **extra)
 
 
 def _strength(data: dict, masked: bool) -> float:
