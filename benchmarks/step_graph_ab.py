@@ -21,8 +21,9 @@ import numpy as np
 
 
 def feeds(session, latent: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random float32 inputs of the declared shapes; named dims: batch 1, batch_x2 2, latent sides `latent`."""
-    named = {"batch": 1, "batch_x2": 2, "latent_height": latent, "latent_width": latent}
+    """Random float32 inputs of the declared shapes; named dims: batch 1, batch_x2 2, context 77 (one prompt
+    chunk), latent sides `latent`."""
+    named = {"batch": 1, "batch_x2": 2, "context": 77, "latent_height": latent, "latent_width": latent}
     out = {}
     for i in session.get_inputs():
         shape = [d if isinstance(d, int) else named[d] for d in i.shape]
