@@ -227,9 +227,6 @@ def _validate_loras(args: argparse.Namespace) -> None:
         refuse_pickle(path)
         if not path.is_file():
             raise InvalidInputError(f"--lora {path}: no such file")
-    if args.loras and args.backend == "tensorrt":
-        raise InvalidInputError("--lora runs on the torch and onnxruntime backends; TensorRT engines are not "
-                                "refitted with LoRAs yet")
 
 
 def _validate_tensorrt(args: argparse.Namespace) -> None:

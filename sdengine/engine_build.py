@@ -29,7 +29,7 @@ from .errors import InvalidInputError, ModelLoadError, SDEngineError
 from .files import umask_mode, write_bytes_atomic
 from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file
 from .runtime.tensorrt import gpu_identity, import_tensorrt, logger
-from .specs import GRAPHS, Precision, Range, ShapeRanges
+from .specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, Precision, Range, ShapeRanges
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -143,7 +143,8 @@ def build_engines(onnx_dir: str | Path, out: str | Path, settings: BuildSettings
         entries = _build_all(trt, onnx, graph_paths, ranges, settings, tmp, log)
         _copy_tokenizer(onnx.folder, tmp)
         manifest = EngineManifest(out, str(trt.__version__), gpu_name, capability, ranges, settings.builder,
-                                  str(onnx.folder.absolute()), onnx.source_sha256, onnx.config, entries)
+                                  str(onnx.folder.absolute()), onnx.source_sha256, onnx.config, entries,
+                                  weights=refit_weights(onnx, settings))
         write(replace(manifest, folder=tmp))
         tmp.chmod(umask_mode(0o777))
         _swap_into_place(tmp, out)
@@ -152,6 +153,18 @@ def build_engines(onnx_dir: str | Path, out: str | Path, settings: BuildSettings
     log(f"{out}: {len(entries)} engine(s) built (TensorRT {manifest.tensorrt_version}, {gpu_name}, "
         f"{_describe(ranges)})")
     return manifest
+
+
+def refit_weights(onnx: Manifest, settings: BuildSettings) -> dict[str, dict] | None:
+    """For a refittable build, the export's weight map of each built graph a LoRA changes (None otherwise).
+
+    Copied into the engine set's manifest so the set itself names the weights a refit sets (the ONNX
+    parser keeps initializer names as weight names); the pristine values are read from the export at refit
+    time, after its graphs' sha256 are checked against the ones these engines were built from."""
+    if not settings.builder.refittable:
+        return None
+    return {g: dict(onnx.graphs[g]["parameters"]) for g in (TEXT_ENCODER, DENOISE_STEP)
+            if g in settings.graphs and onnx.graphs.get(g, {}).get("parameters") is not None}
 
 
 def _build_all(trt: Any, onnx: Manifest, graph_paths: dict[str, Path], ranges: ShapeRanges, settings: BuildSettings,

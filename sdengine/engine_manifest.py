@@ -118,6 +118,10 @@ class EngineManifest:
     graphs: Mapping[str, GraphEntry]
     precision: Precision = Precision.FP16
     sdengine_version: str = __version__
+    # Refittable sets only: per graph, the export's weight map {`unet.<param>`: {"shape", "initializers":
+    # [[ONNX initializer name, transposed], ...]}}. TensorRT's ONNX parser names every refittable weight after
+    # its ONNX initializer, so these are the names a LoRA refit sets (TensorRTBackend.set_loras).
+    weights: Mapping[str, Mapping[str, Any]] | None = None
 
     @property
     def static(self) -> bool:
@@ -144,6 +148,7 @@ class EngineManifest:
             "source": {"onnx_folder": self.source_folder, "sha256": self.source_sha256},
             "model_config": self.config.to_dict(),
             "graphs": {name: entry.to_dict() for name, entry in self.graphs.items()},
+            **({} if self.weights is None else {"weights": {g: dict(m) for g, m in self.weights.items()}}),
         }
 
     @classmethod
@@ -153,7 +158,8 @@ class EngineManifest:
                    str(d["source"]["onnx_folder"]), str(d["source"]["sha256"]),
                    ModelConfig.from_dict(d["model_config"]),
                    {name: GraphEntry.from_dict(e) for name, e in dict(d["graphs"]).items()},
-                   Precision(d["precision"]), str(d["sdengine_version"]))
+                   Precision(d["precision"]), str(d["sdengine_version"]),
+                   None if d.get("weights") is None else {g: dict(m) for g, m in dict(d["weights"]).items()})
 
 
 def range_args(ranges: ShapeRanges) -> list[str]:

@@ -19,6 +19,7 @@ import types
 from pathlib import Path
 
 MAGIC = b"FAKEPLAN"
+WEIGHTS_KEY = "__weights__"  # in a fake plan's JSON: the refittable weights of a refittable build
 _ONNX_TYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16"}
 
 
@@ -49,7 +50,7 @@ class Tensor:
 
 class Network:
     def __init__(self, flags: int) -> None:
-        self.flags, self.inputs, self.outputs = flags, [], []
+        self.flags, self.inputs, self.outputs, self.weights = flags, [], [], {}
 
     num_inputs = property(lambda self: len(self.inputs))
     num_outputs = property(lambda self: len(self.outputs))
@@ -83,6 +84,10 @@ class OnnxParser:
 
         self.network.inputs = [tensor(v) for v in graph.input]
         self.network.outputs = [tensor(v) for v in graph.output]
+        # As TensorRT's ONNX parser: weights are named after their ONNX initializers (refittable ones, in a
+        # refittable build, are what a Refitter lists).
+        self.network.weights = {t.name: [list(t.dims), _ONNX_TYPES.get(t.data_type, str(t.data_type))]
+                                for t in graph.initializer}
         return True
 
     num_errors = property(lambda self: len(self.errors))
@@ -164,15 +169,22 @@ class Builder:
                        "profile": shapes.get(t.name)} for t in network.inputs}
         io.update({t.name: {"mode": "OUTPUT", "dtype": t.dtype.value, "shape": list(t.shape)}
                    for t in network.outputs})
+        if "refit" in config.flags:
+            io[WEIGHTS_KEY] = network.weights
         return memoryview(MAGIC + json.dumps(io).encode())
 
 
 class Engine:
     def __init__(self, io: dict) -> None:
+        io = dict(io)
+        # refittable weights {name: [shape, dtype]} (a refittable build only), their refitted values, each refit
+        self.weights, self.values, self.refits = io.pop(WEIGHTS_KEY, {}), {}, []
         self.io = io
         self.names = list(io)
         self.device_memory_size_v2 = 1 << 20
         self.contexts = []
+
+    refittable = property(lambda self: bool(self.weights))
 
     num_io_tensors = property(lambda self: len(self.names))
 
@@ -238,6 +250,52 @@ class Runtime:
         return Engine(json.loads(bytes(data)[len(MAGIC):]))
 
 
+class Weights:
+    """trt.Weights(numpy array): wraps the array without copying (as TensorRT's host weights)."""
+
+    def __init__(self, a) -> None:
+        self.array = a
+
+
+class Refitter:
+    """Records every set_named_weights; `missing` names what get_missing_weights reports; `refuse` makes
+    refit_cuda_engine return False. A name the engine does not list, or a wrong element count or dtype, is
+    refused with False, as TensorRT documents."""
+
+    created: list["Refitter"] = []
+    missing: list[str] = []
+    refuse = False
+
+    def __init__(self, engine: Engine, logger: Logger) -> None:
+        self.engine, self.logger, self.named = engine, logger, {}
+        Refitter.created.append(self)
+
+    def get_all_weights(self) -> list[str]:
+        return list(self.engine.weights)
+
+    def set_named_weights(self, name: str, weights: Weights, location=None) -> bool:
+        import numpy as np
+
+        if name not in self.engine.weights:
+            return False
+        shape, dtype = self.engine.weights[name]
+        a = weights.array
+        if a.size != int(np.prod(shape, dtype=np.int64)) or a.dtype != np.dtype(dtype):
+            return False
+        self.named[name] = np.array(a, copy=True)
+        return True
+
+    def get_missing_weights(self) -> list[str]:
+        return list(Refitter.missing)
+
+    def refit_cuda_engine(self) -> bool:
+        if Refitter.refuse or Refitter.missing:
+            return False
+        self.engine.refits.append(dict(self.named))
+        self.engine.values.update(self.named)
+        return True
+
+
 class IProgressMonitor:
     def __init__(self) -> None:
         pass
@@ -246,12 +304,13 @@ class IProgressMonitor:
 def module(version: str = "10.8.0.43") -> types.ModuleType:
     """A fresh fake `tensorrt` module (class-level records reset)."""
     Builder.fail_on, Builder.built, Runtime.deserialized, OnnxParser.fail = set(), [], [], False
+    Refitter.created, Refitter.missing, Refitter.refuse = [], [], False
     m = types.ModuleType("tensorrt")
     m.__version__ = version
     m.__file__ = str(Path(__file__))
     m.Logger, m.Builder, m.Runtime, m.OnnxParser, m.IProgressMonitor = Logger, Builder, Runtime, OnnxParser, \
         IProgressMonitor
-    m.DataType, m.TensorIOMode = DataType, TensorIOMode
+    m.DataType, m.TensorIOMode, m.Refitter, m.Weights = DataType, TensorIOMode, Refitter, Weights
     m.float32, m.int32, m.int64, m.float16 = DataType.float32, DataType.int32, DataType.int64, DataType.float16
     m.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
     m.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")

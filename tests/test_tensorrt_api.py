@@ -39,7 +39,7 @@ CORE = {"deserialize_cuda_engine", "create_execution_context", "set_input_shape"
         "parse_from_file", "create_network", "STRONGLY_TYPED", "set_shape", "add_optimization_profile",
         "set_memory_pool_limit", "WORKSPACE", "builder_optimization_level", "REFIT", "create_timing_cache",
         "set_timing_cache", "get_timing_cache", "serialize", "IProgressMonitor", "phase_start", "step_complete",
-        "phase_finish"}
+        "phase_finish", "Refitter", "Weights", "set_named_weights", "get_missing_weights", "refit_cuda_engine"}
 
 
 def api_names() -> set[str]:

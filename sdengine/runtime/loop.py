@@ -256,12 +256,18 @@ class DenoiseLoop:
         """prepare + launch: every row of `schedule` from `latents`; a view of the final latents."""
         return self.launch(self.prepare(latents, context, schedule, guidance_scale, noise, condition), callback)
 
-    def close(self) -> None:
-        """Destroy the cached graphs and free the loop's buffers (the executor is the caller's)."""
-        graphs, buffers = list(self.graphs.values()), list(self._buffers.values())
-        self.graphs, self._buffers = {}, {}
+    def drop_graphs(self) -> None:
+        """Destroy the cached graphs, keeping the buffers: after the step's weights change in place (a TensorRT
+        refit), since a captured graph may hold what the engine had set up when it was captured; the next
+        launch captures again."""
+        graphs, self.graphs = list(self.graphs.values()), {}
         for g in graphs:
             if hasattr(g, "destroy"):
                 g.destroy()
+
+    def close(self) -> None:
+        """Destroy the cached graphs and free the loop's buffers (the executor is the caller's)."""
+        buffers, self._buffers = list(self._buffers.values()), {}
+        self.drop_graphs()
         for b in buffers:
             b.free()

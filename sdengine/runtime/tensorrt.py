@@ -90,7 +90,7 @@ class TrtEngine:
 
     def __init__(self, path: Path, spec: GraphSpec, rebuild: str, trt: Any = None) -> None:
         trt = import_tensorrt() if trt is None else trt
-        self.spec, self.path, self._rebuild = spec, Path(path), rebuild
+        self.spec, self.path, self._rebuild, self._trt = spec, Path(path), rebuild, trt
         self._runtime = trt.Runtime(logger(trt))
         self._engine = _deserialize(self._runtime, self.path, rebuild)
         self._check_io(trt)
@@ -177,6 +177,37 @@ class TrtEngine:
         if not self._live().execute_async_v3(int(stream)):
             raise CudaError(f"TensorRT execute_async_v3 failed for the {self.spec.name} engine ({self.path}); "
                             f"see the TensorRT log above")
+
+    def refit(self, weights: dict[str, Any]) -> None:
+        """Replace the named weights (ONNX initializer names; C-contiguous numpy arrays in the engine's weight
+        dtype) in place through TensorRT's Refitter; the engine must be built refittable (sdengine build
+        --refittable). Per TensorRT's docs the new weights take effect for enqueues after refit_cuda_engine
+        returns; the caller waits for earlier work first and drops any CUDA graph captured before.
+
+        Host arrays: `trt.Weights(array)` does not copy, so every array is kept alive until the refit returns."""
+        trt = self._trt
+        if self._engine is None:
+            raise SDEngineError(f"the {self.spec.name} engine was closed")
+        refitter = trt.Refitter(self._engine, logger(trt))
+        held = []
+        for name, array in weights.items():
+            w = trt.Weights(array)
+            held.append((array, w))
+            if not refitter.set_named_weights(name, w):
+                raise EngineMismatchError(f"TensorRT refused new weights {name!r} {tuple(array.shape)} "
+                                          f"{array.dtype} for the {self.spec.name} engine ({self.path}): the engine "
+                                          f"has no refittable weight of that name and size; rebuild with "
+                                          f"{self._rebuild}")
+        missing = list(refitter.get_missing_weights())
+        if missing:
+            raise EngineMismatchError(f"the {self.spec.name} engine ({self.path}) needs weights {missing[:5]} "
+                                      f"({len(missing)} in all) set together with the ones a LoRA changes (TensorRT "
+                                      f"combined them when it built the engine), which sdengine does not map; "
+                                      f"use --backend onnxruntime for this LoRA")
+        if not refitter.refit_cuda_engine():
+            raise SDEngineError(f"TensorRT failed to refit the {self.spec.name} engine ({self.path}); see the "
+                                f"TensorRT log above")
+        del held
 
     def close(self) -> None:
         """Drop the context, engine and runtime (in that order); the caller's buffers are untouched."""
