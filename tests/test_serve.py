@@ -403,7 +403,8 @@ def test_metrics_are_prometheus_text(server):
     for name, kind in {"sdengine_requests_total": "counter", "sdengine_images_generated_total": "counter",
                        "sdengine_queue_depth": "gauge", "sdengine_queue_seconds": "histogram",
                        "sdengine_compute_seconds": "histogram", "sdengine_request_seconds": "histogram",
-                       "sdengine_batch_images": "histogram", "sdengine_ready": "gauge"}.items():
+                       "sdengine_batch_images": "histogram", "sdengine_ready": "gauge",
+                       "sdengine_lora_switches_total": "counter", "sdengine_lora_switch_seconds": "histogram"}.items():
         assert types.get(name) == kind, name
     for line in text.splitlines():
         assert line.startswith("# ") or SAMPLE.match(line), line
@@ -669,7 +670,8 @@ def lora_server(tiny_model_dir, tiny_pipeline, tmp_path_factory):
                "--batch-wait-ms", "50", "--max-steps", "500", "--timeout-s", "240")
     try:
         s.wait_ready()
-        s.files = {"style": style, "detail": detail}
+        s.files = {"style": style, "detail": detail, "shiny": folder / "shiny.safetensors"}
+        s.model = tiny_model_dir
         yield s
     finally:
         s.stop()
@@ -711,8 +713,16 @@ def test_lora_sets_per_request_and_the_default_set(lora_server):
     assert np.array_equal(pixels(results["none"]), pixels(results["zero"]))
     assert np.abs(pixels(results["default"]) - pixels(results["none"])).max() > 8
     assert np.abs(pixels(results["both"]) - pixels(results["style"])).max() > 8
-    # The embedding given at start-up is loaded (the server started with it) and its trigger is served.
-    assert generate(port, {**base, "prompt": "a <shiny> circle"})[0] == 200
+    # The same request to a pipeline in this process with the same LoRA and embedding: the same image.
+    import sdengine
+
+    status, _, body = generate(port, {**base, "prompt": "a <shiny> circle"})
+    assert status == 200, body
+    pipe = sdengine.load_pipeline(lora_server.model, loras={lora_server.files["style"]: 1.0}, threads=1)
+    pipe.load_textual_inversion(lora_server.files["shiny"], "<shiny>")
+    direct = np.asarray(pipe("a <shiny> circle", num_inference_steps=2, seed=5).images[0], np.int16)
+    assert np.abs(pixels(body) - direct).max() <= 1
+    assert np.abs(pixels(body) - pixels(results["default"])).max() > 0
     # GET /v1/models lists the LoRAs a request may choose, with their scale in the default set.
     model = json.loads(http(port, "GET", "/v1/models")[2])["data"][0]
     assert model["loras"] == [{"name": "style", "default_scale": 1.0}, {"name": "detail", "default_scale": 0.0}]
