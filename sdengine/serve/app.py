@@ -11,6 +11,7 @@ import base64
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from starlette.applications import Starlette
@@ -21,6 +22,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..errors import InvalidInputError, NonFiniteOutputError
+from ..lora import lora_specs, read_lora
 from ..metadata import GenerationInfo, png_bytes
 from ..pipeline import model_name
 from ..prompts import MAX_PROMPT_CHUNKS, chunk_prompt
@@ -62,6 +64,8 @@ class Service:
         self.error: BaseException | None = None
         self.on_fatal: Callable[[], None] = lambda: None  # set by the CLI: stop the server
         self.pipeline: Any = None
+        self.lora_paths = {path.stem: path for path, _ in lora_specs(settings.loras)}
+        self.active_loras: tuple[tuple[str, float], ...] | None = settings.default_loras  # None: unknown
         self.limits: Limits | None = None
         self.batcher: Batcher | None = None
         self._thread: ModelThread | None = None
@@ -133,6 +137,12 @@ class Service:
     # ---- model thread -----------------------------------------------------------------------------
     def _compute(self, requests: list[GenerationRequest], callback: Callable[[int, int], None]) -> list:
         first = requests[0]
+        if first.loras != self.active_loras:  # every request of a batch has the same set (its batch_key)
+            self.active_loras = None  # a failed switch leaves the weights unknown: the next batch sets them again
+            seconds = self.pipeline.set_loras({self.lora_paths[name]: scale for name, scale in first.loras})
+            self.active_loras = first.loras
+            self.metrics.lora_switches.inc()
+            self.metrics.lora_switch_seconds.observe(seconds)
         result = self.pipeline([r.prompt for r in requests for _ in range(r.n)],
                                negative_prompt=[r.negative_prompt for r in requests for _ in range(r.n)],
                                num_inference_steps=first.steps, guidance_scale=first.guidance_scale, eta=first.eta,
@@ -154,8 +164,11 @@ class Service:
 
     async def models(self, request: Request) -> Response:
         """OpenAI's model list (GET /v1/models): the one model this server holds."""
+        default = dict(self.settings.default_loras)
+        loras = [{"name": name, "default_scale": default.get(name, 0.0)} for name in self.settings.lora_names]
         return JSONResponse({"object": "list", "data": [{"id": self.model_id, "object": "model",
-                                                         "created": self.created, "owned_by": "sdengine"}]})
+                                                         "created": self.created, "owned_by": "sdengine",
+                                                         "loras": loras}]})
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
@@ -280,7 +293,15 @@ def _load_pipeline(settings: ServeSettings) -> Any:
     options: dict[str, Any] = {}
     if settings.backend in ("torch", "onnxruntime"):  # TensorRT runs on the GPU: no CPU threads to set
         options["threads"] = settings.threads or default_threads()
-    return load_pipeline(settings.model, backend=settings.backend, device=settings.device, **options)
+    pipe = load_pipeline(settings.model, backend=settings.backend, device=settings.device, **options)
+    if settings.loras:  # every file against the model's weights now, so a request's choice cannot fail later
+        targets = pipe.backend.lora_targets()
+        for path, _ in lora_specs(settings.loras):
+            read_lora(path, targets)
+        pipe.set_loras({Path(path).expanduser(): scale for path, scale in settings.loras if scale != 0})
+    for path, token in settings.embeddings:
+        pipe.load_textual_inversion(path, token)
+    return pipe
 
 
 def limits_for(pipeline: Any, settings: ServeSettings) -> tuple[Limits, int]:
@@ -305,7 +326,8 @@ def limits_for(pipeline: Any, settings: ServeSettings) -> tuple[Limits, int]:
                         tokenizer, text, weighting, MAX_PROMPT_CHUNKS).chunks,
                     clip_layers=config.text_encoder.num_hidden_layers,
                     scheduler=config.scheduler, slots=None if ranges is None else ranges.slots,
-                    inpainting=config.inpainting)
+                    inpainting=config.inpainting, loras=settings.lora_names,
+                    default_loras=settings.default_loras)
     if size[0] * size[1] > settings.max_pixels:
         raise InvalidInputError(f"--max-pixels {settings.max_pixels} is below the model's own size "
                                 f"{size[0]}x{size[1]}; raise it")

@@ -47,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-steps", type=int, default=d.default_steps,
                    help=f"steps when a request gives none (default {d.default_steps})")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"most steps per request (default {d.max_steps})")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA .safetensors requests may choose by its file name without .safetensors (field "
+                        "`loras`); SCALE (default 1) is its scale in the default set, 0 leaves it out of it "
+                        "(repeatable)")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual inversion embedding, always active: its trigger is TOKEN, else the file's own "
+                        "token or the file name (repeatable)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=argparse.SUPPRESS)
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
@@ -62,12 +69,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    from ..embeddings import parse_spec
+    from ..lora import parse_cli_lora
+
     device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
     return ServeSettings(model=args.model, backend=args.backend, device=device, threads=args.threads,
                          host=args.host, port=args.port, max_queue=args.max_queue, max_batch=args.max_batch,
                          batch_wait_ms=args.batch_wait_ms, timeout_s=args.timeout_s, max_pixels=args.max_pixels,
                          default_steps=args.default_steps, max_steps=args.max_steps,
-                         warmup_steps=args.warmup_steps).check()
+                         warmup_steps=args.warmup_steps,
+                         loras=tuple(parse_cli_lora(text) for text in getattr(args, "lora", [])),
+                         embeddings=tuple(parse_spec(text) for text in getattr(args, "embedding", []))).check()
 
 
 def check_startup(settings: ServeSettings) -> None:
@@ -105,6 +117,27 @@ def check_startup(settings: ServeSettings) -> None:
     elif not Path(settings.model).expanduser().exists():
         raise ModelLoadError(f"--model {settings.model} does not exist: give a diffusers folder, a .safetensors "
                              f"file or (--backend onnxruntime) a folder from sdengine export")
+    check_lora_files(settings)
+
+
+def check_lora_files(settings: ServeSettings) -> None:
+    """Each --lora is a readable safetensors file and each --embedding an embedding, before listening (the
+    LoRAs' keys are checked against the model's weights once it has loaded)."""
+    from ..embeddings import read_embedding
+    from ..lora import lora_specs, read_safetensors_numpy
+
+    for path, _ in lora_specs(settings.loras):
+        try:
+            tensors, _, _ = read_safetensors_numpy(path)
+        except SDEngineError as exc:
+            raise type(exc)(f"--lora: {exc}") from None
+        if not tensors:
+            raise InvalidInputError(f"--lora {path}: the file holds no tensors")
+    for path, token in settings.embeddings:
+        try:
+            read_embedding(path, token)
+        except SDEngineError as exc:
+            raise type(exc)(f"--embedding: {exc}") from None
 
 
 def bind(host: str, port: int) -> socket.socket:

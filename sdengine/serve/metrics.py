@@ -176,6 +176,10 @@ class ServeMetrics:
         self.steps = r.add(Counter("sdengine_denoise_steps_total", "Denoise steps run (one per loop iteration)."))
         self.vae_fp32_fallbacks = r.add(Counter("sdengine_vae_fp32_fallbacks_total", "Batches whose decoded images "
                                                 "held NaN or infinity and were decoded again in float32."))
+        self.lora_switches = r.add(Counter("sdengine_lora_switches_total", "Changes of the active LoRA set between "
+                                           "two batches."))
+        self.lora_switch_seconds = r.add(Histogram("sdengine_lora_switch_seconds", "Seconds a LoRA set change took "
+                                                   "(reading, merging, swapping the weights).", LATENCY_BUCKETS))
         self.queue_seconds = r.add(Histogram("sdengine_queue_seconds", "Seconds a request waited before its "
                                              "batch started.", LATENCY_BUCKETS))
         self.compute_seconds = r.add(Histogram("sdengine_compute_seconds", "Seconds of the batch that served a "

@@ -27,7 +27,7 @@ SIZE_RE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 # (one model is served; OpenAI's quality and style select among its own models' settings).
 IGNORED = ("model", "user", "quality", "style")
 FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "seed", "steps", "guidance_scale", "eta",
-          "scheduler", "prompt_weighting", "clip_skip", *IGNORED)
+          "scheduler", "prompt_weighting", "clip_skip", "loras", *IGNORED)
 EDIT_FIELDS = (*FIELDS, "strength")  # POST /v1/images/edits: these as form fields, and the files image and mask
 
 
@@ -57,6 +57,8 @@ class Limits:
     scheduler: SchedulerConfig | None = None
     slots: int | None = None         # an export's denoise-step state: samplers needing more are refused
     inpainting: bool = False         # a 9-channel U-Net: every request needs an image and a mask (edits)
+    loras: tuple[str, ...] = ()      # the LoRAs requests may choose (the server's --lora files, by name)
+    default_loras: tuple[tuple[str, float], ...] = ()  # the set of a request without `loras`
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class GenerationRequest:
     prompt_weighting: bool = True    # A1111's emphasis syntax; False reads brackets as text
     clip_skip: int = 0
     chunks: int = 1                  # prompt chunks of the longer of prompt and negative prompt
+    loras: tuple[tuple[str, float], ...] = ()  # the LoRA set: (name, scale), in the server's --lora order
 
     @property
     def seeds(self) -> list[int]:
@@ -89,9 +92,10 @@ class GenerationRequest:
     def batch_key(self) -> tuple:
         """Requests with equal keys share one denoise loop: the same sampler table (sampler, steps, eta,
         strength), guidance scale, size, for edits the same image and mask, and the same prompt reading (weighting,
-        clip_skip, number of chunks: a prompt padded to more chunks than its own would give another image)."""
+        clip_skip, number of chunks: a prompt padded to more chunks than its own would give another image), and the same
+        LoRA set (the weights are switched between batches, never within one)."""
         return (self.width, self.height, self.scheduler, self.steps, self.guidance_scale, self.eta, self.strength,
-                self.inputs_key, self.prompt_weighting, self.clip_skip, self.chunks)
+                self.inputs_key, self.prompt_weighting, self.clip_skip, self.chunks, self.loras)
 
 
 def _invalid(message: str, param: str | None = None) -> RequestError:
@@ -240,11 +244,48 @@ def validate(data: dict, limits: Limits, edit: Any = None) -> GenerationRequest:
     seed = _int(data, "seed", None, 0, MAX_SEED - n + 1)
     strength = None if edit is None else _strength(data, edit.mask is not None)
     scheduler = _scheduler(data, limits, steps, eta, strength or 1.0)
+    loras = _loras(data, limits)
     extra = {} if edit is None else dict(image=edit.image, mask=edit.mask, strength=strength, inputs_key=edit.key)
     return GenerationRequest(prompt=prompt, negative_prompt=negative, n=n, width=width, height=height, steps=steps,
                              guidance_scale=guidance, eta=eta,
                              seed=secrets.randbelow(2**32) if seed is None else seed, scheduler=scheduler,
-                             prompt_weighting=weighting, clip_skip=clip_skip, chunks=chunks, **extra)
+                             prompt_weighting=weighting, clip_skip=clip_skip, chunks=chunks, loras=loras,
+                             **extra)
+
+
+def _loras(data: dict, limits: Limits) -> tuple[tuple[str, float], ...]:
+    """`loras` {name: scale} (a JSON object, or its text in a form field) as the set's (name, scale) pairs in the
+    server's order; absent: the server's default set; scale 0 leaves a LoRA out."""
+    value = data.get("loras")
+    if value is None:
+        return limits.default_loras
+    example = "{\"%s\": 0.8}" % (limits.loras[0] if limits.loras else "style")
+    if isinstance(value, str):  # an edit's form field
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise _invalid(f"loras must be a JSON object such as {example}, got {value[:40]!r}", "loras") from None
+    if not isinstance(value, dict):
+        raise _invalid(f"loras must be an object mapping LoRA names to scales, such as {example}, got "
+                       f"{json.dumps(value)[:40]}", "loras")
+    available = ", ".join(limits.loras) if limits.loras else "none (the server was started without --lora)"
+    scales: dict[str, float] = {}
+    for name, scale in value.items():
+        stem = name.removesuffix(".safetensors")
+        if stem not in limits.loras:
+            raise _invalid(f"loras: {json.dumps(name)[:80]} is not a LoRA of this server; available: {available}",
+                           "loras")
+        if stem in scales:
+            raise _invalid(f"loras: {stem!r} is given twice", "loras")
+        try:
+            number = None if isinstance(scale, bool) or not isinstance(scale, (int, float)) else float(scale)
+        except OverflowError:  # an integer beyond float's range
+            number = None
+        if number is None or not math.isfinite(number):
+            raise _invalid(f"loras: the scale of {stem!r} must be a finite number, got {json.dumps(scale)[:40]}",
+                           "loras")
+        scales[stem] = number
+    return tuple((name, scales[name]) for name in limits.loras if scales.get(name, 0.0) != 0.0)
 
 
 def _strength(data: dict, masked: bool) -> float:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import InvalidInputError
+from ..lora import lora_specs
 
 MAX_STEPS = 1000
 
@@ -28,6 +29,8 @@ class ServeSettings:
     default_steps: int = 20
     max_steps: int = 100
     warmup_steps: int = 2
+    loras: tuple[tuple[str, float], ...] = ()            # --lora FILE[:SCALE]: the LoRAs requests may choose
+    embeddings: tuple[tuple[str, str | None], ...] = ()  # --embedding FILE[:TOKEN]: always active
 
     def check(self) -> "ServeSettings":
         """InvalidInputError naming the first bad setting."""
@@ -52,4 +55,15 @@ class ServeSettings:
              f"--default-steps must be between 1 and --max-steps ({self.max_steps}), got {self.default_steps}")
         need(1 <= self.warmup_steps <= MAX_STEPS, f"--warmup-steps must be between 1 and {MAX_STEPS}")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        lora_specs(self.loras)  # finite scales, no two files with one name
         return self
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        """The names requests choose LoRAs by: each file's name without its extension, in --lora order."""
+        return tuple(path.stem for path, _ in lora_specs(self.loras))
+
+    @property
+    def default_loras(self) -> tuple[tuple[str, float], ...]:
+        """The set a request without `loras` gets: the --lora files whose scale is not 0."""
+        return tuple((path.stem, scale) for path, scale in lora_specs(self.loras) if scale != 0)
