@@ -26,6 +26,8 @@ from .samplers import Schedule, build_schedule
 from .specs import MAX_SIDE, MIN_SIDE  # one set of image-side limits for every path
 from .tokenizer import check_text
 
+LORA_FILES_KEPT = 8  # parsed LoRA files a pipeline keeps for set switches
+
 MAX_IMAGES_PER_PROMPT = 16
 MAX_SEED = 2**63 - 1
 OUTPUT_TYPES = ("pil", "np")
@@ -180,6 +182,7 @@ class Pipeline:
         self.model_name = model_name or "model"
         self.embedded = embedded  # the demo model: prompts outside its vocabulary get a warning
         self.loras: tuple[LoraInfo, ...] = ()  # the active LoRAs, in the order they were merged
+        self._lora_files: dict[tuple, Any] = {}  # (path, size, mtime, strict) -> parsed LoraFile, most recent last
 
     def set_loras(self, loras: Any = None, strict: bool = True) -> float:
         """Make `loras` ({path: scale}) the active set, merged into the weights; {} or None removes all.
@@ -195,10 +198,25 @@ class Pipeline:
                                         f"torch or onnxruntime backend")
             return time.perf_counter() - start
         targets = self.backend.lora_targets() if specs else {}
-        files = [(read_lora(path, targets, strict=strict), scale) for path, scale in specs]
+        files = [(self._read_lora(path, targets, strict), scale) for path, scale in specs]
         self.backend.set_loras(files)
         self.loras = tuple(LoraInfo(f.name, scale, f.sha256) for f, scale in files)
         return time.perf_counter() - start
+
+    def _read_lora(self, path: Any, targets: dict, strict: bool) -> Any:
+        """A LoRA file parsed once and kept while unchanged (size and mtime), for the last LORA_FILES_KEPT files:
+        a server switching between its sets reads and hashes nothing again."""
+        try:
+            found = Path(path).expanduser().resolve()
+            stat = found.stat()
+        except OSError:
+            return read_lora(path, targets, strict=strict)  # its own message for a missing file
+        key = (str(found), stat.st_size, stat.st_mtime_ns, strict)
+        parsed = self._lora_files.pop(key, None) or read_lora(path, targets, strict=strict)
+        self._lora_files[key] = parsed
+        while len(self._lora_files) > LORA_FILES_KEPT:
+            del self._lora_files[next(iter(self._lora_files))]
+        return parsed
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +134,28 @@ def test_set_changes_are_bit_identical(pipe, kohya_file, peft_file):
     assert all(torch.equal(a[k], again[k]) for k in a)
     assert all(torch.equal(base[k], restored[k]) for k in base)
     assert pipe.backend._lora_base == {}  # no kept copies once no LoRA is active
+
+
+def test_switches_read_each_file_once_while_unchanged(tiny_model_dir, kohya_file, peft_file, tmp_path, monkeypatch):
+    """Switching between sets parses each LoRA file once; a file rewritten since is read again."""
+    import shutil
+
+    import sdengine.pipeline as pipeline_module
+
+    reads = []
+    real = pipeline_module.read_lora
+    monkeypatch.setattr(pipeline_module, "read_lora", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
+    own = sdengine.load_pipeline(tiny_model_dir)
+    copy = tmp_path / "style.safetensors"
+    shutil.copy(kohya_file, copy)
+    for loras in ({copy: 0.7}, {peft_file: 1.0}, {copy: 0.7, peft_file: 0.3}, {copy: 0.7}):
+        own.set_loras(loras)
+    assert sorted(reads) == sorted([str(copy), str(peft_file)])
+    shutil.copy(peft_file, copy)  # a new file under the old name
+    os.utime(copy, ns=(1, 1))
+    own.set_loras({copy: 0.7})
+    assert reads[-1] == str(copy) and len(reads) == 3
+    assert own.loras[0].sha256 == read_lora(peft_file, own.backend.lora_targets()).sha256
 
 
 def test_metadata_lists_loras(pipe, kohya_file, peft_file):
