@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInputError, ModelLoadError, PickleCheckpointError
-from .files import PICKLE_SUFFIXES
+from .files import is_pickle
 
 A1111_KEY = "emb_params"
 
@@ -87,9 +87,7 @@ def _pick(tensors: dict[str, np.ndarray], path: Path) -> tuple[str | None, np.nd
 
 
 def _refuse_pickle(path: Path) -> None:
-    head = path.open("rb").read(9) if path.is_file() else b""
-    pickled = head.startswith((b"PK\x03\x04", b"\x80")) and head[8:9] != b"{"
-    if path.suffix.lower() in PICKLE_SUFFIXES or pickled:
+    if is_pickle(path):
         out = path.with_suffix(".safetensors")
         raise PickleCheckpointError(
             f"{path} is a pickle embedding; sdengine reads safetensors only, since unpickling can run arbitrary code. "

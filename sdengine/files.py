@@ -52,15 +52,19 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save zip archive, raw pickle protocol >= 2
 
 
-def refuse_pickle(path: Path) -> None:
-    """Raise PickleCheckpointError, with the conversion command, if `path` is a pickle checkpoint."""
+def is_pickle(path: Path) -> bool:
+    """True for a pickle file: by its suffix, or by its first bytes whatever its name."""
     head = b""
     if path.is_file():
         with path.open("rb") as f:
             head = f.read(9)
     # A safetensors file is an 8-byte header length then a JSON object; its length bytes may look like pickle.
-    looks_pickled = head.startswith(_PICKLE_MAGIC) and head[8:9] != b"{"
-    if path.suffix.lower() in PICKLE_SUFFIXES or looks_pickled:
+    return path.suffix.lower() in PICKLE_SUFFIXES or (head.startswith(_PICKLE_MAGIC) and head[8:9] != b"{")
+
+
+def refuse_pickle(path: Path) -> None:
+    """Raise PickleCheckpointError, with the conversion command, if `path` is a pickle checkpoint."""
+    if is_pickle(path):
         out = path.with_suffix(".safetensors")
         raise PickleCheckpointError(
             f"{path} is a pickle checkpoint; sdengine loads safetensors only, since unpickling can run "
