@@ -24,3 +24,14 @@ def tiny_pipeline(tiny_model_dir):
     import sdengine
 
     return sdengine.load_pipeline(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def diffusers_pipe(tiny_model_dir):
+    """diffusers' StableDiffusionPipeline on the tiny model with DDIM (one per module: tests swap its scheduler)."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers_support import diffusers_pipeline
+
+    pipe = diffusers_pipeline("StableDiffusionPipeline", tiny_model_dir)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe

@@ -8,6 +8,20 @@ import importlib
 import numpy as np
 
 
+def pixels(result) -> np.ndarray:
+    """A pipeline result's images as one int16 array [N, H, W, 3], ready for pixel differences."""
+    return np.stack([np.asarray(im) for im in result.images]).astype(np.int16)
+
+
+def diffusers_pipeline(cls_name: str, folder):
+    """One of diffusers' Stable Diffusion pipelines on a folder, without the safety checker or progress bars."""
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name).from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @contextlib.contextmanager
 def fed_noise(scheduler, noise: np.ndarray | None):
     """diffusers' scheduler draws row i's noise from `noise[i]` (i = the step call), as sdengine does."""

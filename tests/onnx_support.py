@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from torch_block import BLOCK_TORCH
 
@@ -29,10 +28,6 @@ def run_cli(*args: str, torch_blocked: bool = False, timeout: int = 600) -> subp
 
 def report(folder: Path) -> dict:
     return json.loads((folder / "export-report.json").read_text())
-
-
-def pixels(result) -> np.ndarray:
-    return np.stack([np.asarray(im) for im in result.images]).astype(np.int16)
 
 
 def copy_export(src: Path, dst: Path) -> Path:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import sdengine
-from diffusers_support import fed_noise, fed_start
+from diffusers_support import diffusers_pipeline, fed_noise, fed_start, pixels
 from sdengine.errors import InvalidInputError
 from sdengine.pipeline import initial_noise
 from sdengine.samplers import build_schedule
@@ -34,10 +34,6 @@ def square_mask(size: int = 64, lo: int = 16, hi: int = 48) -> Image.Image:
     return Image.fromarray(m)
 
 
-def pixels(result) -> np.ndarray:
-    return np.stack([np.asarray(im) for im in result.images]).astype(np.int16)
-
-
 def reference(pipe, base: dict, name: str, steps: int, strength: float, schedule, unit, noise, **kwargs):
     cls, overrides = CLASSES[name]
     pipe.scheduler = getattr(diffusers, cls).from_config(base, **overrides)
@@ -49,18 +45,12 @@ def reference(pipe, base: dict, name: str, steps: int, strength: float, schedule
 
 @pytest.fixture(scope="module")
 def img2img_pipe(tiny_model_dir):
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
-                                                                    requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline("StableDiffusionImg2ImgPipeline", tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
 def inpaint_pipe(tiny_model_dir):
-    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
-                                                                    requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline("StableDiffusionInpaintPipeline", tiny_model_dir)
 
 
 def ours_and_noise(pipe, name: str, steps: int, strength: float, **kwargs):

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from onnx_support import copy_export, onnx_fp16_dir, onnx_fp32_dir, pixels, BLOCK_TORCH  # noqa: F401
+from diffusers_support import pixels
+from onnx_support import copy_export, onnx_fp16_dir, onnx_fp32_dir, BLOCK_TORCH  # noqa: F401
 
 import sdengine
 from sdengine.errors import LoraError

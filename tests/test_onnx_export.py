@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from onnx_support import (copy_export, onnx_fp16_dir, onnx_fp32_dir, pixels, report, run_cli,  # noqa: F401
+from diffusers_support import pixels
+from onnx_support import (copy_export, onnx_fp16_dir, onnx_fp32_dir, report, run_cli,  # noqa: F401
                           tiny_components)
 
 import onnx

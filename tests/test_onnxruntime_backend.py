@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from onnx_support import (copy_export, onnx_fp16_dir, onnx_fp32_dir, ort_pipeline, pixels,  # noqa: F401
+from diffusers_support import pixels
+from onnx_support import (copy_export, onnx_fp16_dir, onnx_fp32_dir, ort_pipeline,  # noqa: F401
                           run_cli, BLOCK_TORCH)
 
 import onnx

@@ -8,21 +8,8 @@ import torch
 from PIL import Image
 
 import sdengine
+from diffusers_support import pixels
 from sdengine.errors import InvalidInputError
-
-
-def pixels(result) -> np.ndarray:
-    return np.stack([np.asarray(im) for im in result.images]).astype(np.int16)
-
-
-@pytest.fixture(scope="module")
-def diffusers_pipe(tiny_model_dir):
-    diffusers = pytest.importorskip("diffusers")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
-                                                             requires_safety_checker=False)
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.mark.parametrize("steps", [20, 7])

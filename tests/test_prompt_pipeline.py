@@ -6,23 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from diffusers_support import pixels
 from sdengine.errors import InvalidInputError
 
 LONG = ", ".join(f"a small {c} house number {i}" for i, c in enumerate(["red", "green", "blue"] * 6))  # > 75 tokens
-
-
-def pixels(result) -> np.ndarray:
-    return np.stack([np.asarray(im) for im in result.images]).astype(np.int16)
-
-
-@pytest.fixture(scope="module")
-def diffusers_pipe(tiny_model_dir):
-    diffusers = pytest.importorskip("diffusers")
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
-                                                             requires_safety_checker=False)
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def captured_context(pipe, monkeypatch, *args, **kwargs) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import sdengine
-from diffusers_support import fed_noise
+from diffusers_support import fed_noise, pixels
 from sdengine.pipeline import initial_noise
 from sdengine.samplers import build_schedule, sampler_names
 
@@ -42,20 +42,8 @@ PROMPT, NEGATIVE, SEEDS = "a photo of a red cat", "blurry", [5, 6]
 MAX_PIXEL_DIFF = 2
 
 
-def pixels(result) -> np.ndarray:
-    return np.stack([np.asarray(im) for im in result.images]).astype(np.int16)
-
-
 def test_every_listed_sampler_is_compared():
     assert set(sampler_names()) == set(DIFFUSERS)
-
-
-@pytest.fixture(scope="module")
-def diffusers_pipe(tiny_model_dir):
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None,
-                                                             requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def diffusers_images(pipe, base_config, name: str, steps: int, latents: np.ndarray, noise, guidance: float = 7.5):
