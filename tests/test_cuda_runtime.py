@@ -176,6 +176,62 @@ def test_failed_capture_is_ended_and_leaves_nothing(fake):
     assert not any(fake.live().values())
 
 
+def test_graphs_are_instantiated_to_free_their_allocations_on_relaunch(fake):
+    """Issue 17 item 6: cudaGraphInstantiateFlagAutoFreeOnLaunch, the real enum of cuda-bindings' runtime."""
+    flag = int(real_rt.cudaGraphInstantiateFlags.cudaGraphInstantiateFlagAutoFreeOnLaunch)
+    assert flag == 1  # CUDA's value of the flag (driver_types.h)
+    device = CudaDevice()
+    buf = device.empty((4,))
+    graph = device.capture(lambda: device.zero(buf))
+    graph.launch()
+    assert fake.instantiate_flags == [flag]
+    assert graph.mode == "ThreadLocal" and graph.capture_errors == []
+    device.close()
+
+
+def test_a_capture_forbidden_call_is_retried_once_in_relaxed_mode(fake):
+    """Issue 17 item 7: a thread-local failure is named and retried relaxed; the graph says which mode held."""
+    modes = real_rt.cudaStreamCaptureMode
+    device = CudaDevice()
+    a, b = device.empty((4,)), device.empty((4,))
+    device.upload(a, np.arange(4, dtype=np.float32))
+    fake.invalidate = {"ThreadLocal"}  # what a sync or a plain cudaMalloc inside the capture does
+    graph = device.capture(lambda: device.copy(b.ptr, a.ptr, a.nbytes))
+    assert fake.capture_modes == [modes.cudaStreamCaptureModeThreadLocal, modes.cudaStreamCaptureModeRelaxed]
+    assert graph.mode == "Relaxed" and graph.capture_errors == ["cudaErrorStreamCaptureInvalidated"]
+    assert fake.last_error_reads == 1  # the failed try's error was cleared before the retry
+    graph.launch()
+    np.testing.assert_array_equal(device.download(b), np.arange(4, dtype=np.float32))
+    device.close()
+    assert not any(fake.live().values())
+
+
+def test_a_capture_failing_in_both_modes_names_both_errors(fake):
+    device = CudaDevice()
+    buf = device.empty((4,))
+    fake.invalidate = True  # fails relaxed too: a kernel fault or a failed launch, not a forbidden call
+    with pytest.raises(CudaError, match=r"thread-local mode \(cudaErrorStreamCaptureInvalidated\) and again in "
+                                        r"relaxed mode \(cudaErrorStreamCaptureInvalidated\)") as info:
+        device.capture(lambda: device.zero(buf))
+    assert info.value.capture_errors == ["cudaErrorStreamCaptureInvalidated"] * 2
+    assert len(fake.capture_modes) == 2 and not fake.capturing and not fake.graphs and not fake.execs
+    device.close()
+
+
+def test_an_executor_error_in_a_capture_is_not_retried(fake):
+    device = CudaDevice()
+    calls = []
+
+    def bad():
+        calls.append(1)
+        raise RuntimeError("executor failed")
+
+    with pytest.raises(RuntimeError, match="executor failed"):
+        device.capture(bad)
+    assert len(calls) == 1 and len(fake.capture_modes) == 1
+    device.close()
+
+
 def test_relaxed_capture_mode_is_restored_even_on_error(fake):
     modes = real_rt.cudaStreamCaptureMode
     with cuda.relaxed_capture_mode():
