@@ -332,6 +332,48 @@ def test_loop_duplicates_b_text_rows_for_guidance_one(fake):
     device.close()
 
 
+def test_a_shape_change_never_replays_a_graph_of_another_shape_on_one_context(fake):
+    """Issue 17 item 8: with graphs_follow_shapes (a TensorRT engine's one context), binding another key drops the
+    graphs captured before; the first key is captured again when it comes back, and every result is right."""
+    from sdengine.runtime.tensorrt import TrtEngine
+
+    assert TrtEngine.graphs_follow_shapes is True
+    device, loop = _loop(fake)
+    loop.step.graphs_follow_shapes = True
+    launches = []
+    original = device.capture
+
+    def capture(enqueue):
+        graph = original(enqueue)
+        launch = graph.launch
+        graph.launch = lambda: (launches.append(graph), launch())
+        return graph
+
+    device.capture = capture
+    results = []
+    for batch, steps in ((1, 3), (2, 3), (1, 3), (1, 3)):
+        schedule, x, ctx, _ = _inputs(batch, steps, 0.0, seed=batch)
+        out = loop.run(x, _embeddings(device, ctx, 2 * batch), schedule, 7.5, None)
+        np.testing.assert_allclose(device.download(out), reference_loop(x, ctx, schedule, 7.5, None),
+                                   rtol=1e-6, atol=1e-6)
+        assert len(loop.graphs) == 1
+        results.append(next(iter(loop.graphs)))
+    assert [k.shape[1] for k in results] == [1, 2, 1, 1]
+    assert len(set(map(id, launches))) == 3  # batch 1, batch 2, batch 1 again (recaptured); the last call replays
+    assert launches[2] is not launches[0] and launches[3] is launches[2]
+    assert len(fake.execs) == 1  # the dropped graphs were destroyed
+    device.close()
+
+
+def test_graphs_of_several_keys_are_kept_when_the_executor_allows(fake):
+    device, loop = _loop(fake)
+    for batch in (1, 2, 1):
+        schedule, x, ctx, _ = _inputs(batch, 3, 0.0, seed=batch)
+        loop.run(x, _embeddings(device, ctx, 2 * batch), schedule, 7.5, None)
+    assert len(loop.graphs) == 2 and len(fake.execs) == 2
+    device.close()
+
+
 def test_executor_failing_inside_capture_caches_no_graph(fake):
     device, loop = _loop(fake)
     schedule, x, ctx, _ = _inputs(1, 3, 0.0, seed=1)
