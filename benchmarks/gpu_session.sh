@@ -83,6 +83,10 @@ if command -v nvidia-smi >/dev/null; then
 fi
 
 for phase in $PHASES; do
+    if [ "$(left)" -lt $((FINAL_S + 20)) ]; then
+        echo "== $phase skipped: $(left) s of PLAN_S left =="
+        continue
+    fi
     if [ "$phase" = check ]; then
         budget=$(( CHECK_S < $(left) - FINAL_S ? CHECK_S : $(left) - FINAL_S ))
         echo "== gpu_check.py (budget ${budget} s) =="
