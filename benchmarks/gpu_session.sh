@@ -71,7 +71,18 @@ snapshot() {  # $1: --final or nothing
 (while sleep "$SNAP_S"; do snapshot; done) &
 SNAPPER=$!
 trap 'kill $SNAPPER 2>/dev/null; snapshot --final' EXIT
-trap 'exit 143' TERM INT HUP   # killed: the EXIT trap still packs what was measured
+# Killed (SIGTERM, as a shell's timeout sends): stop the running phase at once (its timeout passes the signal on to
+# the script, which kills its parts' process groups: benchmarks/procs.py), then the EXIT trap packs what was measured.
+PHASE=
+trap '[ -n "$PHASE" ] && kill -TERM "$PHASE" 2>/dev/null; exit 143' TERM INT HUP
+run_phase() {  # in the background and waited for, so a signal is handled while the phase runs
+    "$@" &
+    PHASE=$!
+    wait "$PHASE"
+    local rc=$?
+    PHASE=
+    return $rc
+}
 
 echo "gpu_session: ONLY=$ONLY PLAN_S=$PLAN_S, $(date -u +%H:%M:%S) UTC"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -90,13 +101,13 @@ for phase in $PHASES; do
     if [ "$phase" = check ]; then
         budget=$(( CHECK_S < $(left) - FINAL_S ? CHECK_S : $(left) - FINAL_S ))
         echo "== gpu_check.py (budget ${budget} s) =="
-        timeout -k 5 $((budget + 15)) "$PY" benchmarks/gpu_check.py --out "$WORK/check" --budget-s "$budget" \
+        run_phase timeout -k 5 $((budget + 15)) "$PY" benchmarks/gpu_check.py --out "$WORK/check" --budget-s "$budget" \
             --timing-steps 10 --full-steps 20
         echo "gpu_check exit $?"
     else
         budget=$(( $(left) - FINAL_S ))
         echo "== gpu_fastpath.py --parts $FAST_PARTS (budget ${budget} s) =="
-        timeout -k 5 $((budget + 10)) "$PY" benchmarks/gpu_fastpath.py --out "$WORK/$FAST_OUT" --work "$WORK/work" \
+        run_phase timeout -k 5 $((budget + 10)) "$PY" benchmarks/gpu_fastpath.py --out "$WORK/$FAST_OUT" --work "$WORK/work" \
             --budget-s "$budget" --parts "$FAST_PARTS" --runs 8
         echo "gpu_fastpath exit $?"
     fi

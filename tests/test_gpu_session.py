@@ -240,11 +240,12 @@ def test_results_file_has_every_field_and_says_why_one_is_missing(bench, tmp_pat
 STAND_IN = textwrap.dedent("""\
     #!{python}
     # A stand-in for python3 on the device: the two GPU scripts write a little, slowly; anything else runs for real.
-    import json, pathlib, sys, time
+    import json, os, pathlib, sys, time
     args = sys.argv[1:]
     if args and args[0] in ("benchmarks/gpu_check.py", "benchmarks/gpu_fastpath.py"):
         out = pathlib.Path(args[args.index("--out") + 1])
         out.mkdir(parents=True, exist_ok=True)
+        (out.parent / "stand-in.pid").write_text(str(os.getpid()))
         if args[0].endswith("gpu_check.py"):
             (out / "env.json").write_text(json.dumps({{"gpu": "Stand-in GPU", "modules": {{}}}}))
             print("check: env written", flush=True)
@@ -305,7 +306,15 @@ def test_a_killed_session_leaves_its_results(tmp_path):
     while not (out / "session.log").exists() or "check: env written" not in (out / "session.log").read_text():
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    stand_in = int((tmp_path / "work" / "stand-in.pid").read_text())
+    start = time.monotonic()
     os.killpg(proc.pid, signal.SIGTERM)  # as a shell's timeout does
     proc.communicate(timeout=60)
+    assert time.monotonic() - start < 20  # not after the phase's 30 s: the running phase was stopped
     r = json.loads((out / "results-gpu.json").read_text())
     assert r["device"] == "Stand-in GPU" and (out / "gpu-results.tgz").exists()
+    for _ in range(50):
+        if not _alive(stand_in):
+            break
+        time.sleep(0.1)
+    assert not _alive(stand_in)  # the phase's process did not outlive the session
