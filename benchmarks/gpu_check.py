@@ -16,10 +16,16 @@ DIR/summary.txt holds the printed lines.
             graph vs uncaptured loop, a cached graph over new inputs, CUDA fp16 latent and image vs the CPU
             fp32 torch reference, a shape outside the ranges, frees at close
   sd15      SD 1.5-shaped U-Net, random fp16 weights, 512x512, one image with guidance: per-step time
-            without and with the whole-loop graph (CUDA events, median), and a full 50-step loop
+            without and with the whole-loop graph (CUDA events, median), and a --full-steps loop
+            (default 20; skipped, and said so, when the part's deadline leaves too little time for it)
   tensorrt  where TensorRT is importable: tiny fp16 export -> sdengine build -> TensorRT backend vs ONNX
-            Runtime and the reference; else "TensorRT not installed: skipped"
+            Runtime and the reference; else skipped by the parent without starting a process
 --quick runs env and tiny only. Without a GPU it says why and exits 2; a failed part makes it exit 1.
+
+Budget: --budget-s (default 120) for all parts. Each part gets its own deadline: at most PART_SECONDS,
+less what the parts after it are promised (RESERVE_S), never past the budget; the child is told its
+deadline (--deadline) and is killed with its process group when it passes (benchmarks/procs.py, which
+also kills it when this parent is killed).
 """
 
 from __future__ import annotations
@@ -38,15 +44,18 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (str(ROOT), str(Path(__file__).resolve().parent)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 MODULES = ("numpy", "torch", "cuda.bindings", "transformers", "regex", "safetensors", "PIL", "onnx",
            "onnxruntime", "tensorrt", "cupy")
 DISTRIBUTIONS = {"PIL": ("pillow",), "cuda.bindings": ("cuda-bindings", "cuda-python")}
 PARTS = ("buffers", "tiny", "sd15", "tensorrt")
-# a hung part is stopped after this (about 4x its expected time; tensorrt only runs where TensorRT is installed)
-PART_SECONDS = {"buffers": 60, "tiny": 150, "sd15": 180, "tensorrt": 450}
+# a part's most seconds (about 2x its expected time on an H200: imports ~10 s, tiny ~25 s, sd15 ~40 s)
+PART_SECONDS = {"buffers": 40, "tiny": 60, "sd15": 90, "tensorrt": 300}
+RESERVE_S = {"tiny": 30, "sd15": 35}  # what the parts before them leave them, at the least
+MIN_SECONDS = {"buffers": 10, "tiny": 20, "sd15": 25, "tensorrt": 60}  # fewer seconds left: skipped
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -54,8 +63,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.environ.get("OUT") or "gpu-check-out", help="results folder (default $OUT)")
     p.add_argument("--quick", action="store_true", help="the tiny-model part only")
     p.add_argument("--timing-steps", type=int, default=20, help="steps timed per mode for the SD 1.5 U-Net")
-    p.add_argument("--full-steps", type=int, default=50, help="steps of the full SD 1.5 loop")
+    p.add_argument("--full-steps", type=int, default=20, help="steps of the full SD 1.5 loop (0: none)")
+    p.add_argument("--budget-s", type=float, default=120.0, help="seconds for all parts together")
     p.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # internal: run one part in this process
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # internal: the part's end
     return p.parse_args(argv)
 
 
@@ -135,15 +146,19 @@ def run_part(out: Path, name: str, fn: Callable[[argparse.Namespace], dict], arg
 
 def run_child(out: Path, name: str, command: Sequence[str], timeout: float) -> dict:
     """Run `command` (one part in a child process) and read the JSON it wrote; a failure JSON if it wrote none."""
+    import procs
+
     (out / f"{name}.json").unlink(missing_ok=True)
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-        died = f"exit code {proc.returncode}" if proc.returncode >= 0 else f"killed by signal {-proc.returncode}"
-        stderr = proc.stderr
-    except subprocess.TimeoutExpired as exc:
+    err_path = out / f".{name}.stderr"
+    with open(err_path, "w") as err:
+        rc = procs.wait(procs.start(list(command), stdout=subprocess.DEVNULL, stderr=err), timeout)
+    stderr = err_path.read_text(errors="replace")
+    err_path.unlink(missing_ok=True)
+    if rc == "timeout":
         died = f"stopped after the part's {timeout:.0f} s limit"
-        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+    else:
+        died = f"exit code {rc}" if rc >= 0 else f"killed by signal {-rc}"
     try:
         return json.loads((out / f"{name}.json").read_text())
     except (OSError, ValueError):
@@ -153,18 +168,50 @@ def run_child(out: Path, name: str, command: Sequence[str], timeout: float) -> d
         return data
 
 
+def tensorrt_importable() -> bool:
+    """Whether `import tensorrt` works, asked of a short child (a broken install can crash the importer)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    r = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True, timeout=60)
+    return r.returncode == 0
+
+
+def part_slot(name: str, later: Sequence[str], left: float) -> float:
+    """A part's seconds: PART_SECONDS at most, less what the later parts are promised, never more than is left."""
+    reserve = sum(RESERVE_S.get(n, 0) for n in later)
+    return min(PART_SECONDS[name], max(left - reserve, MIN_SECONDS[name]), left)
+
+
 def run_parts(out: Path, names: Sequence[str], args: argparse.Namespace) -> dict[str, dict]:
-    """Each part in its own process; one line printed (and added to summary.txt) as soon as it ends."""
-    results = {}
-    for name in names:
-        command = [sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), "--out", str(out),
-                   "--part", name, "--timing-steps", str(args.timing_steps), "--full-steps", str(args.full_steps)]
-        data = run_child(out, name, command, PART_SECONDS[name])
+    """Each part in its own process with its own deadline; one line printed (and added to summary.txt) as it ends."""
+    results, start = {}, time.monotonic()
+    names = list(names)
+    if "tensorrt" in names and not tensorrt_importable():
+        names.remove("tensorrt")
+        results["tensorrt"] = {"skipped": "TensorRT not installed: skipped (no process started)", "seconds": 0.0}
+        write_part(out, "tensorrt", results["tensorrt"])
+    for i, name in enumerate(names):
+        left = args.budget_s - (time.monotonic() - start)
+        if left < MIN_SECONDS[name]:
+            data = {"skipped": f"{left:.0f} s of --budget-s left, the part needs {MIN_SECONDS[name]}", "seconds": 0.0}
+            write_part(out, name, data)
+        else:
+            slot = part_slot(name, names[i + 1:], left)
+            command = [sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), "--out", str(out),
+                       "--part", name, "--timing-steps", str(args.timing_steps), "--full-steps", str(args.full_steps),
+                       "--deadline", str(time.time() + slot - 3)]
+            data = run_child(out, name, command, slot)
+            data["slot_s"] = round(slot, 1)
         line = summary_line(name, data)
         print(line, flush=True)
         with open(out / "summary.txt", "a") as f:
             f.write(line + "\n")
         results[name] = data
+    for name in ("tensorrt",) if "tensorrt" in results and "tensorrt" not in names else ():
+        line = summary_line(name, results[name])
+        print(line, flush=True)
+        with open(out / "summary.txt", "a") as f:
+            f.write(line + "\n")
     return results
 
 

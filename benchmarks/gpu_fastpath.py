@@ -6,20 +6,29 @@
 
 One image, 512x512, 50 DDIM steps (eta 0), guidance 7.5, text encoder + loop + VAE decode, timed between
 CUDA syncs; median (and p95) of up to --runs runs after a first, separately reported call (compile,
-capture). Parts, most important first, each in its own child process with a hard time limit carved from
---budget-s (a slow compile is killed there, the parts after it still run; the two compiled parts leave
-time for the diffusers parts after them):
+capture). Parts, in this order, each in its own child process (its own process group, killed with the
+parent: benchmarks/procs.py) with a hard time limit carved from --budget-s; the parts that will run
+(the diffusers ones only where diffusers is importable) are promised RESERVE_S by the parts before them:
 
   prepare             random SD 1.5-shaped weights built on the GPU in fp16, saved as a diffusers folder
                       (the one set of weights both sides load), versions and the GPU
-  ours-compiled       channels_last + torch.compile (--compile-mode) + whole-loop CUDA graph
-  diffusers-compiled  channels_last U-Net and VAE, torch.compile(unet, mode="reduce-overhead",
-                      fullgraph=True): default-mode kernels replayed as CUDA graphs, the issue's bar
-  diffusers-eager     StableDiffusionPipeline (its DDIMScheduler from the same config), our initial latents
+  diffusers-eager     StableDiffusionPipeline as loaded (NCHW, no compile; its DDIMScheduler from the same
+                      config), our initial latents
+  ours-compiled       channels_last + torch.compile (--compile-mode) of the denoise step (U-Net, guidance,
+                      sampler update) and of the VAE decoder + the whole-loop CUDA graph
+  diffusers-compiled  diffusers' own speed guide (gpu_fastpath_parts.compile_diffusers says what is done and
+                      what is left out, and each row records it): fused QKV projections, channels_last U-Net
+                      and VAE, torch.compile(mode="reduce-overhead", fullgraph=True) of the U-Net and of
+                      vae.decode (inductor kernels replayed as CUDA graphs), the guide's inductor settings
   ours-graph          the reference eager loop, the whole-loop CUDA graph, the same with channels_last;
                       which fused attention kernels the U-Net and VAE run
   throughput          images/s at --batches (default 2 4 8; batch 1 is the rows above), ours compiled
                       against diffusers compiled, one shape after the other
+
+ours-compiled and diffusers-compiled start together (--serial: one after the other): both compile at
+once, then each waits until the other has compiled (or ended) and takes a lock on the GPU for its timed
+runs, so no timing overlaps the other's work. The parts' estimated seconds (EST_S) size the plan in
+benchmarks/gpu_session.sh.
 
 Results, three files: DIR/results.jsonl (one JSON object per line, appended as each figure is measured:
 kinds env, load, timing, compile, stages, sdpa, agreement, skipped, error, part-end), DIR/summary.json,
@@ -43,20 +52,31 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import procs  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("prepare", "ours-compiled", "diffusers-compiled", "diffusers-eager", "ours-graph", "throughput")
-CAP_S = {"prepare": 120, "ours-graph": 110, "diffusers-eager": 90, "ours-compiled": 220,
-         "diffusers-compiled": 220, "throughput": 600}  # a part's most seconds (full run)
-MIN_S = {"prepare": 20, "ours-graph": 30, "diffusers-eager": 30, "ours-compiled": 70,
-         "diffusers-compiled": 70, "throughput": 45}  # fewer seconds left: the part is skipped
-RESERVE_S = {"diffusers-compiled": 140, "diffusers-eager": 40}  # earlier parts leave these parts this much time
+PARTS = ("prepare", "diffusers-eager", "ours-compiled", "diffusers-compiled", "ours-graph", "throughput")
+# Seconds each part is expected to take on an H200 (imports, loading, compile, capture and the timed runs). These are
+# estimates, not readings: the U-Net's cold inductor compile was put at about 83 s on an H100 (issue 6), the VAE
+# decoder's at a third of that. They size the plan in gpu_session.sh and the reserves below.
+EST_S = {"prepare": 35, "diffusers-eager": 35, "ours-compiled": 170, "diffusers-compiled": 170, "ours-graph": 50,
+         "throughput": 300}
+CAP_S = {"prepare": 90, "diffusers-eager": 60, "ours-compiled": 230, "diffusers-compiled": 230, "ours-graph": 90,
+         "throughput": 560}  # a part's most seconds
+MIN_S = {"prepare": 20, "diffusers-eager": 25, "ours-compiled": 90, "diffusers-compiled": 90, "ours-graph": 30,
+         "throughput": 60}  # fewer seconds left: the part is skipped
+# Earlier parts leave these parts this much time, counted only for the parts that will run (diffusers importable).
+RESERVE_S = {"diffusers-eager": 30, "diffusers-compiled": 100}
+# Parts started together: both compile at once (inductor's compile is mostly host work), then take turns on the
+# GPU for their timed runs (gpu_fastpath_parts.Part.gpu_turn), so no timing overlaps another part's work.
+CONCURRENT = ("ours-compiled", "diffusers-compiled")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune")
 NEEDED = ("torch", "transformers", "safetensors", "PIL", "regex", "sdengine")
 DIFFUSERS_PARTS = ("diffusers-eager", "diffusers-compiled")
@@ -144,7 +164,8 @@ def run_ours_compiled(part) -> None:
     if backend is None:
         return
     P.warm_compiled(part, "ours-compiled", backend)
-    P.measure_ours(part, "ours-compiled", backend, part.runs)
+    with part.gpu_turn():  # compiled next to diffusers-compiled: the timed runs wait for the GPU to be ours alone
+        P.measure_ours(part, "ours-compiled", backend, part.runs)
 
 
 def run_diffusers_compiled(part) -> None:
@@ -160,11 +181,13 @@ def run_diffusers_compiled(part) -> None:
         first = P.first_call(part, lambda: P.diffusers_call(part, pipe))
     except Exception as exc:  # a graph break under fullgraph: fall back to the default, and say so
         part.record("error", variant="diffusers-compiled", during="fullgraph compile", error=P.first_line(exc))
+        pipe = P.load_diffusers(part)
         how = P.compile_diffusers(pipe, fullgraph=False, backend=P.compile_backend(part))
         part.record("compile-start", variant="diffusers-compiled", **how)
         first = P.first_call(part, lambda: P.diffusers_call(part, pipe))
     part.record("compile", variant="diffusers-compiled", first_call_s=first, cudagraph_counters=_cudagraph_counters())
-    P.measure_diffusers(part, "diffusers-compiled", pipe, part.runs)
+    with part.gpu_turn():
+        P.measure_diffusers(part, "diffusers-compiled", pipe, part.runs, config=how)
 
 
 def _cudagraph_counters() -> dict:
@@ -180,9 +203,10 @@ def run_throughput(part) -> None:
     if ours is None:
         return
     sides = ("ours-compiled", "diffusers-compiled") if importlib.util.find_spec("diffusers") else ("ours-compiled",)
+    how = None
     if len(sides) == 2:
         pipe = P.load_diffusers(part)
-        P.compile_diffusers(pipe, fullgraph=True, backend=P.compile_backend(part))
+        how = P.compile_diffusers(pipe, fullgraph=True, backend=P.compile_backend(part))
     batches = part.state["batches"] if part.cuda else part.state["batches"][:1]  # CPU smoke run: one size
     for batch in batches:  # each new shape compiles again on both sides
         for name in sides:
@@ -193,7 +217,8 @@ def run_throughput(part) -> None:
                 if name.startswith("ours"):
                     P.measure_ours(part, name, ours, part.state["throughput_runs"], batch=batch, keep=False)
                 else:
-                    P.measure_diffusers(part, name, pipe, part.state["throughput_runs"], batch=batch, keep=False)
+                    P.measure_diffusers(part, name, pipe, part.state["throughput_runs"], batch=batch, keep=False,
+                                        config=how)
             except Exception as exc:
                 part.record("error", variant=name, batch=batch, error=P.first_line(exc))
 
@@ -232,17 +257,9 @@ def child_env(work: Path) -> dict:
 
 
 def run_child(cmd: list[str], log, env: dict, limit: float) -> int | str:
-    """Run one part in its own process group; past `limit` seconds the group (compile workers too) is killed."""
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-    try:
-        return proc.wait(timeout=limit)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # it ended between the timeout and the kill
-            pass
-        proc.wait()
-        return "timeout"
+    """Run one part in its own process group; past `limit` seconds the group (compile workers too) is killed, and
+    a killed parent kills it too (benchmarks/procs.py)."""
+    return procs.wait(procs.start(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), limit)
 
 
 def append(results: Path, **fields) -> None:
@@ -259,48 +276,93 @@ def preflight(env: dict) -> tuple[list[str], bool]:
     return [m for m in missing if m != "diffusers"], "diffusers" not in missing
 
 
-def slot_for(name: str, parts: list[str], left: float, quick: bool) -> float:
-    """A part's seconds: its cap, less what the later parts of RESERVE_S are promised, never more than is left."""
-    slot = min(CAP_S[name] * (0.5 if quick else 1.0), left)
-    reserve = sum(RESERVE_S.get(later, 0) for later in parts[parts.index(name) + 1:])
+def runnable(parts: list[str], has_diffusers: bool) -> list[str]:
+    """The parts that will run: the diffusers ones only where diffusers is importable."""
+    return [p for p in parts if has_diffusers or p not in DIFFUSERS_PARTS]
+
+
+def groups(parts: list[str], concurrent: bool = True) -> list[tuple[str, ...]]:
+    """The parts in order, the CONCURRENT pair as one group where both run and `concurrent` is on."""
+    out: list[tuple[str, ...]] = []
+    for name in parts:
+        if concurrent and out and name in CONCURRENT and all(p in CONCURRENT for p in out[-1]):
+            out[-1] = out[-1] + (name,)
+        else:
+            out.append((name,))
+    return out
+
+
+def slot_for(group: tuple[str, ...], later: list[str], left: float, quick: bool) -> float:
+    """A group's seconds: its cap, less what the later parts that will run are promised, never more than is left."""
+    slot = min(max(CAP_S[n] for n in group) * (0.5 if quick else 1.0), left)
+    reserve = sum(RESERVE_S.get(name, 0) for name in later)
     if reserve and not quick:
-        slot = min(slot, max(left - reserve, MIN_S[name]))
+        slot = min(slot, max(left - reserve, max(MIN_S[n] for n in group)))
     return slot
+
+
+def run_group(group: tuple[str, ...], args: argparse.Namespace, state_path: Path, results: Path, env: dict,
+              slot: float) -> dict[str, int | str]:
+    """Start every part of `group` at once (each its own process group, all with one deadline); their exit codes.
+    A part that ends leaves sync/ended-<part>, so a peer waiting for its turn on the GPU stops waiting."""
+    deadline, sync = time.time() + slot - 5, args.work / "sync"
+    log_path = args.out / "children.log"
+    running, rcs = {}, {}
+    for name in group:  # marked before any starts, so the first to finish compiling waits for the others
+        (sync / f"started-{name}").touch()
+    with log_path.open("a") as log:
+        for name in group:
+            log.write(f"\n===== {name} (limit {slot:.0f} s{', with ' + ', '.join(group) if len(group) > 1 else ''})"
+                      f" =====\n")
+            log.flush()
+            cmd = [sys.executable, __file__, "--child", name, "--state", str(state_path), "--deadline", str(deadline)]
+            running[name] = procs.start(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        end = time.monotonic() + slot
+        while running:
+            for name, proc in list(running.items()):
+                if proc.poll() is not None or time.monotonic() > end:
+                    rcs[name] = procs.wait(proc, 0.1) if proc.poll() is None else procs.wait(proc, 1)
+                    (sync / f"ended-{name}").touch()
+                    del running[name]
+            time.sleep(0.2)
+    return rcs
 
 
 def run_parts(args: argparse.Namespace, state_path: Path, results: Path) -> int:
     """Run the parts in order; the number that failed (a missing module or a failed prepare count all)."""
     start, failed = time.monotonic(), 0
-    env, log_path = child_env(args.work), args.out / "children.log"
+    env = child_env(args.work)
     missing, has_diffusers = preflight(env)
     if missing:
         append(results, kind="error", error=f"missing Python modules: {missing}")
         print(f"missing Python modules {missing}: install or carry them (see the module docstring); stopping")
         return len(args.parts)
     for name in args.parts:
-        left = args.budget_s - (time.monotonic() - start)
         if name in DIFFUSERS_PARTS and not has_diffusers:
             append(results, part=name, kind="skipped", reason="diffusers is not importable: pip install diffusers")
             print(f"{name:<19} skipped: diffusers is not importable")
+    todo = runnable(args.parts, has_diffusers)
+    plan = groups(todo, not args.serial)
+    for i, group in enumerate(plan):
+        left = args.budget_s - (time.monotonic() - start)
+        label = "+".join(group)
+        need = max(MIN_S[n] for n in group) * (0.25 if args.quick else 1.0)
+        if left < need:
+            for name in group:
+                append(results, part=name, kind="skipped", reason=f"{left:.0f} s of --budget-s left, needs {need:.0f}")
+            print(f"{label:<19} skipped: {left:.0f} s of the budget left")
             continue
-        if left < MIN_S[name] * (0.25 if args.quick else 1.0):
-            append(results, part=name, kind="skipped", reason=f"{left:.0f} s of --budget-s left, needs {MIN_S[name]}")
-            print(f"{name:<19} skipped: {left:.0f} s of the budget left")
-            continue
-        slot = slot_for(name, args.parts, left, args.quick)
-        cmd = [sys.executable, __file__, "--child", name, "--state", str(state_path),
-               "--deadline", str(time.time() + slot - 5)]
+        slot = slot_for(group, [n for g in plan[i + 1:] for n in g], left, args.quick)
         began = time.monotonic()
-        with log_path.open("a") as log:
-            log.write(f"\n===== {name} (limit {slot:.0f} s) =====\n")
-            log.flush()
-            rc = run_child(cmd, log, env, slot)
+        rcs = run_group(group, args, state_path, results, env, slot)
         wall = time.monotonic() - began
-        append(results, part=name, kind="part-end", rc=rc, wall_s=round(wall, 1), slot_s=round(slot, 1))
-        print(f"{name:<19} rc={rc} {wall:6.1f} s (limit {slot:.0f} s)")
-        failed += rc != 0
-        if name == "prepare" and rc != 0:
-            print(f"prepare failed: see {log_path}; stopping")
+        for name in group:
+            append(results, part=name, kind="part-end", rc=rcs[name], wall_s=round(wall, 1), slot_s=round(slot, 1),
+                   concurrent_with=[n for n in group if n != name])
+            print(f"{name:<19} rc={rcs[name]} {wall:6.1f} s (limit {slot:.0f} s)", flush=True)
+            failed += rcs[name] != 0
+        if group == ("prepare",) and rcs["prepare"] != 0:
+            print(f"prepare failed: see {args.out / 'children.log'}; stopping")
             return len(args.parts)
     return failed
 
@@ -349,6 +411,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     p.add_argument("--quick", action="store_true", help="tiny model smoke run (runs on a CPU too)")
+    p.add_argument("--serial", action="store_true", help="compile ours and diffusers one after the other")
     p.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
     p.add_argument("--state", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
@@ -374,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     args.work = args.work or Path(tempfile.gettempdir()) / "sdengine-gpu-fastpath"
     args.work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.work / "compare", ignore_errors=True)  # outputs compared are this run's only
+    shutil.rmtree(args.work / "sync", ignore_errors=True)     # turns on the GPU: this run's parts only
+    (args.work / "sync").mkdir()
     results = args.out / "results.jsonl"
     state = {"results": str(results), "work": str(args.work), "quick": args.quick, "steps": args.steps,
              "runs": args.runs, "eager_runs": args.eager_runs, "throughput_runs": args.throughput_runs,

@@ -7,6 +7,8 @@ image of one seed) are kept as .npz files in the work folder.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -40,6 +42,9 @@ class Part:
         self.config = ModelConfig.tiny() if self.quick else ModelConfig.sd15()
         self.side = self.config.default_size
         self.folder = self.work / ("tiny-random" if self.quick else "sd15-random")
+        sync = self.work / "sync"
+        sync.mkdir(exist_ok=True)
+        (sync / f"started-{name}").touch()
 
     def record(self, kind: str, **fields: Any) -> None:
         line = json.dumps({"part": self.name, "kind": kind, "time": round(time.time(), 3), **fields}, default=str)
@@ -50,6 +55,29 @@ class Part:
 
     def left(self) -> float:
         return self.deadline - time.time()
+
+    @contextlib.contextmanager
+    def gpu_turn(self, peers: tuple[str, ...] = ("ours-compiled", "diffusers-compiled"), poll: float = 0.5):
+        """Wait until every other part of `peers` has compiled (entered its turn) or ended, then hold the GPU lock.
+
+        Parts started together compile at once and time one at a time: a part's timed runs never overlap another
+        part's compile or runs. Alone (no peer started), the wait ends at once. Records the seconds waited."""
+        sync = self.work / "sync"
+        sync.mkdir(exist_ok=True)
+        (sync / f"ready-{self.name}").touch()
+        start = time.time()
+        others = [p for p in peers if p != self.name and (sync / f"started-{p}").exists()]
+        while others and time.time() < self.deadline - 10:
+            if all((sync / f"ready-{p}").exists() or (sync / f"ended-{p}").exists() for p in others):
+                break
+            time.sleep(poll)
+        with open(sync / "gpu.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.record("gpu-turn", waited_s=round(time.time() - start, 2), peers=others)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def sync(self) -> None:
         if self.cuda:
@@ -158,7 +186,7 @@ def measure_ours(part: Part, name: str, backend: Any, runs: int, batch: int = 1,
     stats = timed(part, call, runs)
     part.record("timing", variant=name, batch=batch, first_call_s=first, **stats,
                 images_per_s=round(batch / stats["median_s"], 3), peak_gpu_mib=part.peak_mib(),
-                graph_captures=None if graphs is None else graphs.captures,
+                config=ours_config(backend.options, part.dtype), graph_captures=None if graphs is None else graphs.captures,
                 warmup_and_capture_s=None if graphs is None else round(graphs.capture_seconds - captured_before, 3))
     if keep and batch == 1 and part.left() > 3 * stats["median_s"] + 5:
         save_output(part, name, *ours_outputs(part, backend))
@@ -197,6 +225,17 @@ def load_ours(part: Part) -> Any:
     components = load_components(part.folder, device=part.device, dtype=part.dtype)
     part.record("load", what="ours", seconds=round(time.perf_counter() - start, 3))
     return components
+
+
+def ours_config(options: Any, dtype: Any = "float16") -> dict:
+    """Exactly what an ours row compiles and captures (FastOptions of sdengine.backends.torch_fast)."""
+    compiled = options.compile_mode is not None
+    return {"channels_last": options.channels_last, "dtype": str(dtype).replace("torch.", ""),
+            "torch_compile": ({"targets": ["denoise step (U-Net + guidance + sampler update)", "VAE decoder"],
+                               "mode": options.effective_mode, "backend": options.compile_backend, "dynamic": False}
+                              if compiled else None),
+            "cuda_graph": "whole 50-step loop, one graph per shape" if options.cuda_graph else None,
+            "text_encoder": "eager"}
 
 
 def fast_options(channels_last: bool = False, compile_mode: str | None = None, cuda_graph: bool = False,
@@ -318,30 +357,73 @@ def diffusers_outputs(part: Part, pipe: Any) -> tuple[np.ndarray, np.ndarray]:
     return kept["latents"].float().cpu().numpy()[0], image
 
 
-def compile_diffusers(pipe: Any, fullgraph: bool = True, backend: str = "inductor") -> dict:
-    """The issue's bar: torch.compile of the U-Net, default-mode kernels with CUDA graphs (reduce-overhead).
+# diffusers' speed guide for text-to-image ("Accelerate inference of text-to-image diffusion models", and the
+# torch.compile section of "Accelerate inference"): SDPA (the default), channels_last U-Net and VAE, fused QKV
+# projections, these inductor settings, and torch.compile(fullgraph=True) of the U-Net and of vae.decode.
+GUIDE_INDUCTOR = {"conv_1x1_as_mm": True, "epilogue_fusion": False}
+GUIDE_LEFT_OUT = {
+    "mode max-autotune": "its kernel autotuning takes minutes per model, past the device budget; reduce-overhead "
+                         "(default kernels + CUDA graphs, the guide's own torch.compile example) instead",
+    "coordinate_descent_tuning": "benchmarks every kernel's block sizes at compile: minutes more of compile time",
+    "bfloat16": "both sides run the same fp16 weights (SD 1.5 is published and served in fp16)",
+    "dynamic int8 quantization (torchao)": "torchao is not on the device, and it changes the numerics against ours",
+}
 
-    U-Net and VAE in channels_last as well, as diffusers' own torch.compile guide does and as ours-compiled
-    does, so both sides have the same levers. What was done is returned for the record.
-    """
+
+def compile_diffusers(pipe: Any, fullgraph: bool = True, backend: str = "inductor") -> dict:
+    """The best diffusers configuration its own speed guide gives, within the device budget; what was done and
+    what was left out (and why) is returned for the record.
+
+    U-Net and VAE channels_last (as ours-compiled), QKV projections fused where the pipeline offers it, the
+    guide's inductor settings, and torch.compile of the U-Net and of vae.decode: mode reduce-overhead (inductor
+    kernels replayed as CUDA graphs) on a GPU; on a CPU smoke run dynamo alone (`backend`, no CUDA graphs).
+    The text encoder stays eager, as in the guide."""
     import torch
 
+    fused = None
+    if hasattr(pipe, "fuse_qkv_projections"):
+        try:
+            pipe.fuse_qkv_projections()
+            fused = True
+        except Exception as exc:  # the attention processors in use cannot be fused: say so
+            fused = f"refused: {first_line(exc)}"
     unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
     unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
+    how: dict[str, Any] = {"fullgraph": fullgraph, "channels_last": ["unet", "vae"], "fused_qkv": fused,
+                           "dtype": str(next(unet.parameters()).dtype).replace("torch.", ""),
+                           "text_encoder": "eager"}
     if backend == "inductor":
-        pipe.unet = torch.compile(unet, mode="reduce-overhead", fullgraph=fullgraph)
-        return {"mode": "reduce-overhead", "fullgraph": fullgraph, "channels_last": True}
-    pipe.unet = torch.compile(unet, backend=backend, fullgraph=fullgraph)
-    return {"backend": backend, "fullgraph": fullgraph, "channels_last": True}
+        import torch._inductor.config as inductor_config
+
+        for key, value in GUIDE_INDUCTOR.items():
+            setattr(inductor_config, key, value)
+        kwargs: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": fullgraph}
+        how.update(inductor=dict(GUIDE_INDUCTOR), cuda_graphs="inductor's, per U-Net call and per vae.decode call")
+    else:
+        kwargs = {"backend": backend, "fullgraph": fullgraph}
+        how.update(cuda_graphs=None)
+    pipe.unet = torch.compile(unet, **kwargs)
+    pipe.vae.decode = torch.compile(pipe.vae.decode, **kwargs)
+    how.update(torch_compile={"targets": ["unet", "vae.decode"], **{k: v for k, v in kwargs.items()
+                                                                     if k != "fullgraph"}},
+               left_out=GUIDE_LEFT_OUT if fused is True else {**GUIDE_LEFT_OUT, "fused QKV": str(fused)})
+    return how
 
 
-def measure_diffusers(part: Part, name: str, pipe: Any, runs: int, batch: int = 1, keep: bool = True) -> None:
+def diffusers_eager_config(dtype: Any = "float16") -> dict:
+    return {"channels_last": None, "torch_compile": None, "cuda_graphs": None, "fused_qkv": None,
+            "dtype": str(dtype).replace("torch.", ""), "note": "the pipeline as loaded: NCHW, SDPA attention, no compile"}
+
+
+def measure_diffusers(part: Part, name: str, pipe: Any, runs: int, batch: int = 1, keep: bool = True,
+                      config: dict | None = None) -> None:
     part.reset_peak()
     first = first_call(part, lambda: diffusers_call(part, pipe, batch))
     stats = timed(part, lambda: diffusers_call(part, pipe, batch), runs)
     part.record("timing", variant=name, batch=batch, first_call_s=first, **stats,
-                images_per_s=round(batch / stats["median_s"], 3), peak_gpu_mib=part.peak_mib())
+                images_per_s=round(batch / stats["median_s"], 3), peak_gpu_mib=part.peak_mib(),
+                config=diffusers_eager_config(part.dtype) if config is None else config)
     if keep and batch == 1 and part.left() > 3 * stats["median_s"] + 5:
         save_output(part, name, *diffusers_outputs(part, pipe))
 

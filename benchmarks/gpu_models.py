@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,12 +112,13 @@ def part_tiny(args: Any) -> dict[str, Any]:
         cases = [tiny_case(cb, ref, case, seed=10 * i) for i, case in enumerate(TINY_CASES)]
         outside = _outside_range(cb)
         graphs = len(cb.loop.graphs)
+        modes = sorted({(g.mode, *g.capture_errors) for g in cb.loop.graphs.values()})
     finally:
         cb.close() if cb is not None else device.close()
     worst = max((c["image_vs_cpu_fp32"] for c in cases), key=lambda d: d["max_255"])
     identical = sum(c["graph_vs_eager"]["identical"] and c["cached_graph_new_inputs_vs_eager"]["identical"]
                     for c in cases)
-    r = {"cases": cases, "outside_range": outside, "graphs_cached": graphs,
+    r = {"cases": cases, "outside_range": outside, "graphs_cached": graphs, "capture_modes": modes,
          "live_buffers_after_close": device.memory.live}
     r["ok"] = all(c["ok"] for c in cases) and outside["ok"] and device.memory.live == 0
     r["summary"] = (f"graph vs uncaptured loop bit-identical in {identical}/{len(cases)} cases; CUDA fp16 image vs "
@@ -159,7 +161,7 @@ def _sd15_timings(args: Any, cfg: Any, device: Any, loop: Any) -> dict[str, Any]
     x = rng.standard_normal((1, 4, 64, 64), dtype=np.float32)
     emb = TextEmbeddings(device.empty((2, 77, cfg.text_encoder.hidden_size)), 2)
     device.upload(emb.buffer, rng.standard_normal(emb.buffer.shape, dtype=np.float32))
-    n, full = (build_schedule(cfg.scheduler, "ddim", steps) for steps in (args.timing_steps, args.full_steps))
+    n = build_schedule(cfg.scheduler, "ddim", args.timing_steps)
 
     def prep(s: Any) -> Any:
         return loop.prepare(x, emb, s, 7.5, None)
@@ -171,17 +173,26 @@ def _sd15_timings(args: Any, cfg: Any, device: Any, loop: Any) -> dict[str, Any]
     outs: list = []
     runs = [timed(device, lambda p=prep(n): outs.append(loop.launch(p, graph=True))) for _ in range(5)]
     graph = device.download(outs[-1])
+    per_step_graph = statistics.median(r["gpu_ms"] for r in runs) / n.num_steps
+    same = compare(graph, eager)
+    r = {"steps_timed": n.num_steps, "eager_step_ms": steps_ms, "eager_step_ms_median": statistics.median(steps_ms),
+         "graph_launches": runs, "graph_step_ms": per_step_graph, "graph_vs_eager": same,
+         "graph_ok": same["finite"] and within_graph_tolerance(same, eager), "full_steps": args.full_steps}
+    # the full loop: one uncaptured run, a capture (one step + the loop) and 3 replays, about 5.5 loops of host time
+    need_s = 5.5 * args.full_steps * max(statistics.median(steps_ms), per_step_graph) / 1e3 + 5.0
+    deadline = getattr(args, "deadline", None)
+    if args.full_steps <= 0 or (deadline is not None and time.time() + need_s > deadline):
+        r["full_skipped"] = (f"{args.full_steps} steps need about {need_s:.0f} s, past the part's deadline"
+                             if args.full_steps > 0 else "--full-steps 0")
+        return r
+    full = build_schedule(cfg.scheduler, "ddim", args.full_steps)
     p = prep(full)
     eager_full = timed(device, lambda: loop.launch(p, graph=False))
     loop.launch(prep(full), graph=True)
     graph_full = [timed(device, lambda p=prep(full): loop.launch(p, graph=True)) for _ in range(3)]
-    per_step_graph = statistics.median(r["gpu_ms"] for r in runs) / n.num_steps
-    same = compare(graph, eager)
-    return {"steps_timed": n.num_steps, "eager_step_ms": steps_ms, "eager_step_ms_median": statistics.median(steps_ms),
-            "graph_launches": runs, "graph_step_ms": per_step_graph, "graph_vs_eager": same,
-            "graph_ok": same["finite"] and within_graph_tolerance(same, eager),
-            "full_steps": full.num_steps, "full_eager": eager_full, "full_graph": graph_full,
-            "full_graph_ms_median": statistics.median(r["gpu_ms"] for r in graph_full)}
+    r.update(full_steps=full.num_steps, full_eager=eager_full, full_graph=graph_full,
+             full_graph_ms_median=statistics.median(g["gpu_ms"] for g in graph_full))
+    return r
 
 
 def part_sd15(args: Any) -> dict[str, Any]:
@@ -197,9 +208,10 @@ def part_sd15(args: Any) -> dict[str, Any]:
     r.update(parameters=params, image="512x512, 1 image, guidance 7.5 (2 U-Net rows)",
              torch_max_allocated_gib=torch.cuda.max_memory_allocated() / 2**30)
     r["ok"] = r["graph_ok"]
+    full = (f"{r['full_steps']} steps: {r['full_eager']['gpu_ms']:.0f} ms uncaptured, "
+            f"{r['full_graph_ms_median']:.0f} ms graph" if "full_eager" in r else f"full loop skipped ({r['full_skipped']})")
     r["summary"] = (f"per step: {r['eager_step_ms_median']:.2f} ms uncaptured, {r['graph_step_ms']:.2f} ms with the "
-                    f"whole-loop graph; {r['full_steps']} steps: {r['full_eager']['gpu_ms']:.0f} ms uncaptured, "
-                    f"{r['full_graph_ms_median']:.0f} ms graph; graph==uncaptured: {r['graph_vs_eager']['identical']}, "
+                    f"whole-loop graph; {full}; graph==uncaptured: {r['graph_vs_eager']['identical']}, "
                     f"finite: {r['graph_vs_eager']['finite']}")
     return r
 

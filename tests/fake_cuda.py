@@ -28,13 +28,16 @@ class FakeRuntime:
 
     def __init__(self, fail_malloc_at: int | None = None, invalidate_capture: bool = False) -> None:
         for name in ("cudaError_t", "cudaStreamCaptureMode", "cudaStreamCaptureStatus", "cudaMemcpyKind",
-                     "cudaGetErrorName", "cudaGetErrorString"):
+                     "cudaGetErrorName", "cudaGetErrorString", "cudaGraphInstantiateFlags"):
             setattr(self, name, getattr(real_rt, name))
         self.cudaStreamNonBlocking, self.cudaEventDefault, self.cudaEventDisableTiming = 1, 0, 2
         self.mem: dict[int, object] = {}
         self.host: dict[int, object] = {}
         self.streams, self.events, self.graphs, self.execs = set(), set(), {}, {}
         self.capturing: dict[int, list] = {}
+        self.capture_modes: list = []        # the mode of every cudaStreamBeginCapture, in order
+        self.instantiate_flags: list = []    # the flags of every cudaGraphInstantiateWithFlags
+        self.last_error_reads = 0
         self.thread_mode = real_rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
         self.mallocs, self.fail_malloc_at, self.invalidate = 0, fail_malloc_at, invalidate_capture
         self._ids = itertools.count(1000)
@@ -128,19 +131,30 @@ class FakeRuntime:
         return OK, old
 
     def cudaStreamBeginCapture(self, s, mode):
-        assert mode == self.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        modes = self.cudaStreamCaptureMode
+        assert mode in (modes.cudaStreamCaptureModeThreadLocal, modes.cudaStreamCaptureModeRelaxed)
         self.capturing[s] = []
+        self.capture_modes.append(mode)
+        return (OK,)
+
+    def cudaGetLastError(self):
+        self.last_error_reads += 1
         return (OK,)
 
     def cudaStreamEndCapture(self, s):
         ops = self.capturing.pop(s)
-        if self.invalidate:
+        # invalidate: True fails every capture; a set of mode names ({"ThreadLocal"}) fails those modes only,
+        # as a forbidden call (a sync, a plain cudaMalloc) does in thread-local mode and not in relaxed mode
+        mode = self.capture_modes[-1].name.replace("cudaStreamCaptureMode", "")
+        if self.invalidate is True or (isinstance(self.invalidate, (set, frozenset)) and mode in self.invalidate):
             return real_rt.cudaError_t.cudaErrorStreamCaptureInvalidated, None
         g = next(self._ids)
         self.graphs[g] = ops
         return OK, g
 
     def cudaGraphInstantiateWithFlags(self, g, flags):
+        assert isinstance(flags, int), "cuda-bindings takes the flags as an unsigned long long"
+        self.instantiate_flags.append(flags)
         e = next(self._ids)
         self.execs[e] = list(self.graphs[g])
         return OK, e

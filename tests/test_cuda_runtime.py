@@ -176,6 +176,62 @@ def test_failed_capture_is_ended_and_leaves_nothing(fake):
     assert not any(fake.live().values())
 
 
+def test_graphs_are_instantiated_to_free_their_allocations_on_relaunch(fake):
+    """Issue 17 item 6: cudaGraphInstantiateFlagAutoFreeOnLaunch, the real enum of cuda-bindings' runtime."""
+    flag = int(real_rt.cudaGraphInstantiateFlags.cudaGraphInstantiateFlagAutoFreeOnLaunch)
+    assert flag == 1  # CUDA's value of the flag (driver_types.h)
+    device = CudaDevice()
+    buf = device.empty((4,))
+    graph = device.capture(lambda: device.zero(buf))
+    graph.launch()
+    assert fake.instantiate_flags == [flag]
+    assert graph.mode == "ThreadLocal" and graph.capture_errors == []
+    device.close()
+
+
+def test_a_capture_forbidden_call_is_retried_once_in_relaxed_mode(fake):
+    """Issue 17 item 7: a thread-local failure is named and retried relaxed; the graph says which mode held."""
+    modes = real_rt.cudaStreamCaptureMode
+    device = CudaDevice()
+    a, b = device.empty((4,)), device.empty((4,))
+    device.upload(a, np.arange(4, dtype=np.float32))
+    fake.invalidate = {"ThreadLocal"}  # what a sync or a plain cudaMalloc inside the capture does
+    graph = device.capture(lambda: device.copy(b.ptr, a.ptr, a.nbytes))
+    assert fake.capture_modes == [modes.cudaStreamCaptureModeThreadLocal, modes.cudaStreamCaptureModeRelaxed]
+    assert graph.mode == "Relaxed" and graph.capture_errors == ["cudaErrorStreamCaptureInvalidated"]
+    assert fake.last_error_reads == 1  # the failed try's error was cleared before the retry
+    graph.launch()
+    np.testing.assert_array_equal(device.download(b), np.arange(4, dtype=np.float32))
+    device.close()
+    assert not any(fake.live().values())
+
+
+def test_a_capture_failing_in_both_modes_names_both_errors(fake):
+    device = CudaDevice()
+    buf = device.empty((4,))
+    fake.invalidate = True  # fails relaxed too: a kernel fault or a failed launch, not a forbidden call
+    with pytest.raises(CudaError, match=r"thread-local mode \(cudaErrorStreamCaptureInvalidated\) and again in "
+                                        r"relaxed mode \(cudaErrorStreamCaptureInvalidated\)") as info:
+        device.capture(lambda: device.zero(buf))
+    assert info.value.capture_errors == ["cudaErrorStreamCaptureInvalidated"] * 2
+    assert len(fake.capture_modes) == 2 and not fake.capturing and not fake.graphs and not fake.execs
+    device.close()
+
+
+def test_an_executor_error_in_a_capture_is_not_retried(fake):
+    device = CudaDevice()
+    calls = []
+
+    def bad():
+        calls.append(1)
+        raise RuntimeError("executor failed")
+
+    with pytest.raises(RuntimeError, match="executor failed"):
+        device.capture(bad)
+    assert len(calls) == 1 and len(fake.capture_modes) == 1
+    device.close()
+
+
 def test_relaxed_capture_mode_is_restored_even_on_error(fake):
     modes = real_rt.cudaStreamCaptureMode
     with cuda.relaxed_capture_mode():
@@ -273,6 +329,48 @@ def test_loop_duplicates_b_text_rows_for_guidance_one(fake):
         loop.run(x, _embeddings(device, ctx[:3], 3), schedule, 7.5, None)
     with pytest.raises(InvalidInputError, match="noise has shape"):
         loop.run(x, _embeddings(device, ctx, 4), schedule, 7.5, np.zeros((2, 2, 4, 4, 6), np.float32))
+    device.close()
+
+
+def test_a_shape_change_never_replays_a_graph_of_another_shape_on_one_context(fake):
+    """Issue 17 item 8: with graphs_follow_shapes (a TensorRT engine's one context), binding another key drops the
+    graphs captured before; the first key is captured again when it comes back, and every result is right."""
+    from sdengine.runtime.tensorrt import TrtEngine
+
+    assert TrtEngine.graphs_follow_shapes is True
+    device, loop = _loop(fake)
+    loop.step.graphs_follow_shapes = True
+    launches = []
+    original = device.capture
+
+    def capture(enqueue):
+        graph = original(enqueue)
+        launch = graph.launch
+        graph.launch = lambda: (launches.append(graph), launch())
+        return graph
+
+    device.capture = capture
+    results = []
+    for batch, steps in ((1, 3), (2, 3), (1, 3), (1, 3)):
+        schedule, x, ctx, _ = _inputs(batch, steps, 0.0, seed=batch)
+        out = loop.run(x, _embeddings(device, ctx, 2 * batch), schedule, 7.5, None)
+        np.testing.assert_allclose(device.download(out), reference_loop(x, ctx, schedule, 7.5, None),
+                                   rtol=1e-6, atol=1e-6)
+        assert len(loop.graphs) == 1
+        results.append(next(iter(loop.graphs)))
+    assert [k.shape[1] for k in results] == [1, 2, 1, 1]
+    assert len(set(map(id, launches))) == 3  # batch 1, batch 2, batch 1 again (recaptured); the last call replays
+    assert launches[2] is not launches[0] and launches[3] is launches[2]
+    assert len(fake.execs) == 1  # the dropped graphs were destroyed
+    device.close()
+
+
+def test_graphs_of_several_keys_are_kept_when_the_executor_allows(fake):
+    device, loop = _loop(fake)
+    for batch in (1, 2, 1):
+        schedule, x, ctx, _ = _inputs(batch, 3, 0.0, seed=batch)
+        loop.run(x, _embeddings(device, ctx, 2 * batch), schedule, 7.5, None)
+    assert len(loop.graphs) == 2 and len(fake.execs) == 2
     device.close()
 
 

@@ -165,3 +165,55 @@ def test_tensorrt_part_skips_without_tensorrt(bench):
     else:
         pytest.skip("TensorRT is importable here")
     assert bench[2].part_tensorrt(None)["skipped"] == "TensorRT not installed: skipped"
+
+
+# --- issue 17 item 5: every part has its own deadline; no TensorRT child without TensorRT ---------------------
+
+
+def test_each_part_gets_its_own_slot_inside_the_budget(bench):
+    gpu_check = bench[0]
+    assert gpu_check.part_slot("buffers", ["tiny", "sd15"], 120) == 40            # its own cap
+    assert gpu_check.part_slot("tiny", ["sd15"], 70) == 35                        # leaves sd15 its reserve
+    assert gpu_check.part_slot("tiny", ["sd15"], 40) == 20                        # never under its minimum...
+    assert gpu_check.part_slot("sd15", [], 15) == 15                              # ...nor past what is left
+    assert all(gpu_check.PART_SECONDS[p] >= gpu_check.MIN_SECONDS[p] for p in gpu_check.PARTS)
+
+
+def test_tensorrt_is_skipped_without_a_child_and_late_parts_are_skipped(bench, tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    gpu_check = bench[0]
+    started = []
+    monkeypatch.setattr(gpu_check, "tensorrt_importable", lambda: False)
+    monkeypatch.setattr(gpu_check, "run_child", lambda out, name, cmd, slot: started.append((name, cmd, slot))
+                        or {"ok": True, "summary": name})
+    (tmp_path / "summary.txt").write_text("")
+    args = Namespace(budget_s=100.0, timing_steps=4, full_steps=6)
+    results = gpu_check.run_parts(tmp_path, ["buffers", "sd15", "tensorrt"], args)
+    assert [name for name, _, _ in started] == ["buffers", "sd15"]  # no process for TensorRT
+    assert results["tensorrt"]["skipped"].startswith("TensorRT not installed")
+    assert json.loads((tmp_path / "tensorrt.json").read_text())["skipped"]
+    deadlines = [float(cmd[cmd.index("--deadline") + 1]) for _, cmd, _ in started]
+    assert all(d > 0 for d in deadlines) and started[0][2] == 40 and started[1][2] == 90
+    started.clear()
+    results = gpu_check.run_parts(tmp_path, ["buffers", "tiny"], Namespace(budget_s=5.0, timing_steps=4, full_steps=6))
+    assert not started and all("budget" in r["skipped"] for r in results.values())
+
+
+def test_sd15_full_loop_is_skipped_when_the_deadline_is_near(bench, fake):
+    import time
+    from argparse import Namespace
+
+    from sdengine.config import ModelConfig
+    from sdengine.runtime.loop import DenoiseLoop
+    from sdengine.specs import DENOISE_STEP
+
+    cfg, device = ModelConfig.sd15(), CudaDevice()
+    loop = DenoiseLoop(device, NumpyExecutor(DENOISE_STEP, fake), cfg)
+    try:
+        r = bench[2]._sd15_timings(Namespace(timing_steps=3, full_steps=50, deadline=time.time() + 1), cfg, device,
+                                   loop)
+    finally:
+        loop.close()
+        device.close()
+    assert r["graph_ok"] and "full_eager" not in r and "past the part's deadline" in r["full_skipped"]

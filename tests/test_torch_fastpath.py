@@ -11,6 +11,7 @@ import torch
 from sdengine.backends import load_backend
 from sdengine.backends.torch_backend import TorchBackend
 from sdengine.backends.torch_fast import FastOptions, LoopGraphs, LoopInputs, parse_options, run_loop
+from sdengine.config import ModelConfig
 from sdengine.errors import InvalidInputError
 from sdengine.models.step import DenoiseStep
 from sdengine.pipeline import Pipeline, initial_noise
@@ -173,3 +174,44 @@ def test_compiled_cuda_graph_matches_the_eager_loop(tiny_model_dir):
     ref = Pipeline(eager)("a red circle", seed=1, num_inference_steps=STEPS).images[0]
     assert np.abs(np.asarray(image).astype(int) - np.asarray(ref).astype(int)).max() <= 3
     fast.close()
+
+
+# --- issue 17 item 9: the allocator calls the torch executor makes instead of torch.cuda.use_mem_pool ---------
+
+
+def test_allocator_calls_are_use_mem_pools_own_on_the_torch_versions_checked():
+    """Pins the torch versions whose use_mem_pool was read (2.13 here, 2.11 on the GPU machine): a new torch must be
+    read again, since the executor repeats these private calls in a capture torch did not begin."""
+    import inspect
+    import re
+
+    from sdengine.backends.torch_executor import ALLOCATOR_CALLS, ALLOCATOR_CHECKED_ON
+
+    version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    assert version in ALLOCATOR_CHECKED_ON, (f"torch {torch.__version__}: read torch/cuda/memory.py use_mem_pool "
+                                             f"and add the version to ALLOCATOR_CHECKED_ON if its calls are the same")
+    for name in ALLOCATOR_CALLS:
+        assert callable(getattr(torch._C, name)), name
+    body = inspect.getsource(torch.cuda.memory.use_mem_pool)
+    calls = re.findall(r"(_cuda_\w+)\(device_index, pool\.id\)", body)
+    assert calls == list(ALLOCATOR_CALLS)
+
+
+def test_capture_pool_routes_allocations_with_the_allocator_calls(monkeypatch):
+    from types import SimpleNamespace
+
+    from sdengine.backends.torch_executor import ALLOCATOR_CALLS, TorchExecutor
+    from sdengine.specs import DENOISE_STEP, GRAPHS
+
+    seen = []
+    for name in ALLOCATOR_CALLS:
+        monkeypatch.setattr(torch._C, name, lambda d, p, name=name: seen.append((name, d, p)), raising=True)
+    ex = TorchExecutor(GRAPHS[DENOISE_STEP], None, ModelConfig.tiny())
+    ex._pool = SimpleNamespace(id=(0, 7))  # a MemPool needs a CUDA build; its id is all the calls take
+    with ex._capture_pool(False):
+        assert seen == []
+    with pytest.raises(RuntimeError, match="inside"):
+        with ex._capture_pool(True):
+            assert seen == [(ALLOCATOR_CALLS[0], 0, (0, 7))]
+            raise RuntimeError("inside")
+    assert seen == [(name, 0, (0, 7)) for name in ALLOCATOR_CALLS]  # ended and released on error too

@@ -18,7 +18,11 @@ How it meets the runtime:
      (`cudaMallocMaybeCapturing` in c10/cuda/CUDACachingAllocator.cpp), so growing the pool does not
      invalidate the capture;
   2. while the current stream is capturing, allocations go to this executor's private pool
-     (torch.cuda.MemPool + torch.cuda.use_mem_pool), as torch.cuda.graph does with its graph pool:
+     (a torch.cuda.MemPool, routed to by the allocator calls torch.cuda.use_mem_pool makes in torch
+     2.11 and 2.13: `_cuda_beginAllocateCurrentThreadToPool`, `_cuda_endAllocateToPool`,
+     `_cuda_releasePool`; use_mem_pool itself is not called, since torch's main branch asserts there
+     in a capture torch did not begin; tests/test_torch_fastpath.py pins the versions this was read
+     on), as torch.cuda.graph does with its graph pool:
      memory the graph's kernels use as scratch is never handed to a tensor outside the graph, so a
      replay cannot overwrite anyone's data. One pool serves all of an executor's captures: tensors
      made inside a capture never outlive it (outputs are copied into the runtime's buffers), and
@@ -66,6 +70,26 @@ def with_fp16_body(module: nn.Module, body: tuple[str, ...] | None) -> nn.Module
     for child in body:
         setattr(module, child, Fp16Body(getattr(module, child)))
     return module
+
+
+ALLOCATOR_CALLS = ("_cuda_beginAllocateCurrentThreadToPool", "_cuda_endAllocateToPool", "_cuda_releasePool")
+ALLOCATOR_CHECKED_ON = ("2.11", "2.13")  # torch versions whose use_mem_pool makes exactly these calls
+
+
+@contextlib.contextmanager
+def route_allocations(pool_id: tuple[int, int], device_index: int) -> Iterator[None]:
+    """This thread's allocations on `device_index` go to pool `pool_id`: torch.cuda.use_mem_pool's own calls.
+
+    begin (which increfs the pool) on entry; end, then release (the decref matching begin) on exit, as
+    use_mem_pool does in torch 2.11 and 2.13. The MemPool object keeps its own reference to the pool.
+    """
+    begin, end, release = (getattr(torch._C, name) for name in ALLOCATOR_CALLS)
+    begin(device_index, pool_id)
+    try:
+        yield
+    finally:
+        end(device_index, pool_id)
+        release(device_index, pool_id)
 
 
 class _Tensor:
@@ -142,7 +166,7 @@ class TorchExecutor:
             return
         if self._pool is None:
             self._pool = torch.cuda.MemPool()
-        with torch.cuda.use_mem_pool(self._pool, self.device):
+        with route_allocations(self._pool.id, self.device.index or 0):
             yield
 
     def _bound(self, capturing: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -11,9 +11,15 @@ Choices:
 - Captures use cudaStreamCaptureModeThreadLocal: an unsafe call (a sync, a plain cudaMalloc) from the
   capturing thread still invalidates the capture, so a mistake in the loop cannot pass silently, while
   other threads of the process (a server's) stay free to allocate; Global mode would fail them too.
-- Graphs are instantiated with cudaGraphInstantiateWithFlags(graph, 0), whose signature is the same in
-  cuda-python 11.4+, 12 and 13 (cudaGraphInstantiate's changed between 11 and 12); the template
-  graph is destroyed right after, the executable graph at close.
+- Graphs are instantiated with cudaGraphInstantiateWithFlags(graph, cudaGraphInstantiateFlagAutoFreeOnLaunch),
+  whose signature is the same in cuda-python 11.4+, 12 and 13 (cudaGraphInstantiate's changed between 11
+  and 12): a graph that captured a stream-ordered allocation (cudaMallocAsync inside the capture, which
+  a library may do) frees it before each relaunch, where flags 0 would make the relaunch fail. The
+  template graph is destroyed right after, the executable graph at close.
+- A capture that fails with a CUDA error is retried once in relaxed mode (`capture`): the error's
+  name is kept (CudaGraph.capture_errors, or the raised CudaError's), so a call that thread-local
+  capture forbids (the retry succeeds: the graph says so) is told apart from a kernel fault or a
+  failed launch (the retry fails too).
 - Uploads go through pinned staging buffers (one per size, guarded by an event, so a staging
   buffer is never rewritten while its last copy is in flight); downloads through pinned buffers too.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -345,6 +352,8 @@ class CudaGraph:
 
     def __init__(self, exec_: Any, stream: Stream) -> None:
         self.exec, self.stream = exec_, stream
+        self.mode = "ThreadLocal"            # the capture mode that succeeded
+        self.capture_errors: list[str] = []  # the CUDA error of a failed first try (see `capture`)
 
     def launch(self) -> None:
         if self.exec is None:
@@ -357,10 +366,59 @@ class CudaGraph:
             check(import_cudart().cudaGraphExecDestroy(exec_), "cudaGraphExecDestroy")
 
 
-def capture(stream: Stream, enqueue: Callable[[], None]) -> CudaGraph:
-    """Record everything `enqueue` issues on `stream` as one instantiated graph; an error ends the capture."""
+CAPTURE_MODES = ("ThreadLocal", "Relaxed")  # the first try, then the one retry
+
+
+def instantiate_flags() -> int:
+    """cudaGraphInstantiateFlagAutoFreeOnLaunch, as the int cudaGraphInstantiateWithFlags takes."""
     rt = import_cudart()
-    check(rt.cudaStreamBeginCapture(stream._live(), rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+    return int(rt.cudaGraphInstantiateFlags.cudaGraphInstantiateFlagAutoFreeOnLaunch)
+
+
+def error_name(exc: BaseException) -> str:
+    """The CUDA error an exception names (cudaError...), else its type: what a capture attempt records."""
+    found = re.search(r"cuda(?:Error|_ERROR)\w*", str(exc))
+    return found.group() if found else type(exc).__name__
+
+
+def _capture_error(exc: BaseException) -> bool:
+    """Whether a failure inside a capture may be the capture's own (worth one relaxed retry)."""
+    return isinstance(exc, CudaError) or "cudaError" in str(exc) or "capturing" in str(exc)
+
+
+def capture(stream: Stream, enqueue: Callable[[], None]) -> CudaGraph:
+    """Record everything `enqueue` issues on `stream` as one instantiated graph; an error ends the capture.
+
+    Thread-local mode first. If that fails with a CUDA error, the error's name is recorded and the capture is
+    tried once more in relaxed mode: a success means the loop made a call thread-local capture forbids
+    (`graph.mode == "Relaxed"`, `graph.capture_errors` names it); a second failure raises a CudaError naming
+    both errors (`.capture_errors`), which points at a kernel fault or a failed launch instead.
+    Any other exception (an executor's own) is raised at once.
+    """
+    errors: list[str] = []
+    for mode in CAPTURE_MODES:
+        try:
+            graph = _capture_once(stream, enqueue, mode)
+        except BaseException as exc:
+            if not _capture_error(exc):
+                raise
+            errors.append(error_name(exc))
+            _clear_last_error()
+            if mode == CAPTURE_MODES[-1]:
+                err = CudaError(f"CUDA graph capture failed in thread-local mode ({errors[0]}) and again in relaxed "
+                                f"mode ({errors[-1]}): not only a call capture forbids but a failed launch or a "
+                                f"kernel fault; rerun with use_graph=False to see the failing call ({exc})")
+                err.capture_errors = list(errors)  # type: ignore[attr-defined]
+                raise err from exc
+            continue
+        graph.mode, graph.capture_errors = mode, list(errors)
+        return graph
+    raise AssertionError("unreachable")
+
+
+def _capture_once(stream: Stream, enqueue: Callable[[], None], mode: str) -> CudaGraph:
+    rt = import_cudart()
+    check(rt.cudaStreamBeginCapture(stream._live(), getattr(rt.cudaStreamCaptureMode, f"cudaStreamCaptureMode{mode}")),
           "cudaStreamBeginCapture")
     try:
         enqueue()
@@ -369,8 +427,8 @@ def capture(stream: Stream, enqueue: Callable[[], None]) -> CudaGraph:
         raise
     graph = check(rt.cudaStreamEndCapture(stream.raw), "cudaStreamEndCapture")
     try:
-        result = CudaGraph(check(rt.cudaGraphInstantiateWithFlags(graph, 0), "cudaGraphInstantiateWithFlags"),
-                           stream)
+        result = CudaGraph(check(rt.cudaGraphInstantiateWithFlags(graph, instantiate_flags()),
+                                 "cudaGraphInstantiateWithFlags"), stream)
     except BaseException:
         rt.cudaGraphDestroy(graph)  # the instantiate error is the one to report
         raise
@@ -380,6 +438,12 @@ def capture(stream: Stream, enqueue: Callable[[], None]) -> CudaGraph:
         result.destroy()
         raise
     return result
+
+
+def _clear_last_error() -> None:
+    """Reset the runtime's last (non-sticky) error after a failed capture, so the retry starts clean."""
+    with contextlib.suppress(Exception):
+        getattr(import_cudart(), "cudaGetLastError", lambda: None)()
 
 
 @contextlib.contextmanager

@@ -10,6 +10,11 @@ therefore depends only on (shape, N, noise or not): the whole loop is captured o
 CUDA graph and replayed; later calls re-upload their data into the same buffers before the launch. Every
 sampler runs this way: none needs the host between rows.
 
+An executor whose graphs depend on its own state (`graphs_follow_shapes = True`: a TensorRT engine, whose one
+execution context serves every shape; TensorRT documents replaying a graph after that context's shapes or
+addresses changed as undefined) keeps one graph only: when a call binds another key, the graphs of earlier
+keys are destroyed before the executor is rebound, and that key is captured again when it comes back.
+
 The device is injected (`device`): sdengine.runtime.device.CudaDevice on a GPU; the tests run the same
 loop over a host-memory stand-in. No torch here.
 """
@@ -128,6 +133,7 @@ class DenoiseLoop:
         (self._next,) = step.spec.output_names
         self._buffers: dict[tuple, Any] = {}
         self.graphs: dict[LoopKey, Graph] = {}
+        self._bound: LoopKey | None = None  # the key the step's shapes and addresses were last bound for
 
     def buffer(self, role: str, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
         """The buffer for `role` at `shape`, allocated on first use and kept (its address never changes)."""
@@ -231,7 +237,10 @@ class DenoiseLoop:
         shape. With the graph, `callback` is called once, with (N, N), after the launch is enqueued.
         """
         n = p.key.steps
+        if p.key != self._bound and getattr(self.step, "graphs_follow_shapes", False):
+            self.drop_graphs()  # a graph captured under the context's old shapes must never replay
         bind_shapes(self.step, self._shapes(p.key.shape, p.key.context))
+        self._bound = p.key
         self._bind_fixed(p)
         if self.use_graph if graph is None else graph:
             cached = self.graphs.get(p.key)

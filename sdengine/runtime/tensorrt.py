@@ -88,6 +88,11 @@ def _dims(shape: Any) -> tuple[int, ...]:
 class TrtEngine:
     """One deserialized engine and its execution context: the Executor protocol of runtime/executor.py."""
 
+    # One context serves every shape, and a CUDA graph replayed after its context's shapes or addresses changed
+    # is undefined (TensorRT's developer guide, "CUDA Graphs"): the denoise loop keeps a graph for the key it
+    # last bound only (sdengine.runtime.loop).
+    graphs_follow_shapes = True
+
     def __init__(self, path: Path, spec: GraphSpec, rebuild: str, trt: Any = None) -> None:
         trt = import_tensorrt() if trt is None else trt
         self.spec, self.path, self._rebuild, self._trt = spec, Path(path), rebuild, trt
