@@ -93,7 +93,7 @@ def check_startup(settings: ServeSettings) -> None:
     if importlib.util.find_spec(module) is None:
         other = " on an NVIDIA GPU host, or use --backend onnxruntime" if settings.backend == "tensorrt" else ""
         raise SDEngineError(f"the {settings.backend} backend needs {module}: pip install '{extra}'{other}")
-    for module in ("uvicorn", "starlette", "python_multipart"):
+    for module in ("uvicorn", "starlette", "python_multipart", "fastapi", "pydantic", "prometheus_client"):
         if importlib.util.find_spec(module) is None:
             raise SDEngineError(f"sdengine serve needs {module}: pip install 'sdengine[serve]'")
     if settings.backend == "onnxruntime":  # the export folder's manifest, read without loading any graph
