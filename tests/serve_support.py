@@ -229,3 +229,37 @@ def edit(port: int, fields: dict, files: dict, timeout: float = 120.0) -> tuple[
     status, _, raw = http(port, "POST", "/v1/images/edits", body, timeout,
                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     return status, json.loads(raw) if raw else {}
+
+
+# ---- processes ---------------------------------------------------------------------------------------------------
+def descendants(pid: int) -> set[int]:
+    """Every live process under `pid` (Linux /proc), recursively."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """The pids that still exist and are not zombies."""
+    out = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.add(pid)
+    return out

@@ -18,6 +18,7 @@ import pytest
 from serve_support import (BATCH, BLOCKER, HOST, IMAGE, EDIT_MASK, QUEUE, START_TIMEOUT, Blocker, Server,  # noqa: F401
                            decode_png, edit, generate, grew, http, huge_png_header, metrics, open_generation, png,
                            server, start_server, wait_for)
+from serve_support import alive, descendants, ray_only
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -71,3 +72,18 @@ def test_a_model_that_fails_to_load_exits_non_zero(start_server, tmp_path):
     assert s.first_ready[0] == 503
     assert s.proc.wait(timeout=START_TIMEOUT) == 2
     assert "sdengine serve: error:" in s.log()
+
+
+@ray_only
+def test_ray_cli_serves_and_sigterm_leaves_no_ray_process(start_server):
+    """`sdengine serve --ray`: a local Ray instance, one replica; SIGTERM deletes the app, stops Ray, exits 0."""
+    s = start_server("--max-steps", "500", kind="ray").wait_ready()
+    status, headers, body = generate(s.port, {"prompt": "a red circle", "steps": 2, "seed": 1})
+    assert status == 200 and len(body["data"]) == 1, body
+    assert headers["x-sdengine-replica"] and headers["x-sdengine-node"]
+    pids = descendants(s.proc.pid)
+    titles = " ".join(Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace") for p in alive(pids))
+    assert "gcs_server" in titles and "raylet" in titles and "ServeReplica" in titles
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=180) == 0, s.log()
+    wait_for(lambda: not alive(pids), 60, "every Ray process the command started to exit")

@@ -205,6 +205,9 @@ class Service:
         outcome, response = "error", None
         try:
             outcome, response = await self._generate(request, started, parse)
+        except asyncio.CancelledError:  # the request's task was cancelled (Ray: its client went away)
+            outcome = "cancelled"
+            raise
         except Exception:  # noqa: BLE001
             log.exception("generation request failed")
             response = error_response(500, "internal error while generating; see the server log")
