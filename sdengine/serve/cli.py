@@ -222,8 +222,11 @@ def run_ray(args: argparse.Namespace, settings: ServeSettings) -> int:
         raise SDEngineError("--ray needs Ray Serve: pip install 'sdengine[ray]'")
     import os
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from .proxy import ENV, IMPORT_PATH
     from .ray import build_app, parse_autoscale
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault(ENV, IMPORT_PATH)  # the proxies of a Ray started here: Ray's errors in our shape
 
     autoscale = None if args.autoscale is None else parse_autoscale(args.autoscale)
     app = build_app(settings.model, settings.backend, num_replicas=args.replicas, autoscale=autoscale,

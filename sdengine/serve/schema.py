@@ -329,6 +329,10 @@ def refusal(exc: ValidationError, data: dict, limits: Limits, fields: tuple[str,
     """Pydantic's first error as the server's 422: unknown fields first, then in the order of the fields."""
     errors = exc.errors(include_url=False)
     unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if not errors[0]["loc"] and errors[0]["type"] != "sdengine":  # the body itself: a key that is not text
+        unknown = sorted(str(key) for key in data if key not in fields) or unknown
+        if not unknown:
+            return RequestError(422, f"request body: {errors[0]['msg']}")
     if unknown:
         return RequestError(422, f"unknown field(s): {', '.join(unknown)}; accepted: {', '.join(fields)}", unknown[0])
     error = errors[0]
