@@ -62,7 +62,13 @@ def test_rayservice_manifest_is_what_kuberay_reads():
     assert workers["rayStartParams"]["num-gpus"] == "1"
     pod = workers["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 == container["resources"]["requests"]["nvidia.com/gpu"]
+    resources = container["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1 == resources["requests"]["nvidia.com/gpu"]
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    head_env = {e["name"]: e["value"] for e in head["template"]["spec"]["containers"][0].get("env", [])}
+    from sdengine.serve.proxy import ENV, IMPORT_PATH
+
+    assert env.get(ENV) == head_env.get(ENV) == IMPORT_PATH  # every node's proxy speaks the server's errors
     volumes = {v["name"]: v for v in pod["volumes"]}
     (mount,) = container["volumeMounts"]
     assert "persistentVolumeClaim" in volumes[mount["name"]]
