@@ -68,6 +68,30 @@ def test_when_retries_fail_or_ray_refuses_the_client_gets_a_503_in_the_servers_s
     assert json.loads(sent[1]["body"])["error"]["message"].endswith("Request dropped due to backpressure (...).")
 
 
+def test_an_exception_of_the_proxy_is_a_lost_replica(monkeypatch):
+    """Ray's proxy raises (rather than answering 500) when the replica's actor dies mid-request."""
+    monkeypatch.setattr(proxy, "RETRY_PAUSE_S", 0.0)
+    calls = []
+
+    async def app(scope, receive, send):
+        calls.append(await receive())
+        if len(calls) == 1:
+            raise RuntimeError("ActorDiedError")
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(proxy.ProxyErrors(app)({"type": "http", "path": "/v1/images/generations"}, receive, send))
+    assert len(calls) == 2 and sent[0]["status"] == 200 and (b"x-sdengine-retried", b"1") in sent[0]["headers"]
+
+
 def test_the_applications_own_answers_pass_untouched():
     body = json.dumps({"error": {"message": "the queue is full", "type": "rate_limit_error", "param": None,
                                  "code": 429}}).encode()

@@ -154,6 +154,7 @@ def test_a_node_lost_under_load_then_replaced(cluster, tiny_model_dir, tiny_pipe
         results = [f.result(timeout=200) for f in futures]
     outcomes = {"ok": 0, "retried": 0, "failed": 0}
     for seed, (status, headers, raw) in enumerate(results):
+        assert headers.get("content-type") == "application/json", (status, raw[:300])
         body = json.loads(raw)
         if status == 200:
             assert close_to(body, expected[seed]), seed  # never a wrong image

@@ -56,7 +56,7 @@ class ProxyErrors:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path", "").startswith("/-/"):  # Ray's own /-/healthz, /-/routes
             return await self.app(scope, receive, send)
         chunks, size, complete = [], 0, False
         while not complete and size <= MAX_REPLAY_BYTES:
@@ -102,7 +102,19 @@ class ProxyErrors:
             else:
                 await send(message)
 
-        await self.app(scope, replayed, intercept)
+        started = False
+
+        async def watch(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await intercept(message)
+
+        try:
+            await self.app(scope, replayed, watch)
+        except Exception as exc:  # noqa: BLE001 - the proxy raises when the replica's actor died mid-request
+            if started and not held:
+                raise
+            held.update(status=500, headers={}, body=f"{type(exc).__name__}".encode())
         if not held:
             return None
         if held["status"] == 500 and not last:
