@@ -92,6 +92,25 @@ def test_an_exception_of_the_proxy_is_a_lost_replica(monkeypatch):
     assert len(calls) == 2 and sent[0]["status"] == 200 and (b"x-sdengine-retried", b"1") in sent[0]["headers"]
 
 
+def test_no_answer_from_the_proxy_is_a_lost_replica(monkeypatch):
+    """Ray's proxy sends nothing when the replica's actor died (uvicorn would answer 500)."""
+    monkeypatch.setattr(proxy, "RETRY_PAUSE_S", 0.0)
+    sent, calls = [], []
+
+    async def app(scope, receive, send):
+        calls.append(await receive())
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(proxy.ProxyErrors(app)({"type": "http", "path": "/v1/images/generations"}, receive, send))
+    assert len(calls) == 3 and sent[0]["status"] == 503
+    assert "was lost" in json.loads(sent[1]["body"])["error"]["message"]
+
+
 def test_the_applications_own_answers_pass_untouched():
     body = json.dumps({"error": {"message": "the queue is full", "type": "rate_limit_error", "param": None,
                                  "code": 429}}).encode()

@@ -2,8 +2,9 @@
 the replica serving a request is lost.
 
 Ray's proxy answers some requests itself, in plain text: 503 when every replica is full and its queue holds
-`max_queued_requests` ("Request dropped due to backpressure ..."), 503 when no replica is running, and 500
-when the replica handling a request died (its node was lost). This middleware, loaded into each proxy by
+`max_queued_requests` ("Request dropped due to backpressure ..."), 503 when no replica is running; when the
+replica handling a request died (its node was lost) it sends nothing, and uvicorn answers 500 "Internal Server
+Error". This middleware, loaded into each proxy by
 Ray's hook (environment variable RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=sdengine.serve.proxy:middlewares
 on every node's `ray start`; `sdengine serve --ray` sets it for the Ray it starts), turns them into the
 standalone server's contract:
@@ -115,6 +116,8 @@ class ProxyErrors:
             if started and not held:
                 raise
             held.update(status=500, headers={}, body=f"{type(exc).__name__}".encode())
+        if not started and not held:  # Ray's proxy returned without answering: the replica died (RayActorError)
+            held.update(status=500, headers={}, body=b"the replica's actor died")
         if not held:
             return None
         if held["status"] == 500 and not last:
