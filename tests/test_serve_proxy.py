@@ -111,6 +111,25 @@ def test_no_answer_from_the_proxy_is_a_lost_replica(monkeypatch):
     assert "was lost" in json.loads(sent[1]["body"])["error"]["message"]
 
 
+def test_a_client_that_went_away_is_not_retried(monkeypatch):
+    monkeypatch.setattr(proxy, "RETRY_PAUSE_S", 0.0)
+    sent, calls = [], []
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}, {"type": "http.disconnect"}]
+
+    async def app(scope, receive, send):
+        calls.append(await receive())
+        await receive()  # the disconnect: Ray's proxy cancels the request and answers nothing
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(proxy.ProxyErrors(app)({"type": "http", "path": "/v1/images/generations"}, receive, send))
+    assert len(calls) == 1 and sent == []
+
+
 def test_the_applications_own_answers_pass_untouched():
     body = json.dumps({"error": {"message": "the queue is full", "type": "rate_limit_error", "param": None,
                                  "code": 429}}).encode()

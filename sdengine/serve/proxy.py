@@ -77,13 +77,16 @@ class ProxyErrors:
     async def _attempt(self, scope: dict, chunks: list[bytes], complete: bool, receive: Callable, send: Callable,
                        attempt: int, last: bool) -> str | None:
         """One pass through the proxy; "retry" when its replica was lost and another try is allowed."""
-        replay = list(chunks)
+        replay, gone = list(chunks), []
 
         async def replayed() -> dict:
             if replay:
                 body = replay.pop(0)
                 return {"type": "http.request", "body": body, "more_body": bool(replay) or not complete}
-            return await receive()
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.append(True)
+            return message
 
         held: dict[str, Any] = {}
 
@@ -116,6 +119,8 @@ class ProxyErrors:
             if started and not held:
                 raise
             held.update(status=500, headers={}, body=f"{type(exc).__name__}".encode())
+        if gone:  # the client went away: nothing to answer, nothing to retry
+            return None
         if not started and not held:  # Ray's proxy returned without answering: the replica died (RayActorError)
             held.update(status=500, headers={}, body=b"the replica's actor died")
         if not held:
