@@ -175,6 +175,14 @@ def bind(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a graceful drain. Start-up errors raise SDEngineError."""
     settings = settings_from_args(args)
+    if getattr(args, "ray", None) is None:
+        ray_flags = (("--replicas", "replicas", 1), ("--autoscale", "autoscale", None),
+                     ("--gpus-per-replica", "gpus_per_replica", None),
+                     ("--max-ongoing-requests", "max_ongoing_requests", None),
+                     ("--max-queued-requests", "max_queued_requests", -1))
+        given = [flag for flag, name, default in ray_flags if getattr(args, name, default) != default]
+        if given:
+            raise InvalidInputError(f"{', '.join(given)} configure Ray Serve: add --ray (README, \"Serving at scale\")")
     check_startup(settings)
     if getattr(args, "ray", None) is not None:
         return run_ray(args, settings)
