@@ -58,6 +58,7 @@ def test_sigterm_finishes_running_work_and_exits_0(start_server):
     (["--max-batch", "0"], "--max-batch"),
     (["--timeout-s", "nan"], "--timeout-s"),
     (["--max-pixels", "100"], "--max-pixels"),
+    (["--replicas", "2"], "--replicas configure Ray Serve: add --ray"),
 ])
 def test_startup_errors_are_one_line(args, text, tiny_model_dir):
     args = ["--model", str(tiny_model_dir), *args] if "--model" not in args else args
