@@ -165,7 +165,7 @@ class Blocker:
                  "the blocker's loop to stop")
 
 
-# ---- fixtures (imported by the test modules) -----------------------------------------------------------------
+# ---- fixtures (imported by tests/conftest.py: shared by every module) -----------------------------------------------------------------
 @pytest.fixture
 def start_server(tiny_model_dir, tmp_path):
     """Start standalone servers with extra arguments; every one is killed at teardown."""

@@ -18,7 +18,7 @@ import pytest
 
 from serve_support import (BATCH, BLOCKER, HOST, IMAGE, EDIT_MASK, QUEUE, START_TIMEOUT, Blocker, Server,  # noqa: F401
                            decode_png, edit, generate, grew, http, huge_png_header, metrics, open_generation, png,
-                           server, start_server, wait_for)
+                           wait_for)
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from serve_support import http, server  # noqa: F401
+from serve_support import http
 
 pytest.importorskip("fastapi")
 
