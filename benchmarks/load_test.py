@@ -7,6 +7,10 @@ requests that are not counted. Prints a Markdown table and writes JSON (--json).
 
     python benchmarks/load_test.py --model models/tiny --concurrency 1 4 16 --requests 48 --json out.json
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --steps 20
+    python benchmarks/load_test.py --model models/tiny --ray --replicas 2 --concurrency 1 4 16 --json ray2.json
+
+With --ray the started server is `sdengine serve --ray --replicas N` (a local Ray instance); then /metrics
+answers from one replica at a time, so "mean batch" is shown only for one replica.
 """
 
 from __future__ import annotations
@@ -52,16 +56,19 @@ def get(host: str, port: int, path: str, timeout: float = 30) -> tuple[int, str]
 
 
 def scrape(host: str, port: int) -> dict[str, float]:
-    """The server's /metrics samples (name{labels} -> value)."""
+    """The server's /metrics samples (name{labels} -> value), read with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out = {}
-    for line in get(host, port, "/metrics")[1].splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
+    for family in text_string_to_metric_families(get(host, port, "/metrics")[1]):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return out
 
 
-def run_level(host: str, port: int, concurrency: int, requests: int, body: dict, timeout: float) -> dict:
+def run_level(host: str, port: int, concurrency: int, requests: int, body: dict, timeout: float,
+              one_replica: bool = True) -> dict:
     """`requests` requests from `concurrency` threads; latency of each successful one, wall time of all."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -98,12 +105,13 @@ def run_level(host: str, port: int, concurrency: int, requests: int, body: dict,
         t.join()
     wall = time.perf_counter() - started
     after = scrape(host, port)
-    batches = after["sdengine_batch_images_count"] - before["sdengine_batch_images_count"]
+    batches = after["sdengine_batch_images_count"] - before["sdengine_batch_images_count"] if one_replica else 0
     batch_images = after["sdengine_batch_images_sum"] - before["sdengine_batch_images_sum"]
     p50, p95, p99 = (float(np.percentile(latencies, q)) if latencies else float("nan") for q in (50, 95, 99))
     return {"concurrency": concurrency, "requests": requests, "ok": statuses.get(200, 0),
             "statuses": {str(k): v for k, v in sorted(statuses.items())}, "wall_s": wall,
             "p50_s": p50, "p95_s": p95, "p99_s": p99, "images_per_s": images / wall,
+            "requests_per_s": statuses.get(200, 0) / wall,
             "mean_batch_images": batch_images / batches if batches else float("nan")}
 
 
@@ -117,7 +125,10 @@ def start_server(args: argparse.Namespace, log_dir: Path) -> tuple[subprocess.Po
         cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    if args.ray:
+        cmd += ["--ray", "--replicas", str(args.replicas), "--cpus-per-replica", str(args.cpus_per_replica)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + args.start_timeout
     port = None
     while time.monotonic() < deadline:
@@ -134,7 +145,7 @@ def start_server(args: argparse.Namespace, log_dir: Path) -> tuple[subprocess.Po
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "platform": platform.platform(), "cpus": str(os.cpu_count())}
-    for name in ("sdengine", "torch", "onnxruntime", "uvicorn", "starlette", "numpy"):
+    for name in ("sdengine", "torch", "onnxruntime", "uvicorn", "starlette", "fastapi", "ray", "numpy"):
         try:
             from importlib.metadata import version
 
@@ -145,11 +156,12 @@ def versions() -> dict[str, str]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| concurrency | requests | ok | p50 s | p95 s | p99 s | images/s | mean batch |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| concurrency | requests | ok | requests/s | p50 s | p95 s | p99 s | images/s | mean batch |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['ok']} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | "
-                     f"{r['p99_s']:.3f} | {r['images_per_s']:.2f} | {r['mean_batch_images']:.2f} |")
+        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['ok']} | {r['requests_per_s']:.2f} | "
+                     f"{r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['p99_s']:.3f} | {r['images_per_s']:.2f} | "
+                     f"{r['mean_batch_images']:.2f} |")
     return "\n".join(lines)
 
 
@@ -170,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--size", default=None, help="WxH (default: the model's)")
     p.add_argument("--n", type=int, default=1, help="images per request")
+    p.add_argument("--ray", action="store_true", help="start the server on Ray Serve (sdengine serve --ray)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs each replica reserves")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
@@ -187,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for _ in range(args.warmup):
                 post(host, port, body, args.timeout_s)
-            results = [run_level(host, port, c, args.requests, body, args.timeout_s) for c in args.concurrency]
+            results = [run_level(host, port, c, args.requests, body, args.timeout_s,
+                                 one_replica=not args.ray or args.replicas == 1) for c in args.concurrency]
         finally:
             if proc is not None:
                 proc.terminate()
@@ -195,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "request": body,
               "server": args.url or {"model": args.model or "embedded demo model", "backend": args.backend,
                                      "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms,
-                                     "threads": args.threads},
+                                     "threads": args.threads,
+                                     "ray_replicas": args.replicas if args.ray else None},
               "machine": versions(), "load_average": os.getloadavg(), "results": results}
     print(table(results))
     if args.json:  # NaN (no successful request) is written as null: strict JSON

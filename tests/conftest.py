@@ -8,6 +8,10 @@ import pytest
 
 from sdengine.config import ModelConfig
 
+# The server fixtures (tests/serve_support.py) live here so that every test module shares them: one standalone
+# and one Ray Serve server for the whole session's HTTP suite.
+from serve_support import server, start_server  # noqa: E402,F401
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built here; never reach for a hub
 
 

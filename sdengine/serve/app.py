@@ -1,7 +1,16 @@
-"""The ASGI application: OpenAI-shaped image generation, health (KServe v2 paths) and Prometheus metrics.
+"""The ASGI application: one FastAPI app over a `Service` (the model, its limits, the batcher, the metrics).
 
-The model loads in the model thread after the server starts listening, so readiness can be watched:
-/v2/health/ready answers 503 until the model has loaded and run one warm-up image.
+OpenAI-shaped image generation and edits, OpenAI's model list, health (KServe v2 paths), Prometheus
+metrics, and FastAPI's own `GET /docs` and `GET /openapi.json`. The same app runs standalone under uvicorn
+(`sdengine serve`) and as the ingress of each Ray Serve replica (`sdengine.serve.ray`).
+
+Standalone, the model loads in the model thread after the server starts listening, so readiness can be
+watched: /v2/health/ready answers 503 until the model has loaded and run one warm-up image. Under Ray the
+replica loads it before taking requests (`Service.load`).
+
+Bodies are read and validated here, not by FastAPI's parameter binding: the limits of the loaded model are
+the validation context, a body is refused at 64 KiB (16 MiB for an edit) before it is all read, and every
+refusal has OpenAI's error shape (FastAPI's own 422 body never reaches a client).
 """
 
 from __future__ import annotations
@@ -14,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from starlette.applications import Starlette
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from .. import __version__
 from ..errors import InvalidInputError, NonFiniteOutputError
@@ -27,23 +36,20 @@ from ..metadata import GenerationInfo, png_bytes
 from ..pipeline import model_name
 from ..prompts import MAX_PROMPT_CHUNKS, chunk_prompt
 from .batcher import Batcher, BatchAbandoned, Job, ModelThread, QueueFull, Unavailable
-from .edits import parse_edit
+from .edits import MAX_UPLOAD_BYTES, parse_edit
 from .metrics import CONTENT_TYPE, ServeMetrics
-from .schema import MAX_BODY_BYTES, GenerationRequest, Limits, RequestError, parse_generation
+from .schema import (MAX_BODY_BYTES, ErrorBody, GenerationBody, GenerationRequest, ImageData, ImagesResponse, Limits,
+                     LoraCard, ModelCard, ModelList, Ready, Live, RequestError, edit_form_schema, error_body,
+                     parse_generation)
 from .settings import ServeSettings
 
 log = logging.getLogger("uvicorn.error")
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-               500: "server_error", 503: "server_unavailable", 504: "timeout_error"}
 
 
 def error_response(status: int, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param,
-                      "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 def _png_b64(images: list[tuple[Any, GenerationInfo]]) -> list[str]:
@@ -71,12 +77,26 @@ class Service:
         self._thread: ModelThread | None = None
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.headers: list[tuple[bytes, bytes]] = []  # added to every response (Ray: the replica and node)
 
     # ---- life cycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        """From the app's lifespan: load in the background (readiness says when), unless `load` has run."""
+        if self._thread is None:
+            self._begin()
+            self._tasks.append(asyncio.create_task(self._load()))
+
+    async def load(self) -> None:
+        """Load the model and run the warm-up image now (a Ray replica, before it takes requests); the error
+        of a failed load is raised."""
+        self._begin()
+        await self._load()
+        if self.error is not None:
+            raise self.error
+
+    def _begin(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = ModelThread()
-        self._tasks.append(asyncio.create_task(self._load()))
 
     async def _load(self) -> None:
         started = time.monotonic()
@@ -155,23 +175,17 @@ class Service:
         return list(zip(result.images, result.infos))
 
     # ---- routes -----------------------------------------------------------------------------------
-    async def live(self, request: Request) -> Response:
-        return JSONResponse({"live": True})
+    def live(self) -> Live:
+        return Live(live=True)
 
-    async def ready(self, request: Request) -> Response:
-        ok = self.state == "ready"
-        return JSONResponse({"ready": ok, "state": self.state}, status_code=200 if ok else 503)
+    def ready(self) -> Ready:
+        return Ready(ready=self.state == "ready", state=self.state)
 
-    async def models(self, request: Request) -> Response:
+    def models(self) -> ModelList:
         """OpenAI's model list (GET /v1/models): the one model this server holds."""
         default = dict(self.settings.default_loras)
-        loras = [{"name": name, "default_scale": default.get(name, 0.0)} for name in self.settings.lora_names]
-        return JSONResponse({"object": "list", "data": [{"id": self.model_id, "object": "model",
-                                                         "created": self.created, "owned_by": "sdengine",
-                                                         "loras": loras}]})
-
-    async def metrics_text(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        loras = [LoraCard(name=name, default_scale=default.get(name, 0.0)) for name in self.settings.lora_names]
+        return ModelList(data=[ModelCard(id=self.model_id, created=self.created, loras=loras)])
 
     async def generate(self, request: Request) -> Response:
         """POST /v1/images/generations (JSON)."""
@@ -191,11 +205,14 @@ class Service:
         outcome, response = "error", None
         try:
             outcome, response = await self._generate(request, started, parse)
+        except asyncio.CancelledError:  # the request's task was cancelled (Ray: its client went away)
+            outcome = "cancelled"
+            raise
         except Exception:  # noqa: BLE001
             log.exception("generation request failed")
             response = error_response(500, "internal error while generating; see the server log")
         finally:
-            self.metrics.requests.inc(outcome=outcome)
+            self.metrics.requests.labels(outcome=outcome).inc()
         if outcome == "ok":
             self.metrics.request_seconds.observe(time.monotonic() - started)
         return response
@@ -228,6 +245,9 @@ class Service:
         try:
             done, _ = await asyncio.wait({job.future, watch}, timeout=max(0.0, job.deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the request's task was cancelled (Ray: the client went away)
+            self.batcher.abandon(job)
+            raise
         finally:
             watch.cancel()
         if job.future not in done:
@@ -252,9 +272,9 @@ class Service:
         timing = (f"queue;dur={1000 * (job.started - job.enqueued):.1f}, "
                   f"compute;dur={1000 * (job.finished - job.started):.1f}, "
                   f"total;dur={1000 * (time.monotonic() - started):.1f}")
-        body = {"created": int(time.time()),
-                "data": [{"b64_json": b, "seed": s} for b, s in zip(encoded, job.request.seeds)]}
-        return "ok", JSONResponse(body, headers={"Server-Timing": timing})
+        body = ImagesResponse(created=int(time.time()),
+                              data=[ImageData(b64_json=b, seed=s) for b, s in zip(encoded, job.request.seeds)])
+        return "ok", JSONResponse(body.model_dump(), headers={"Server-Timing": timing})
 
     def _timeout(self, job: Job) -> Response:
         where = "in the queue" if job.started is None else "while generating"
@@ -334,11 +354,47 @@ def limits_for(pipeline: Any, settings: ServeSettings) -> tuple[Limits, int]:
     return limits, max_batch
 
 
-def create_app(service: Service) -> Starlette:
-    """The Starlette app over `service`; its lifespan loads the model in the background."""
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the body is not a JSON object (or not multipart, for an edit), or "
+                                             "its Content-Length is invalid"},
+    413: {"model": ErrorBody, "description": f"the body is over {MAX_BODY_BYTES} bytes "
+                                             f"({MAX_UPLOAD_BYTES} for an edit)"},
+    422: {"model": ErrorBody, "description": "a field is unknown, of the wrong type or out of range; "
+                                             "`param` names it"},
+    429: {"model": ErrorBody, "description": "the queue is full: retry after the Retry-After header's seconds"},
+    500: {"model": ErrorBody, "description": "the generation failed (the server log says why)"},
+    503: {"model": ErrorBody, "description": "the model is loading, failed to load, or the server is shutting "
+                                             "down (Retry-After: 5)"},
+    504: {"model": ErrorBody, "description": "queue and compute took longer than the server's --timeout-s"},
+}
+DESCRIPTION = """OpenAI's image API (POST /v1/images/generations, POST /v1/images/edits, GET /v1/models) with
+sdengine's extension fields, request batching, KServe v2 health paths and Prometheus metrics. Every error
+has OpenAI's shape `{"error": {"message", "type", "param", "code"}}`."""
+
+
+class ResponseHeaders:
+    """Pure ASGI middleware: the service's `headers` on every HTTP response (a Ray replica names itself)."""
+
+    def __init__(self, app: Any, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or not self.service.headers:
+            return await self.app(scope, receive, send)
+
+        async def add(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.service.headers]}
+            await send(message)
+
+        await self.app(scope, receive, add)
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI app over `service`; its lifespan starts the service (standalone: loads in the background)."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(app: FastAPI):
         await service.start()
         try:
             yield
@@ -349,10 +405,45 @@ def create_app(service: Service) -> Starlette:
         return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
                               headers=getattr(exc, "headers", None))
 
-    routes = [Route("/v1/images/generations", service.generate, methods=["POST"]),
-              Route("/v1/images/edits", service.edit, methods=["POST"]),
-              Route("/v1/models", service.models, methods=["GET"]),
-              Route("/v2/health/live", service.live, methods=["GET"]),
-              Route("/v2/health/ready", service.ready, methods=["GET"]),
-              Route("/metrics", service.metrics_text, methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(422, "; ".join(str(e.get("msg")) for e in exc.errors()) or "invalid request")
+
+    app = FastAPI(title="sdengine", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  exception_handlers={HTTPException: http_error, RequestValidationError: validation_error})
+    app.add_middleware(ResponseHeaders, service=service)
+    json_body = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": GenerationBody.model_json_schema()}}}}
+    form_body = {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": edit_form_schema()}}}}
+    errors = {k: ERRORS[k] for k in (400, 413, 422, 429, 500, 503, 504)}
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse, responses=errors, openapi_extra=json_body,
+              summary="Generate images from a prompt")
+    async def generations(request: Request) -> Response:
+        return await service.generate(request)
+
+    @app.post("/v1/images/edits", response_model=ImagesResponse, responses=errors, openapi_extra=form_body,
+              summary="Edit an image: inpaint under a mask, or image to image")
+    async def edits(request: Request) -> Response:
+        return await service.edit(request)
+
+    @app.get("/v1/models", response_model=ModelList, summary="The model this server holds, and its LoRAs")
+    async def models() -> ModelList:
+        return service.models()
+
+    @app.get("/v2/health/live", response_model=Live, summary="Liveness: the process answers")
+    async def live() -> Live:
+        return service.live()
+
+    @app.get("/v2/health/ready", response_model=Ready, summary="Readiness: the model has loaded and warmed up",
+             responses={503: {"model": Ready, "description": "loading, failed or shutting down"}})
+    async def ready() -> Response:
+        state = service.ready()
+        return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics (text format 0.0.4)",
+             responses={200: {"content": {"text/plain": {}}, "description": "the metrics"}})
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

@@ -204,7 +204,7 @@ class Batcher:
         finally:
             finished = time.monotonic()
             self.metrics.running_images.set(0)
-            self.metrics.batches.inc(outcome=outcome)
+            self.metrics.batches.labels(outcome=outcome).inc()
             self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * (finished - started)
         if outcome != "completed":
             return

@@ -54,6 +54,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual inversion embedding, always active: its trigger is TOKEN, else the file's own "
                         "token or the file name (repeatable)")
+    ray = p.add_argument_group("Ray Serve (pip install 'sdengine[ray]'; README, \"Serving at scale\")")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="auto|ADDRESS",
+                     help="serve on Ray Serve: alone, a Ray instance started here (stopped on exit); auto, the "
+                          "running cluster (RAY_ADDRESS or `ray start`'s); or a cluster's ADDRESS (ray://... or "
+                          "HOST:PORT). --host/--port are then Ray Serve's HTTP proxy")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas, each loading the model once (default 1)")
+    ray.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                     help="autoscale between MIN and MAX replicas on ongoing requests (instead of --replicas)")
+    ray.add_argument("--gpus-per-replica", type=float, default=None,
+                     help="GPUs each replica reserves (default 1 with --device cuda, else 0)")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
+    ray.add_argument("--max-ongoing-requests", type=int, default=None,
+                     help="requests Ray sends one replica at once (default: --max-batch + --max-queue + 8, so the "
+                          "replica's own queue answers 429 as the standalone server does)")
+    ray.add_argument("--max-queued-requests", type=int, default=-1,
+                     help="requests the proxy holds when every replica is full, past which it answers 503 "
+                          "(default -1: no limit)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=argparse.SUPPRESS)
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
@@ -93,7 +110,7 @@ def check_startup(settings: ServeSettings) -> None:
     if importlib.util.find_spec(module) is None:
         other = " on an NVIDIA GPU host, or use --backend onnxruntime" if settings.backend == "tensorrt" else ""
         raise SDEngineError(f"the {settings.backend} backend needs {module}: pip install '{extra}'{other}")
-    for module in ("uvicorn", "starlette", "python_multipart"):
+    for module in ("uvicorn", "starlette", "python_multipart", "fastapi", "pydantic", "prometheus_client"):
         if importlib.util.find_spec(module) is None:
             raise SDEngineError(f"sdengine serve needs {module}: pip install 'sdengine[serve]'")
     if settings.backend == "onnxruntime":  # the export folder's manifest, read without loading any graph
@@ -158,7 +175,17 @@ def bind(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a graceful drain. Start-up errors raise SDEngineError."""
     settings = settings_from_args(args)
+    if getattr(args, "ray", None) is None:
+        ray_flags = (("--replicas", "replicas", 1), ("--autoscale", "autoscale", None),
+                     ("--gpus-per-replica", "gpus_per_replica", None),
+                     ("--max-ongoing-requests", "max_ongoing_requests", None),
+                     ("--max-queued-requests", "max_queued_requests", -1))
+        given = [flag for flag, name, default in ray_flags if getattr(args, name, default) != default]
+        if given:
+            raise InvalidInputError(f"{', '.join(given)} configure Ray Serve: add --ray (README, \"Serving at scale\")")
     check_startup(settings)
+    if getattr(args, "ray", None) is not None:
+        return run_ray(args, settings)
     import uvicorn
 
     from .app import Service, create_app
@@ -190,6 +217,77 @@ def run(args: argparse.Namespace) -> int:
     if service.error is not None:
         error = service.error
         raise error if isinstance(error, SDEngineError) else ModelLoadError(f"the model failed to load: {error}")
+    return 0
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT while serving on Ray."""
+
+
+def run_ray(args: argparse.Namespace, settings: ServeSettings) -> int:
+    """Serve on Ray Serve until SIGTERM/SIGINT, then delete the application (and stop a Ray started here)."""
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise SDEngineError("--ray needs Ray Serve: pip install 'sdengine[ray]'")
+    import os
+
+    from .proxy import ENV, IMPORT_PATH
+    from .ray import build_app, parse_autoscale
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault(ENV, IMPORT_PATH)  # the proxies of a Ray started here: Ray's errors in our shape
+
+    autoscale = None if args.autoscale is None else parse_autoscale(args.autoscale)
+    app = build_app(settings.model, settings.backend, num_replicas=args.replicas, autoscale=autoscale,
+                    gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
+                    max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
+                    **{f: getattr(settings, f) for f in ("device", "threads", "max_queue", "max_batch",
+                                                        "batch_wait_ms", "timeout_s", "max_pixels", "default_steps",
+                                                        "max_steps", "warmup_steps", "loras", "embeddings")})
+    port = settings.port
+    if port == 0:  # Ray's proxy takes a fixed port: pick a free one now
+        probe = bind(settings.host, 0)
+        port = probe.getsockname()[1]
+        probe.close()
+    import ray
+    from ray import serve
+
+    local = args.ray == "local"
+
+    def stop(*_: object) -> None:
+        raise _Stop()
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if local:
+            ray.init(include_dashboard=False, object_store_memory=256 * 1024 * 1024, logging_level="warning",
+                     configure_logging=False)
+        else:
+            ray.init(address=args.ray, logging_level="warning", configure_logging=False)
+        for s in previous:  # after ray.init, which sets its own handlers
+            signal.signal(s, stop)
+        serve.start(http_options={"host": settings.host, "port": port})
+        print(f"sdengine serve: starting {args.replicas if autoscale is None else args.autoscale} replica(s) on Ray "
+              f"Serve (each loads the model)", flush=True)
+        serve.run(app, name="sdengine", route_prefix="/", blocking=False)
+        shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+        print(f"sdengine serve: listening on http://{shown}:{port} (Ray Serve; ready)", flush=True)
+        while True:
+            signal.pause()
+    except _Stop:
+        pass
+    except RuntimeError as exc:  # the application failed to deploy (a replica's constructor raised)
+        raise ModelLoadError(f"Ray Serve could not start the application: {str(exc).splitlines()[0]}") from None
+    finally:
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)  # a second signal does not interrupt the shutdown
+        if ray.is_initialized():
+            if local:
+                serve.shutdown()
+            else:
+                serve.delete("sdengine")
+            ray.shutdown()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
 
 

@@ -1,8 +1,12 @@
-"""Request validation for POST /v1/images/generations (OpenAI's shape plus sdengine's extension fields).
+"""The HTTP API's bodies as pydantic models: what FastAPI's OpenAPI document shows and what requests are
+validated against (OpenAI's image API shape plus sdengine's extension fields).
 
-Every refusal is a `RequestError` with the HTTP status and a message that names the field, the
-value and the accepted range. 400: the body is not JSON; 413: the body is too large; 422: the JSON
-is well formed but a field is unknown, of the wrong type or out of range.
+The loaded model's own limits (its VAE factor, engine profile, text encoder depth, the server's --max-batch,
+--max-steps, --max-pixels, its LoRAs) are known only once it has loaded: they reach the validators as the
+validation `context` (a `Limits`). Every refusal is a `RequestError` with the HTTP status, a message that
+names the field, the value and the accepted range, and the field (`param`). 400: the body is not JSON;
+413: the body is too large; 422: the JSON is well formed but a field is unknown, of the wrong type or out of
+range. Pydantic's own error list never reaches a client: `refusal` turns its first error into that message.
 """
 
 from __future__ import annotations
@@ -12,23 +16,28 @@ import math
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Optional
+
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidInputError
-from ..pipeline import MAX_SEED, check_size
+from ..pipeline import MAX_IMAGES_PER_PROMPT, MAX_SEED, MAX_SIDE, MIN_SIDE, check_size
 from ..prompts import MAX_PROMPT_CHUNKS
 from ..samplers import build_schedule, canonical_name
 from ..samplers.table import fit_slots
 from ..schedulers import SchedulerConfig
+from .settings import MAX_STEPS
 
 MAX_BODY_BYTES = 64 * 1024
 SIZE_RE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
-# OpenAI's fields we implement or accept; `model`, `user`, `quality` and `style` are accepted and ignored
-# (one model is served; OpenAI's quality and style select among its own models' settings).
+# OpenAI's fields we accept and ignore: one model is served; OpenAI's quality and style choose among its own
+# models' settings.
 IGNORED = ("model", "user", "quality", "style")
-FIELDS = ("prompt", "n", "size", "response_format", "negative_prompt", "seed", "steps", "guidance_scale", "eta",
-          "scheduler", "prompt_weighting", "clip_skip", "loras", *IGNORED)
-EDIT_FIELDS = (*FIELDS, "strength")  # POST /v1/images/edits: these as form fields, and the files image and mask
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "server_unavailable", 504: "timeout_error"}
 
 
 class RequestError(Exception):
@@ -98,12 +107,273 @@ class GenerationRequest:
                 self.inputs_key, self.prompt_weighting, self.clip_skip, self.chunks, self.loras)
 
 
-def _invalid(message: str, param: str | None = None) -> RequestError:
-    return RequestError(422, message, param)
+# ---- refusals --------------------------------------------------------------------------------------------------
+def refuse(message: str, param: str | None) -> PydanticCustomError:
+    """A validator's refusal: our own message and field, carried through pydantic to `refusal`."""
+    return PydanticCustomError("sdengine", "{message}", {"message": message, "param": param})
 
 
+def _limits(info: ValidationInfo) -> Limits:
+    context = info.context or {}
+    if "limits" not in context:
+        raise TypeError("validate bodies with context={'limits': Limits(...)}: see sdengine.serve.schema.validate")
+    return context["limits"]
+
+
+def _between(name: str, lo: int, hi: int, value: int) -> PydanticCustomError:
+    return refuse(f"{name} must be between {lo} and {hi}, got {value}", name)
+
+
+# ---- request bodies --------------------------------------------------------------------------------------------
+class GenerationBody(BaseModel):
+    """POST /v1/images/generations: OpenAI's fields and sdengine's. Absent and null fields take their default.
+    The ranges shown are the widest any server allows; a server's own (its --max-batch, --max-steps,
+    --max-pixels, its model's VAE factor and text encoder, an engine's profile) are checked too: GET /v1/models
+    and the 422 messages name them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, title="ImageGenerationRequest",
+                              json_schema_extra={"examples": [{"prompt": "a red circle", "n": 2, "size": "512x512",
+                                                               "steps": 20, "seed": 7}]})
+
+    response_format: Optional[Literal["b64_json"]] = Field(
+        None, description="only \"b64_json\": base64 PNGs carrying their generation parameters (A1111's text)")
+    model: Optional[str] = Field(None, description="accepted and ignored (one model is served)")
+    user: Optional[str] = Field(None, description="accepted and ignored")
+    quality: Optional[str] = Field(None, description="accepted and ignored (OpenAI's choice among its models)")
+    style: Optional[str] = Field(None, description="accepted and ignored (OpenAI's choice among its models)")
+    prompt: str = Field(..., description="the text to draw: a non-empty string, at most the server's prompt chunks "
+                        f"of 75 tokens (default {MAX_PROMPT_CHUNKS}; an export may allow fewer)")
+    negative_prompt: str = Field("", description="what to steer away from; the same length limit as prompt")
+    prompt_weighting: bool = Field(True, description="read A1111's (word:1.2) emphasis syntax; false reads "
+                                   "brackets as text")
+    clip_skip: int = Field(0, ge=0, description="text encoder layers to skip: 0 .. the model's layers - 1")
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT, description="images to generate: 1 .. the server's "
+                   "--max-batch (seeds seed .. seed+n-1)")
+    size: Optional[str] = Field(None, pattern=SIZE_RE.pattern, description="\"WIDTHxHEIGHT\": sides multiples of "
+                                f"the VAE factor (8) within {MIN_SIDE}..{MAX_SIDE} (an engine: its profile's range), "
+                                "width x height at most the server's --max-pixels (default: the model's size)")
+    steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS, description="denoise steps: 1 .. the server's "
+                                 "--max-steps (default: its --default-steps)")
+    guidance_scale: float = Field(7.5, ge=0, allow_inf_nan=False, description="classifier-free guidance, >= 0")
+    eta: float = Field(0.0, ge=0, allow_inf_nan=False, description="DDIM's eta (ancestral samplers: their noise), "
+                       ">= 0 within the sampler's own range")
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="the first image's seed, 0 .. 2**63 - n "
+                                "(default: drawn at random and returned)")
+    scheduler: str = Field("ddim", description="the sampler: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ... "
+                           "or A1111's names such as \"DPM++ 2M Karras\"; the README lists them")
+    loras: Optional[dict[str, float]] = Field(None, description="the LoRA set {NAME: scale}: NAME a --lora of the "
+                                              "server (GET /v1/models lists them); {} is none; scale 0 leaves one "
+                                              "out; absent: the server's default set")
+
+    _chunks: int = PrivateAttr(1)  # prompt chunks of the longer prompt, counted once by the validator
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absent(cls, data: Any, info: ValidationInfo) -> Any:
+        """Null is absent; an inpainting model takes only edits with a mask."""
+        edit = (info.context or {}).get("edit")
+        if _limits(info).inpainting and (edit is None or edit.mask is None):
+            raise refuse("this server runs an inpainting model: send an image and a mask to POST "
+                         "/v1/images/edits", "mask" if edit is not None else None)
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        if not value.strip():
+            raise refuse("prompt must not be empty", "prompt")
+        return value
+
+    @field_validator("prompt_weighting", mode="before")
+    @classmethod
+    def _flag(cls, value: Any) -> Any:
+        """A form field's text "true" or "false" (any case) as the boolean."""
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        return value
+
+    @field_validator("clip_skip")
+    @classmethod
+    def _clip_skip(cls, value: int, info: ValidationInfo) -> int:
+        layers = _limits(info).clip_layers
+        if value > layers - 1:
+            raise _between("clip_skip", 0, layers - 1, value)
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, value: int, info: ValidationInfo) -> int:
+        if value > _limits(info).max_images:
+            raise _between("n", 1, _limits(info).max_images, value)
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: int, info: ValidationInfo) -> int:
+        if value > _limits(info).max_steps:
+            raise _between("steps", 1, _limits(info).max_steps, value)
+        return value
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, value: Any, info: ValidationInfo) -> str:
+        limits = _limits(info)
+        match = SIZE_RE.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise refuse(f"size must be a string \"WIDTHxHEIGHT\" such as \"{limits.default_size[0]}x"
+                         f"{limits.default_size[1]}\", got {json.dumps(value)}", "size")
+        width, height = int(match.group(1)), int(match.group(2))
+        _side("width", width, limits, limits.width_range)
+        _side("height", height, limits, limits.height_range)
+        if width * height > limits.max_pixels:
+            raise refuse(f"size {width}x{height} is {width * height} pixels; this server allows at most "
+                         f"{limits.max_pixels}", "size")
+        return value
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras(cls, value: Any, info: ValidationInfo) -> dict[str, float]:
+        """Names of this server's LoRAs (with or without .safetensors, each once), finite scales."""
+        limits = _limits(info)
+        example = "{\"%s\": 0.8}" % (limits.loras[0] if limits.loras else "style")
+        if isinstance(value, str):  # an edit's form field
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise refuse(f"loras must be a JSON object such as {example}, got {value[:40]!r}", "loras") from None
+        if not isinstance(value, dict):
+            raise refuse(f"loras must be an object mapping LoRA names to scales, such as {example}, got "
+                         f"{json.dumps(value)[:40]}", "loras")
+        available = ", ".join(limits.loras) if limits.loras else "none (the server was started without --lora)"
+        scales: dict[str, float] = {}
+        for name, scale in value.items():
+            stem = name.removesuffix(".safetensors")
+            if stem not in limits.loras:
+                raise refuse(f"loras: {json.dumps(name)[:80]} is not a LoRA of this server; available: "
+                             f"{available}", "loras")
+            if stem in scales:
+                raise refuse(f"loras: {stem!r} is given twice", "loras")
+            try:
+                number = None if isinstance(scale, bool) or not isinstance(scale, (int, float)) else float(scale)
+            except OverflowError:  # an integer beyond float's range
+                number = None
+            if number is None or not math.isfinite(number):
+                raise refuse(f"loras: the scale of {stem!r} must be a finite number, got {json.dumps(scale)[:40]}",
+                             "loras")
+            scales[stem] = number
+        return scales
+
+    @model_validator(mode="after")
+    def _together(self, info: ValidationInfo) -> "GenerationBody":
+        """What depends on several fields: the prompts' chunks (weighting), the last seed (n), the sampler's table
+        (steps, eta, an edit's strength) and the export's state slots."""
+        limits, edit = _limits(info), (info.context or {}).get("edit")
+        for name in ("prompt", "negative_prompt"):
+            try:
+                chunks = limits.count_chunks(getattr(self, name), self.prompt_weighting)
+            except InvalidInputError as exc:
+                raise refuse(f"{name}: {exc}", name) from None
+            if chunks > limits.max_prompt_chunks:
+                raise refuse(f"{name} needs {chunks} chunks of 75 tokens; this server reads at most "
+                             f"{limits.max_prompt_chunks} ({75 * limits.max_prompt_chunks} tokens): shorten it", name)
+            self._chunks = max(self._chunks, chunks)
+        if self.seed is not None and self.seed > MAX_SEED - self.n + 1:
+            raise _between("seed", 0, MAX_SEED - self.n + 1, self.seed)
+        try:
+            name = canonical_name(self.scheduler)
+            if limits.scheduler is not None:  # the table's own limits: steps within the training steps, eta's range
+                steps = limits.default_steps if self.steps is None else self.steps
+                schedule = build_schedule(limits.scheduler, name, steps, self.eta,
+                                          strength=self.effective_strength(edit))
+                if limits.slots is not None:
+                    fit_slots(schedule, limits.slots, "re-export the model with sdengine export --state-slots {slots}")
+        except InvalidInputError as exc:
+            text = str(exc)
+            param = "eta" if text.startswith("eta") else "strength" if text.startswith("strength") else \
+                "steps" if "step" in text else "scheduler"
+            raise refuse(text, param) from None
+        return self
+
+    def effective_strength(self, edit: Any) -> float:
+        """1 for a generation; an edit's strength, by default 1 with a mask and 0.8 without."""
+        strength = getattr(self, "strength", None)
+        if edit is None or strength is not None:
+            return 1.0 if strength is None else strength
+        return 1.0 if edit.mask is not None else 0.8
+
+
+class EditBody(GenerationBody):
+    """POST /v1/images/edits: the generation fields as form fields, plus `strength` (and the files image, mask).
+    Form fields are text: numbers, true/false and the loras object (as JSON) are read from it first."""
+
+    model_config = ConfigDict(title="ImageEditFields")
+
+    strength: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False, description="how much of the image "
+                                      "is repainted, in (0, 1] (default 1 with a mask, else 0.8)")
+
+
+FIELDS = tuple(GenerationBody.model_fields)
+EDIT_FIELDS = tuple(EditBody.model_fields)
+
+
+def _side(name: str, value: int, limits: Limits, profile: tuple[int, int] | None) -> None:
+    try:
+        check_size(name, value, limits.factor)
+    except InvalidInputError as exc:
+        raise refuse(f"size: {exc}", "size") from None
+    if profile is not None and not profile[0] <= value <= profile[1]:
+        raise refuse(f"size: {name} {value} is outside the loaded engine's range {profile[0]}..{profile[1]}", "size")
+
+
+def refusal(exc: ValidationError, data: dict, limits: Limits, fields: tuple[str, ...]) -> RequestError:
+    """Pydantic's first error as the server's 422: unknown fields first, then in the order of the fields."""
+    errors = exc.errors(include_url=False)
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if not errors[0]["loc"] and errors[0]["type"] != "sdengine":  # the body itself: a key that is not text
+        unknown = sorted(str(key) for key in data if key not in fields) or unknown
+        if not unknown:
+            return RequestError(422, f"request body: {errors[0]['msg']}")
+    if unknown:
+        return RequestError(422, f"unknown field(s): {', '.join(unknown)}; accepted: {', '.join(fields)}", unknown[0])
+    error = errors[0]
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind == "sdengine":
+        return RequestError(422, ctx["message"], ctx["param"])
+    name, value = str(error["loc"][0]), error["input"]
+    shown = json.dumps(value) if isinstance(value, (int, float, str, bool, list, dict, type(None))) else repr(value)
+    if kind == "missing":
+        return RequestError(422, f"{name} is required: a non-empty string", name)
+    if name in IGNORED:
+        return RequestError(422, f"{name} must be a string (it is accepted and ignored)", name)
+    if name == "response_format":
+        return RequestError(422, f"response_format {shown} is not supported; only \"b64_json\" is", name)
+    if name == "scheduler":
+        return RequestError(422, f"scheduler must be a string such as \"dpmpp_2m_karras\", got {shown}", name)
+    if kind == "string_type":
+        return RequestError(422, f"{name} must be a string, got {type(value).__name__}", name)
+    if kind == "bool_type":
+        return RequestError(422, f"{name} must be true or false, got {shown}", name)
+    if kind == "int_type":
+        return RequestError(422, f"{name} must be an integer, got {shown}", name)
+    if kind == "float_type":
+        return RequestError(422, f"{name} must be a number, got {shown}", name)
+    if kind == "finite_number":
+        return RequestError(422, f"{name} must be a finite number, got {value}", name)
+    if name == "strength":
+        return RequestError(422, f"strength must be in (0, 1], got {float(value)}", name)
+    if name in ("guidance_scale", "eta"):
+        return RequestError(422, f"{name} must be >= 0, got {float(value)}", name)
+    n = data.get("n") if isinstance(data.get("n"), int) else 1
+    ranges = {"n": (1, limits.max_images), "steps": (1, limits.max_steps), "clip_skip": (0, limits.clip_layers - 1),
+              "seed": (0, MAX_SEED - n + 1)}
+    if name in ranges:
+        return RequestError(422, f"{name} must be between {ranges[name][0]} and {ranges[name][1]}, got {value}", name)
+    return RequestError(422, f"{name}: {error['msg']}", name)  # not reached by the fields above; kept readable
+
+
+# ---- entry points ----------------------------------------------------------------------------------------------
 def parse_json(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or RequestError(400)."""
+    """The body as a JSON object, or RequestError(400/413)."""
     if len(body) > MAX_BODY_BYTES:
         raise RequestError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
     if not body.strip():
@@ -121,95 +391,6 @@ def parse_json(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _int(data: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = data.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(f"{name} must be an integer, got {json.dumps(value)}", name)
-    if not lo <= value <= hi:
-        raise _invalid(f"{name} must be between {lo} and {hi}, got {value}", name)
-    return value
-
-
-def _number(data: dict, name: str, default: float) -> float:
-    value = data.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _invalid(f"{name} must be a number, got {json.dumps(value)}", name)
-    if not math.isfinite(value):
-        raise _invalid(f"{name} must be a finite number, got {value}", name)
-    if value < 0:
-        raise _invalid(f"{name} must be >= 0, got {value}", name)
-    return float(value)
-
-
-def _text(data: dict, name: str, limits: Limits, required: bool) -> str:
-    value = data.get(name)
-    if value is None:
-        if required:
-            raise _invalid(f"{name} is required: a non-empty string", name)
-        return ""
-    if not isinstance(value, str):
-        raise _invalid(f"{name} must be a string, got {type(value).__name__}", name)
-    if required and not value.strip():
-        raise _invalid(f"{name} must not be empty", name)
-    return value
-
-
-def _chunks(value: str, name: str, limits: Limits, weighting: bool) -> int:
-    """The prompt's chunks of 75 tokens; 422 beyond the server's limit or on text that is not valid Unicode."""
-    try:
-        chunks = limits.count_chunks(value, weighting)
-    except InvalidInputError as exc:
-        raise _invalid(f"{name}: {exc}", name) from None
-    if chunks > limits.max_prompt_chunks:
-        raise _invalid(f"{name} needs {chunks} chunks of 75 tokens; this server reads at most "
-                       f"{limits.max_prompt_chunks} ({75 * limits.max_prompt_chunks} tokens): shorten it", name)
-    return chunks
-
-
-def _flag(data: dict, name: str, default: bool) -> bool:
-    value = data.get(name)
-    if value is None:
-        return default
-    if isinstance(value, str) and value.lower() in ("true", "false"):  # a form field's text
-        return value.lower() == "true"
-    if not isinstance(value, bool):
-        raise _invalid(f"{name} must be true or false, got {json.dumps(value)}", name)
-    return value
-
-
-def _side(name: str, value: int, limits: Limits, profile: tuple[int, int] | None) -> None:
-    try:
-        check_size(name, value, limits.factor)
-    except InvalidInputError as exc:
-        raise _invalid(f"size: {exc}", "size") from None
-    if profile is not None and not profile[0] <= value <= profile[1]:
-        raise _invalid(f"size: {name} {value} is outside the loaded engine's range {profile[0]}..{profile[1]}",
-                       "size")
-
-
-def _size(data: dict, limits: Limits, default: tuple[int, int] | None = None) -> tuple[int, int]:
-    value = data.get("size")
-    if value is None:
-        if default is None:
-            return limits.default_size
-        value = f"{default[0]}x{default[1]}"
-    match = SIZE_RE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise _invalid(f"size must be a string \"WIDTHxHEIGHT\" such as \"{limits.default_size[0]}x"
-                       f"{limits.default_size[1]}\", got {json.dumps(value)}", "size")
-    width, height = int(match.group(1)), int(match.group(2))
-    _side("width", width, limits, limits.width_range)
-    _side("height", height, limits, limits.height_range)
-    if width * height > limits.max_pixels:
-        raise _invalid(f"size {width}x{height} is {width * height} pixels; this server allows at most "
-                       f"{limits.max_pixels}", "size")
-    return width, height
-
-
 def parse_generation(body: bytes, limits: Limits) -> GenerationRequest:
     """Validate a request body against `limits`; RequestError says what is wrong."""
     return validate(parse_json(body), limits)
@@ -217,99 +398,97 @@ def parse_generation(body: bytes, limits: Limits) -> GenerationRequest:
 
 def validate(data: dict, limits: Limits, edit: Any = None) -> GenerationRequest:
     """The fields of a generation (JSON) or an edit (form fields, with `edit` its checked image and mask)."""
-    fields = EDIT_FIELDS if edit is not None else FIELDS
-    if limits.inpainting and (edit is None or edit.mask is None):
-        raise _invalid("this server runs an inpainting model: send an image and a mask to POST /v1/images/edits",
-                       "mask" if edit is not None else None)
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise _invalid(f"unknown field(s): {', '.join(unknown)}; accepted: {', '.join(fields)}", unknown[0])
-    fmt = data.get("response_format")
-    if fmt is not None and fmt != "b64_json":
-        raise _invalid(f"response_format {json.dumps(fmt)} is not supported; only \"b64_json\" is",
-                       "response_format")
-    for name in IGNORED:
-        if data.get(name) is not None and not isinstance(data[name], str):
-            raise _invalid(f"{name} must be a string (it is accepted and ignored)", name)
-    prompt = _text(data, "prompt", limits, required=True)
-    negative = _text(data, "negative_prompt", limits, required=False)
-    weighting = _flag(data, "prompt_weighting", True)
-    chunks = max(_chunks(prompt, "prompt", limits, weighting), _chunks(negative, "negative_prompt", limits, weighting))
-    clip_skip = _int(data, "clip_skip", 0, 0, limits.clip_layers - 1)
-    n = _int(data, "n", 1, 1, limits.max_images)
-    width, height = _size(data, limits, None if edit is None else edit.default_size)
-    steps = _int(data, "steps", limits.default_steps, 1, limits.max_steps)
-    guidance = _number(data, "guidance_scale", 7.5)
-    eta = _number(data, "eta", 0.0)
-    seed = _int(data, "seed", None, 0, MAX_SEED - n + 1)
-    strength = None if edit is None else _strength(data, edit.mask is not None)
-    scheduler = _scheduler(data, limits, steps, eta, strength or 1.0)
-    loras = _loras(data, limits)
-    extra = {} if edit is None else dict(image=edit.image, mask=edit.mask, strength=strength, inputs_key=edit.key)
-    return GenerationRequest(prompt=prompt, negative_prompt=negative, n=n, width=width, height=height, steps=steps,
-                             guidance_scale=guidance, eta=eta,
-                             seed=secrets.randbelow(2**32) if seed is None else seed, scheduler=scheduler,
-                             prompt_weighting=weighting, clip_skip=clip_skip, chunks=chunks, loras=loras,
-                             **extra)
-
-
-def _loras(data: dict, limits: Limits) -> tuple[tuple[str, float], ...]:
-    """`loras` {name: scale} (a JSON object, or its text in a form field) as the set's (name, scale) pairs in the
-    server's order; absent: the server's default set; scale 0 leaves a LoRA out."""
-    value = data.get("loras")
-    if value is None:
-        return limits.default_loras
-    example = "{\"%s\": 0.8}" % (limits.loras[0] if limits.loras else "style")
-    if isinstance(value, str):  # an edit's form field
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise _invalid(f"loras must be a JSON object such as {example}, got {value[:40]!r}", "loras") from None
-    if not isinstance(value, dict):
-        raise _invalid(f"loras must be an object mapping LoRA names to scales, such as {example}, got "
-                       f"{json.dumps(value)[:40]}", "loras")
-    available = ", ".join(limits.loras) if limits.loras else "none (the server was started without --lora)"
-    scales: dict[str, float] = {}
-    for name, scale in value.items():
-        stem = name.removesuffix(".safetensors")
-        if stem not in limits.loras:
-            raise _invalid(f"loras: {json.dumps(name)[:80]} is not a LoRA of this server; available: {available}",
-                           "loras")
-        if stem in scales:
-            raise _invalid(f"loras: {stem!r} is given twice", "loras")
-        try:
-            number = None if isinstance(scale, bool) or not isinstance(scale, (int, float)) else float(scale)
-        except OverflowError:  # an integer beyond float's range
-            number = None
-        if number is None or not math.isfinite(number):
-            raise _invalid(f"loras: the scale of {stem!r} must be a finite number, got {json.dumps(scale)[:40]}",
-                           "loras")
-        scales[stem] = number
-    return tuple((name, scales[name]) for name in limits.loras if scales.get(name, 0.0) != 0.0)
-
-
-def _strength(data: dict, masked: bool) -> float:
-    value = _number(data, "strength", 1.0 if masked else 0.8)
-    if not 0 < value <= 1:
-        raise _invalid(f"strength must be in (0, 1], got {value}", "strength")
-    return value
-
-
-def _scheduler(data: dict, limits: Limits, steps: int, eta: float, strength: float = 1.0) -> str:
-    """The canonical sampler name, checked against the model's schedule and the export's state slots."""
-    value = data.get("scheduler", "ddim")
-    if not isinstance(value, str):
-        raise _invalid(f"scheduler must be a string such as \"dpmpp_2m_karras\", got {json.dumps(value)}",
-                       "scheduler")
+    model, fields = (EditBody, EDIT_FIELDS) if edit is not None else (GenerationBody, FIELDS)
     try:
-        name = canonical_name(value)
-        if limits.scheduler is not None:  # the table's own limits: steps within the training steps, eta's range
-            schedule = build_schedule(limits.scheduler, name, steps, eta, strength=strength)
-            if limits.slots is not None:
-                fit_slots(schedule, limits.slots, "re-export the model with sdengine export --state-slots {slots}")
-    except InvalidInputError as exc:
-        text = str(exc)
-        param = "eta" if text.startswith("eta") else "strength" if text.startswith("strength") else \
-            "steps" if "step" in text else "scheduler"
-        raise _invalid(text, param) from None
-    return name
+        body = model.model_validate(data, context={"limits": limits, "edit": edit})
+    except ValidationError as exc:
+        raise refusal(exc, data, limits, fields) from None
+    width, height = limits.default_size if edit is None else edit.default_size
+    if body.size is not None:
+        width, height = (int(side) for side in body.size.split("x"))
+    loras = limits.default_loras if body.loras is None else \
+        tuple((name, body.loras[name]) for name in limits.loras if body.loras.get(name, 0.0) != 0.0)
+    extra = {} if edit is None else dict(image=edit.image, mask=edit.mask, strength=body.effective_strength(edit),
+                                         inputs_key=edit.key)
+    return GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.n, width=width,
+                             height=height, steps=limits.default_steps if body.steps is None else body.steps,
+                             guidance_scale=body.guidance_scale, eta=body.eta,
+                             seed=secrets.randbelow(2**32) if body.seed is None else body.seed,
+                             scheduler=canonical_name(body.scheduler), prompt_weighting=body.prompt_weighting,
+                             clip_skip=body.clip_skip, chunks=body._chunks, loras=loras, **extra)
+
+
+# ---- response bodies -------------------------------------------------------------------------------------------
+class ImageData(BaseModel):
+    b64_json: str = Field(..., description="a base64 PNG; its `parameters` text chunk holds the generation "
+                          "parameters (A1111's format), its `loras` chunk the LoRA set")
+    seed: int = Field(..., description="this image's seed: the request's seed + its index")
+
+
+class ImagesResponse(BaseModel):
+    """OpenAI's images response, each image with its seed."""
+
+    created: int = Field(..., description="Unix time of the response")
+    data: list[ImageData]
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(..., description="what is wrong and what to do")
+    type: str = Field(..., description="invalid_request_error, rate_limit_error, server_unavailable, "
+                      "timeout_error, not_found_error or server_error")
+    param: Optional[str] = Field(None, description="the offending field, when there is one")
+    code: int = Field(..., description="the HTTP status")
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape: every refusal and failure of this server."""
+
+    error: ErrorDetail
+
+
+class LoraCard(BaseModel):
+    name: str = Field(..., description="what a request's `loras` calls it")
+    default_scale: float = Field(..., description="its scale in the default set (0: not in it)")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "sdengine"
+    loras: list[LoraCard]
+
+
+class ModelList(BaseModel):
+    """OpenAI's model list: the one model this server holds."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+    state: Literal["loading", "ready", "failed", "draining"]
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """The JSON of an error response."""
+    return ErrorBody(error=ErrorDetail(message=message, type=ERROR_TYPES.get(status, "error"), param=param,
+                                       code=status)).model_dump()
+
+
+def edit_form_schema() -> dict[str, Any]:
+    """The multipart form of POST /v1/images/edits for the OpenAPI document: the fields and the two files."""
+    schema = EditBody.model_json_schema()
+    schema["properties"] = {
+        "image": {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP, at most the server's "
+                  "--max-pixels; its transparency is the mask when no mask is sent"},
+        "mask": {"type": "string", "format": "binary", "description": "the image's size; fully transparent "
+                 "pixels are repainted (OpenAI's convention)"},
+        **schema["properties"]}
+    schema["required"] = ["image", *schema.get("required", [])]
+    return schema
