@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidInputError
+from ..files import write_bytes_atomic
 from ..models.loading import load_components
 from ..schedulers import alphas_cumprod
 from . import EMBEDDED_MODEL, shapes
@@ -116,7 +116,7 @@ def concept_data(r: LoraRecipe) -> tuple[list[shapes.Sample], list[shapes.Sample
 
 def save_lora(layers: dict[str, LoraLayer], out: Path, metadata: dict[str, str]) -> Path:
     """kohya layout, fp16, written to a temporary name and renamed."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {}
     for key, layer in layers.items():
@@ -124,12 +124,7 @@ def save_lora(layers: dict[str, LoraLayer], out: Path, metadata: dict[str, str])
         tensors[f"{key}.lora_up.weight"] = layer.up.detach().to(torch.float16).contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(layer.scale * layer.down.shape[0], dtype=torch.float16)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        save_file(tensors, str(partial), metadata=metadata)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_bytes_atomic(out, save(tensors, metadata=metadata))
     return out
 
 
@@ -167,7 +162,7 @@ def train_lora(out: str | Path, recipe: LoraRecipe = LoraRecipe(), model: str | 
     abar = torch.from_numpy(alphas_cumprod(cfg.scheduler)).float()
     n_concept = round(recipe.batch * recipe.concept_fraction)
     log = Log(log_path, recipe.steps, "lora")
-    step_start = time.time()
+    step_start, cpu_start = time.time(), time.process_time()
     for step in range(recipe.steps):
         picks = [torch.randint(0, len(latents[g]), (n,), generator=gen)
                  for g, n in ((0, n_concept), (1, recipe.batch - n_concept))]
@@ -187,9 +182,10 @@ def train_lora(out: str | Path, recipe: LoraRecipe = LoraRecipe(), model: str | 
         opt.step()
         log.step(step, loss.item(), every=max(1, min(50, recipe.steps)))
     log.close()
-    trained = time.time() - step_start
+    trained, cpu = time.time() - step_start, time.process_time() - cpu_start
     summary = {"phase": "done", "seconds": round(time.time() - started, 1), "data_seconds": round(prepared, 1),
-               "seconds_per_step": round(trained / max(1, recipe.steps), 3), "threads": recipe.threads,
+               "seconds_per_step": round(trained / max(1, recipe.steps), 3),
+               "cpu_seconds_per_step": round(cpu / max(1, recipe.steps), 3), "threads": recipe.threads,
                "modules": len(layers), "parameters": sum(p.numel() for p in params),
                "recipe": dataclasses.asdict(recipe)}
     with log_path.open("a", encoding="utf-8") as f:
