@@ -15,6 +15,7 @@ from sdengine import cli
 from sdengine.demo import EMBEDDED_MODEL, checker, lora_path, lora_train, shapes
 from sdengine.errors import InvalidInputError
 from sdengine.lora import read_lora
+from sdengine.models.loading import load_components
 
 from test_demo import semantic_accuracy
 
@@ -76,7 +77,7 @@ def test_shipped_file_is_a_kohya_lora_of_the_demo_model(demo_pipe):
 
 def test_merged_file_equals_the_trained_hooks(tmp_path):
     """What training computes (hooked low-rank branches) is what the saved file merges into the weights."""
-    parts = sdengine.models.loading.load_components(EMBEDDED_MODEL)
+    parts = load_components(EMBEDDED_MODEL)
     gen = torch.Generator().manual_seed(5)
     layers = {**lora_train.attach(parts.text_encoder, "text_encoder", SMOKE, gen),
               **lora_train.attach(parts.unet, "unet", SMOKE, gen)}

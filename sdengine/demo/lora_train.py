@@ -136,7 +136,15 @@ def train_lora(out: str | Path, recipe: LoraRecipe = LoraRecipe(), model: str | 
         raise InvalidInputError(f"{out} must end in .safetensors (the LoRA is written as safetensors)")
     if out.exists() and not overwrite:
         raise InvalidInputError(f"{out} exists; pass --force to replace it")
-    torch.set_num_threads(recipe.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)  # process-wide: restored when done
+    try:
+        return _train(out, recipe, Path(model), log_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(out: Path, recipe: LoraRecipe, model: Path, log_path: str | Path | None) -> Path:
     torch.manual_seed(recipe.seed)
     log_path = Path(log_path) if log_path else out.with_name(f"{out.stem}.train-log.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
