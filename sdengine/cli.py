@@ -1,4 +1,4 @@
-"""The `sdengine` command line: generate, export, tiny-model, train-demo. argparse lives here only."""
+"""The `sdengine` command line: generate, export, tiny-model, train-demo, train-lora. argparse lives here only."""
 
 from __future__ import annotations
 
@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--unet-steps", type=int, default=None)
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
     train.add_argument("--force", action="store_true", help="replace the folder if it exists")
+    lora = sub.add_parser("train-lora", help="train the demo LoRA that teaches the embedded model a new shape "
+                                             "(\"star\"; CPU, minutes)")
+    lora.add_argument("--out", default="star.safetensors", help="LoRA file to write (default star.safetensors)")
+    lora.add_argument("--model", default=None, help="demo model folder to train on (default: the embedded one)")
+    lora.add_argument("--seed", type=int, default=None)
+    lora.add_argument("--steps", type=int, default=None)
+    lora.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    lora.add_argument("--force", action="store_true", help="replace the file if it exists")
     return parser
 
 
@@ -360,6 +368,22 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .demo import EMBEDDED_MODEL
+    from .demo.lora_train import LoraRecipe, train_lora
+
+    for name in ("steps", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise InvalidInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    given = {"seed": args.seed, "steps": args.steps, "threads": args.threads}
+    recipe = dataclasses.replace(LoraRecipe(), **{k: v for k, v in given.items() if v is not None})
+    out = train_lora(args.out, recipe, model=args.model or EMBEDDED_MODEL, overwrite=args.force)
+    print(f"wrote the LoRA to {out}; try: sdengine generate \"a red star on a white background\" --lora {out}")
+    return 0
+
+
 class _LowerLevel(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return super().format(logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()}))
@@ -384,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _log_to_stderr()
     commands = {"generate": cmd_generate, "export": cmd_export, "tiny-model": cmd_tiny_model,
-                "train-demo": cmd_train_demo, "serve": serve_cli.run, "build": build_cli.run,
+                "train-demo": cmd_train_demo, "train-lora": cmd_train_lora, "serve": serve_cli.run, "build": build_cli.run,
                 "bench": bench_cli.run}
     try:
         return commands[args.command](args)

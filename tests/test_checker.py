@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sdengine.demo import shapes
-from sdengine.demo.checker import Verdict, check, matches, parse_caption
+from sdengine.demo.checker import STAR_SOLIDITY, Verdict, check, matches, parse_caption
 
 SEED = 12345  # not the training seed (0)
 COUNT = 600
@@ -77,6 +77,41 @@ def test_robust_to_colour_cast_and_uneven_background():
     acc = accuracies(images, samples()[:150])
     print(f"\nblur 1.5 px + noise + colour cast +-15 + ramp +-15 accuracy over 150 samples: {acc}")
     assert all(a >= 0.95 for a in acc.values()), acc
+
+
+@functools.lru_cache(maxsize=None)
+def star_samples() -> tuple[shapes.Sample, ...]:
+    """Pictures of the LoRA's shape (the base data set has none), made once."""
+    return tuple(shapes.batch(SEED, 0, 150, shapes.EXTRA_SHAPES))
+
+
+def test_reads_stars_clean_and_blurred():
+    rng = np.random.default_rng(11)
+    clean = accuracies([s.image for s in star_samples()], star_samples())
+    blurred = accuracies([vae_like(s.image, rng) for s in star_samples()], star_samples())
+    print(f"\nstars, 150 samples: clean {clean}, blur 1.2 px + noise {blurred}")
+    assert all(a == 1.0 for a in clean.values()), clean
+    assert all(a >= 0.95 for a in blurred.values()), blurred
+
+
+def test_solidity_separates_stars_from_the_convex_shapes():
+    rng = np.random.default_rng(5)
+    stars = [check(vae_like(s.image, rng)).solidity for s in star_samples()[:60]]
+    base = [check(vae_like(s.image, rng)).solidity for s in samples()[:200]]
+    print(f"\nsolidity, blurred: stars {min(stars):.3f} .. {max(stars):.3f}, base shapes {min(base):.3f} .. "
+          f"{max(base):.3f}, threshold {STAR_SOLIDITY}")
+    assert max(stars) < STAR_SOLIDITY < min(base)
+
+
+def test_star_outline():
+    polygon = shapes.star_polygon(32, 32, 10)
+    radii = np.hypot(*(polygon - polygon.mean(0)).T)
+    assert len(polygon) == 10 and np.allclose(radii[::2], shapes.STAR_SCALE * 10)
+    assert np.allclose(radii[1::2], shapes.STAR_INNER * shapes.STAR_SCALE * 10)
+    ys = polygon[:, 1]
+    assert np.isclose((ys.min() + ys.max()) / 2, 32)  # centred in its bounding box
+    mask = shapes.shape_mask("star", 32, 32, 10)
+    assert 0.3 < mask.sum() / (np.pi * (shapes.STAR_SCALE * 10) ** 2) < 0.5  # notched: well under its circle
 
 
 def test_shape_statistics_match_their_prototypes():
@@ -147,6 +182,7 @@ def test_parse_caption_reads_every_template(template):
 def test_parse_caption_edge_cases():
     assert parse_caption("A Blue Square on a grey background") == ("blue", "square", "gray")
     assert parse_caption("a green thing") == ("green", None, None)
+    assert parse_caption("a gray background with a red star") == ("red", "star", "gray")
     assert all(parse_caption(s.caption)[:2] == (s.colour, s.shape) for s in samples()[:50])
 
 
