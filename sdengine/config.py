@@ -452,10 +452,9 @@ class ModelConfig:
 
     @classmethod
     def sdxl_base(cls) -> "ModelConfig":
-        """SDXL base 1.0's shapes (its scheduler is Euler, leading spacing, steps_offset 1)."""
+        """SDXL base 1.0's shapes; its scheduler's betas, leading spacing and steps_offset 1 are the defaults."""
         return cls(unet=UNetConfig.sdxl(), vae=VAEConfig.sdxl(), text_encoder=TextEncoderConfig(
-            hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2), text_encoder_2=TextEncoderConfig.sdxl_2(),
-            scheduler=SchedulerConfig(steps_offset=1, timestep_spacing="leading"))
+            hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2), text_encoder_2=TextEncoderConfig.sdxl_2())
 
     @classmethod
     def tiny_sdxl(cls) -> "ModelConfig":

@@ -59,20 +59,39 @@ def load_components(path: str | Path, device: str = "cpu", dtype: torch.dtype = 
     else:
         config, parts, tokenizer = _read_single_file(path)
     config = config.with_prediction_type(prediction_type)
-    modules = {"unet": UNet(config.unet), "vae": AutoencoderKL(config.vae),
-               "text_encoder": TextEncoder(config.text_encoder)}
+    builders = {"unet": lambda: UNet(config.unet), "vae": lambda: AutoencoderKL(config.vae),
+                "text_encoder": lambda: TextEncoder(config.text_encoder)}
     if config.text_encoder_2 is not None:
-        modules["text_encoder_2"] = TextEncoder(config.text_encoder_2, projection=True)
-    for name, module in modules.items():
-        state = {k: v for k, v in parts.pop(name).items() if k not in _IGNORED_KEYS}
-        load_strict(module, state, f"{name} weights of {path}")
-        del state  # the file's tensors go as each module is filled: no second copy of the whole model
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        builders["text_encoder_2"] = lambda: TextEncoder(config.text_encoder_2, projection=True)
+    modules = {}
+    for name, build in builders.items():
+        # Built without memory (meta tensors) and given the file's tensors, cast to `dtype` (no copy where the file
+        # has it already): the host never holds a second copy of a network, nor spends time on random init.
+        with torch.device("meta"):
+            module = build()
+        state = {k: v.to(dtype) if v.is_floating_point() else v
+                 for k, v in parts.pop(name).items() if k not in _IGNORED_KEYS}
+        load_strict(module, state, f"{name} weights of {path}", assign=True)
+        del state
+        _fill_buffers(module)
+        modules[name] = module.to(device=device).eval().requires_grad_(False)
     tokenizer_2 = None
     if config.sdxl:
         tokenizer, tokenizer_2 = tokenizer
     return Components(config, modules["unet"], modules["vae"], modules["text_encoder"], tokenizer, path,
                       modules.get("text_encoder_2"), tokenizer_2)
+
+
+def _fill_buffers(module: torch.nn.Module) -> None:
+    """Buffers outside the state dict, left on the meta device: transformers' CLIP position ids (0..n-1)."""
+    for name, buffer in list(module.named_buffers()):
+        if not buffer.is_meta:
+            continue
+        owner = module.get_submodule(name.rpartition(".")[0])
+        leaf = name.rpartition(".")[2]
+        if leaf != "position_ids":
+            raise ModelLoadError(f"{name}: a buffer sdengine cannot rebuild outside the weights file")
+        owner.register_buffer(leaf, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
 
 
 def _read_folder(root: Path) -> tuple[ModelConfig, dict[str, dict], ClipTokenizer]:
@@ -146,6 +165,9 @@ def _read_single_file(path: Path) -> tuple[ModelConfig, dict[str, dict], ClipTok
     state = read_safetensors(path)
     family = convert.detect_family(state.keys())
     config = convert.infer_config(state)
-    parts = convert.original_to_diffusers(state, config)
+    parts = convert.original_to_diffusers(state, config)  # the file's tensors, renamed (views, no copies)
+    del state
+    if family == "sdxl":
+        return config, parts, (ClipTokenizer.default(), ClipTokenizer.default(pad_token="!"))
     tokenizer = ClipTokenizer.default() if family == "sd1" else ClipTokenizer.default(pad_token="!")
     return config, parts, tokenizer
