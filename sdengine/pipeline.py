@@ -267,8 +267,8 @@ class Pipeline:
                      negative_crops_coords_top_left=negative_crops_coords_top_left,
                      negative_target_size=negative_target_size)
         if not self.config.sdxl:
-            given = [k for k, v in micro.items() if v is not None and not (k == "crops_coords_top_left" and
-                                                                          tuple(v) == (0, 0))]
+            given = [k for k, v in micro.items() if v is not None and not (
+                k == "crops_coords_top_left" and isinstance(v, (tuple, list)) and tuple(v) == (0, 0))]
             if given:
                 raise InvalidInputError(f"{', '.join(given)}: SDXL's micro-conditioning; this model is not SDXL")
         n = _check_count(num_images_per_prompt)

@@ -45,12 +45,6 @@ class AddedConditioning:
     time_ids: np.ndarray     # [R, 6]: original_size (h, w), crops_coords_top_left (top, left), target_size (h, w)
 
 
-def refuse_sdxl(config: ModelConfig, backend: str) -> None:
-    """SDXL runs on the torch backend only, for now: say so by name instead of failing on a missing input."""
-    if getattr(config, "sdxl", False):
-        raise InvalidInputError(f"SDXL on the {backend} backend is not supported yet (issue 15): use --backend torch")
-
-
 class Backend(Protocol):
     """What the txt2img pipeline needs from an execution backend."""
 
