@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out", help="folder to create")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--force", action="store_true", help="replace the folder if it exists")
+    tiny.add_argument("--sdxl", action="store_true", help="a tiny SDXL-shaped model (two text encoders, "
+                      "micro-conditioning; the torch backend runs it)")
     train = sub.add_parser("train-demo", help="train the embedded demo model on captioned shapes (CPU, ~1 hour)")
     train.add_argument("out", help="folder to write the trained model to (diffusers layout)")
     train.add_argument("--seed", type=int, default=0)
@@ -346,9 +348,11 @@ def _example_prompt(model: str | None) -> str:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not args.force:
         raise InvalidInputError(f"{args.out} exists; pass --force to replace it, or choose another folder")
+    from .config import ModelConfig
     from .models.saving import write_random_model
 
-    out = write_random_model(args.out, seed=args.seed, overwrite=args.force)
+    config = ModelConfig.tiny_sdxl() if args.sdxl else ModelConfig.tiny()
+    out = write_random_model(args.out, config, seed=args.seed, overwrite=args.force)
     print(f"wrote a random-weight tiny model to {out} (it draws noise); try: sdengine generate \"a cat\" "
           f"--model {out}")
     return 0

@@ -1,4 +1,4 @@
-"""Frozen model configs for the SD 1.x / 2.x family, read from diffusers config files.
+"""Frozen model configs for the SD 1.x / 2.x and SDXL families, read from diffusers config files.
 
 No torch here: the runtime reads these too. Each config has `tiny()` for tests, and
 `from_diffusers` / `to_diffusers` for a diffusers folder's `config.json`.
@@ -25,7 +25,6 @@ _UNET_FIXED = {
     "dual_cross_attention": False,
     "only_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "num_class_embeds": None,
     "encoder_hid_dim": None,
     "time_embedding_type": "positional",
@@ -33,10 +32,9 @@ _UNET_FIXED = {
     "resnet_time_scale_shift": "default",
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None,
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "attention_type": "default",
-    "projection_class_embeddings_input_dim": None,
     "class_embeddings_concat": False,
     "time_embedding_dim": None,
 }
@@ -52,6 +50,10 @@ _VAE_FIXED = {
     "latents_std": None,
 }
 _TEXT_FIXED = {"model_type": "clip_text_model"}
+# addition_embed_type values: None (SD 1.x/2.x) and SDXL's micro-conditioning; the rest are other families.
+TEXT_TIME = "text_time"
+_ADDITION_EMBED = (None, TEXT_TIME)
+SDXL_TIME_IDS = 6  # original_size (h, w), crops_coords_top_left (top, left), target_size (h, w)
 _UNET_ATTN, _UNET_PLAIN = "CrossAttnDownBlock2D", "DownBlock2D"
 _UNET_UP = {_UNET_ATTN: "CrossAttnUpBlock2D", _UNET_PLAIN: "UpBlock2D"}
 # U-Net input channels (with SD's 4 latent channels): the kinds sdengine runs, and SD-shaped ones it refuses by name.
@@ -80,6 +82,10 @@ def _per_block(value: Any, n: int, name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """The SD 1.x/2.x conditional U-Net (Rombach et al. 2022, appendix; diffusers UNet2DConditionModel)."""
@@ -99,11 +105,29 @@ class UNetConfig:
     freq_shift: int = 0
     sample_size: int = 64
     time_cond_proj_dim: int | None = None  # LCM-distilled U-Nets: the guidance scale's embedding width
+    # SDXL (Podell et al. 2023): transformer blocks per spatial transformer, per level (the mid block takes the
+    # last level's); the "text_time" micro-conditioning embedding of pooled text and size/crop numbers.
+    transformer_layers: tuple[int, ...] = ()  # empty: one per level (SD 1.x/2.x)
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
-        if n < 1 or len(self.attention) != n or len(self.num_heads) != n:
-            raise ModelLoadError("U-Net config: block_out_channels, attention and num_heads differ in length")
+        if not self.transformer_layers:
+            object.__setattr__(self, "transformer_layers", (1,) * n)
+        if n < 1 or len(self.attention) != n or len(self.num_heads) != n or len(self.transformer_layers) != n:
+            raise ModelLoadError("U-Net config: block_out_channels, attention, num_heads and "
+                                 "transformer_layers_per_block differ in length")
+        if any(t < 1 for t in self.transformer_layers):
+            raise ModelLoadError(f"U-Net config: transformer_layers_per_block {self.transformer_layers} must be >= 1")
+        if self.addition_embed_type not in _ADDITION_EMBED:
+            raise UnsupportedModelError(
+                f"U-Net config sets addition_embed_type={self.addition_embed_type!r}; sdengine implements None "
+                f"(SD 1.x/2.x) and {TEXT_TIME!r} (SDXL)")
+        if self.text_time and (not self.addition_time_embed_dim or not self.projection_class_embeddings_input_dim):
+            raise ModelLoadError("U-Net config: addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                                 "projection_class_embeddings_input_dim")
         for ch, heads in zip(self.block_out_channels, self.num_heads):
             if ch % heads or ch % self.norm_num_groups:
                 raise ModelLoadError(f"U-Net config: {ch} channels do not divide into {heads} heads "
@@ -112,6 +136,18 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
+
+    @property
+    def text_time(self) -> bool:
+        """SDXL's micro-conditioning: the U-Net also takes text_embeds [B, P] and time_ids [B, 6]."""
+        return self.addition_embed_type == TEXT_TIME
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled text embedding a text_time U-Net takes (0 for others)."""
+        if not self.text_time:
+            return 0
+        return int(self.projection_class_embeddings_input_dim) - SDXL_TIME_IDS * int(self.addition_time_embed_dim)
 
     @classmethod
     def sd15(cls) -> "UNetConfig":
@@ -128,6 +164,22 @@ class UNetConfig:
                    cross_attention_dim=32, norm_num_groups=8, sample_size=8)
 
     @classmethod
+    def sdxl(cls) -> "UNetConfig":
+        """stabilityai/stable-diffusion-xl-base-1.0's unet/config.json."""
+        return cls(block_out_channels=(320, 640, 1280), attention=(False, True, True), num_heads=(5, 10, 20),
+                   cross_attention_dim=2048, use_linear_projection=True, sample_size=128,
+                   transformer_layers=(1, 2, 10), addition_embed_type=TEXT_TIME, addition_time_embed_dim=256,
+                   projection_class_embeddings_input_dim=2816)
+
+    @classmethod
+    def tiny_sdxl(cls) -> "UNetConfig":
+        """SDXL-shaped and tiny: no attention at the top level, 2 transformer layers below, text_time."""
+        return cls(block_out_channels=(32, 64, 64), attention=(False, True, True), num_heads=(2, 4, 4),
+                   cross_attention_dim=64, use_linear_projection=True, norm_num_groups=8, sample_size=8,
+                   transformer_layers=(1, 2, 2), addition_embed_type=TEXT_TIME, addition_time_embed_dim=8,
+                   projection_class_embeddings_input_dim=6 * 8 + 32)
+
+    @classmethod
     def from_diffusers(cls, d: Mapping[str, Any]) -> "UNetConfig":
         """Read a diffusers `unet/config.json` dict, refusing unsupported features."""
         _check_fixed("U-Net", d, _UNET_FIXED)
@@ -140,6 +192,11 @@ class UNetConfig:
             raise UnsupportedModelError(f"U-Net config: up_block_types {up} do not mirror down_block_types {down}")
         n = len(down)
         heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)  # diffusers' legacy naming
+        addition = d.get("addition_embed_type")
+        if addition not in _ADDITION_EMBED:
+            raise UnsupportedModelError(f"U-Net config sets addition_embed_type={addition!r}; sdengine implements "
+                                        f"None (SD 1.x/2.x) and {TEXT_TIME!r} (SDXL)")
+        text_time = addition == TEXT_TIME
         return cls(
             block_out_channels=_per_block(d["block_out_channels"], n, "block_out_channels"),
             attention=tuple(t == _UNET_ATTN for t in down),
@@ -156,6 +213,11 @@ class UNetConfig:
             freq_shift=int(d.get("freq_shift", 0)),
             sample_size=int(d.get("sample_size", 64)),
             time_cond_proj_dim=None if d.get("time_cond_proj_dim") is None else int(d["time_cond_proj_dim"]),
+            transformer_layers=_per_block(d.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"),
+            addition_embed_type=addition,
+            addition_time_embed_dim=_optional_int(d.get("addition_time_embed_dim")) if text_time else None,
+            projection_class_embeddings_input_dim=(_optional_int(d.get("projection_class_embeddings_input_dim"))
+                                                   if text_time else None),
         )
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -178,6 +240,10 @@ class UNetConfig:
             "freq_shift": self.freq_shift,
             "sample_size": self.sample_size,
             "time_cond_proj_dim": self.time_cond_proj_dim,
+            "transformer_layers_per_block": list(self.transformer_layers),
+            "addition_embed_type": self.addition_embed_type,
+            "addition_time_embed_dim": self.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim,
             "act_fn": "silu",
             "center_input_sample": False,
             "downsample_padding": 1,
@@ -195,6 +261,8 @@ class VAEConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
     sample_size: int = 512
+    # diffusers' flag that the VAE overflows in fp16 (SDXL's does): its SDXL pipeline then decodes in fp32.
+    force_upcast: bool = True
 
     def __post_init__(self) -> None:
         if any(ch % self.norm_num_groups for ch in self.block_out_channels):
@@ -213,6 +281,10 @@ class VAEConfig:
         return cls(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64)
 
     @classmethod
+    def sdxl(cls) -> "VAEConfig":
+        return cls(scaling_factor=0.13025, sample_size=1024)
+
+    @classmethod
     def from_diffusers(cls, d: Mapping[str, Any]) -> "VAEConfig":
         """Read a diffusers `vae/config.json` dict, refusing unsupported features."""
         _check_fixed("VAE", d, _VAE_FIXED)
@@ -227,6 +299,7 @@ class VAEConfig:
             norm_num_groups=int(d.get("norm_num_groups", 32)),
             scaling_factor=float(d.get("scaling_factor") or 0.18215),
             sample_size=int(d.get("sample_size", 512)),
+            force_upcast=bool(d.get("force_upcast", True)),
         )
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -241,6 +314,7 @@ class VAEConfig:
             "norm_num_groups": self.norm_num_groups,
             "scaling_factor": self.scaling_factor,
             "sample_size": self.sample_size,
+            "force_upcast": self.force_upcast,
             "in_channels": 3,
             "out_channels": 3,
             "act_fn": "silu",
@@ -275,14 +349,27 @@ class TextEncoderConfig:
                    projection_dim=32)
 
     @classmethod
+    def sdxl_2(cls) -> "TextEncoderConfig":
+        """SDXL's second encoder: OpenCLIP ViT-bigG/14's text tower (its text_encoder_2/config.json)."""
+        return cls(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280, bos_token_id=0, eos_token_id=2)
+
+    @classmethod
+    def tiny_sdxl_2(cls) -> "TextEncoderConfig":
+        return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                   hidden_act="gelu", projection_dim=32)
+
+    @classmethod
     def from_diffusers(cls, d: Mapping[str, Any]) -> "TextEncoderConfig":
         """Read a `text_encoder/config.json` (transformers CLIPTextConfig) dict."""
         _check_fixed("text encoder", {k: v for k, v in d.items() if k in _TEXT_FIXED}, _TEXT_FIXED)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: d[k] for k in names if d.get(k) is not None})
 
-    def to_diffusers(self) -> dict[str, Any]:
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **dataclasses.asdict(self)}
+    def to_diffusers(self, projection: bool = False) -> dict[str, Any]:
+        """transformers' config.json; projection=True for a CLIPTextModelWithProjection (SDXL's text_encoder_2)."""
+        arch = "CLIPTextModelWithProjection" if projection else "CLIPTextModel"
+        return {"architectures": [arch], "model_type": "clip_text_model", **dataclasses.asdict(self)}
 
     def to_transformers(self) -> Any:
         """A transformers CLIPTextConfig (imports transformers)."""
@@ -299,11 +386,25 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # SDXL: the second text encoder (with projection); its hidden states are concatenated to the first's.
+    text_encoder_2: TextEncoderConfig | None = None
+    # diffusers' SDXL pipeline flag: an absent negative prompt is zeros, not the encoding of "".
+    force_zeros_for_empty_prompt: bool = True
 
     def __post_init__(self) -> None:
-        if self.text_encoder.hidden_size != self.unet.cross_attention_dim:
-            raise ModelLoadError(f"text encoder width {self.text_encoder.hidden_size} differs from the U-Net's "
-                                 f"cross_attention_dim {self.unet.cross_attention_dim}: the parts are of different models")
+        width = self.text_encoder.hidden_size + (self.text_encoder_2.hidden_size if self.text_encoder_2 else 0)
+        if width != self.unet.cross_attention_dim:
+            what = "text encoders' widths together" if self.text_encoder_2 else "text encoder width"
+            raise ModelLoadError(f"the {what} ({width}) differ from the U-Net's cross_attention_dim "
+                                 f"{self.unet.cross_attention_dim}: the parts are of different models")
+        if self.unet.text_time != (self.text_encoder_2 is not None):
+            raise ModelLoadError("an SDXL model needs both a text_time U-Net and a second text encoder "
+                                 "(text_encoder_2); this config has only one of them")
+        if self.text_encoder_2 is not None and self.text_encoder_2.projection_dim != self.unet.pooled_dim:
+            raise ModelLoadError(
+                f"the U-Net's add_embedding takes {self.unet.projection_class_embeddings_input_dim} = "
+                f"{SDXL_TIME_IDS} x {self.unet.addition_time_embed_dim} + {self.unet.pooled_dim} pooled values, but "
+                f"text_encoder_2 projects to {self.text_encoder_2.projection_dim}: the parts are of different models")
         latent, unet_in = self.vae.latent_channels, self.unet.in_channels
         if unet_in not in (latent, 2 * latent + 1):
             what = (OTHER_UNET_INPUTS.get(unet_in) if latent == 4 else None) or "an unknown kind"
@@ -319,6 +420,11 @@ class ModelConfig:
     def inpainting(self) -> bool:
         """True for an inpainting U-Net: its input is [latent, mask (1), masked-image latent] (9 channels in SD)."""
         return self.unet.in_channels == 2 * self.vae.latent_channels + 1
+
+    @property
+    def sdxl(self) -> bool:
+        """Two text encoders and the text_time U-Net (Podell et al. 2023)."""
+        return self.text_encoder_2 is not None
 
     @property
     def default_size(self) -> int:
@@ -345,6 +451,18 @@ class ModelConfig:
         return cls(unet=UNetConfig.tiny(), vae=VAEConfig.tiny(), text_encoder=TextEncoderConfig.tiny())
 
     @classmethod
+    def sdxl_base(cls) -> "ModelConfig":
+        """SDXL base 1.0's shapes; its scheduler's betas, leading spacing and steps_offset 1 are the defaults."""
+        return cls(unet=UNetConfig.sdxl(), vae=VAEConfig.sdxl(), text_encoder=TextEncoderConfig(
+            hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2), text_encoder_2=TextEncoderConfig.sdxl_2())
+
+    @classmethod
+    def tiny_sdxl(cls) -> "ModelConfig":
+        """A tiny SDXL-shaped model for tests: two text encoders (32 + 32 wide), the tiny SDXL U-Net."""
+        return cls(unet=UNetConfig.tiny_sdxl(), vae=dataclasses.replace(VAEConfig.tiny(), scaling_factor=0.13025),
+                   text_encoder=TextEncoderConfig.tiny(), text_encoder_2=TextEncoderConfig.tiny_sdxl_2())
+
+    @classmethod
     def tiny_inpaint(cls) -> "ModelConfig":
         """The tiny config with an inpainting U-Net (2 * 4 + 1 = 9 input channels), for tests."""
         tiny = cls.tiny()
@@ -359,10 +477,14 @@ class ModelConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         """Inverse of to_dict; a ModelLoadError names any unknown or missing field."""
         parts = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig,
-                 "scheduler": SchedulerConfig}
+                 "scheduler": SchedulerConfig, "text_encoder_2": TextEncoderConfig}
         try:
-            kwargs = {}
+            kwargs: dict[str, Any] = {}
+            if "force_zeros_for_empty_prompt" in d:
+                kwargs["force_zeros_for_empty_prompt"] = bool(d["force_zeros_for_empty_prompt"])
             for name, kind in parts.items():
+                if name == "text_encoder_2" and d.get(name) is None:
+                    continue  # SD 1.x/2.x, and manifests written before SDXL
                 values = dict(d[name])
                 for f in dataclasses.fields(kind):
                     if isinstance(values.get(f.name), list):
@@ -374,16 +496,20 @@ class ModelConfig:
 
     @classmethod
     def from_diffusers_folder(cls, root: str | Path) -> "ModelConfig":
-        """Read the config files of a diffusers folder (unet/, vae/, text_encoder/, scheduler/)."""
+        """Read the config files of a diffusers folder (unet/, vae/, text_encoder/, scheduler/; SDXL: text_encoder_2/)."""
         root = Path(root)
         files = {"unet": "unet/config.json", "vae": "vae/config.json",
                  "text_encoder": "text_encoder/config.json", "scheduler": "scheduler/scheduler_config.json"}
         parts = {name: read_json(root / rel) for name, rel in files.items()}
+        second = root / "text_encoder_2" / "config.json"
+        index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
         return cls(
             unet=UNetConfig.from_diffusers(parts["unet"]),
             vae=VAEConfig.from_diffusers(parts["vae"]),
             text_encoder=TextEncoderConfig.from_diffusers(parts["text_encoder"]),
             scheduler=SchedulerConfig.from_diffusers(parts["scheduler"]),
+            text_encoder_2=TextEncoderConfig.from_diffusers(read_json(second)) if second.is_file() else None,
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
         )
 
 

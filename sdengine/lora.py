@@ -7,13 +7,15 @@ generation costs what it costs without LoRAs; changing the set recomputes from t
 
 Formats (safetensors only):
 - kohya / A1111: `lora_unet_<module with _ for .>.lora_down.weight`, `.lora_up.weight`, `.alpha`, and
-  `lora_te_<module>` for the text encoder;
+  `lora_te_<module>` for the text encoder; on SDXL `lora_te1_` / `lora_te2_` for the two text encoders and the
+  U-Net's modules under either their diffusers names or the original layout's (`lora_unet_input_blocks_4_1_...`,
+  as kohya's sd-scripts writes SDXL LoRAs);
 - diffusers / PEFT: `unet.<module>.lora_A.weight`, `.lora_B.weight` (`text_encoder.<module>` ...); alpha is
   the rank unless a per-module `.alpha` key or diffusers' `lora_adapter_metadata` says otherwise.
 Other LyCORIS kinds (LoHa, LoKr, Tucker cores, DoRA, OFT, full diffs) are recognised and refused by name.
 
-Weights are named `unet.<parameter>` and `text_encoder.<parameter>`, the reference modules' state-dict names
-(which are diffusers' and transformers').
+Weights are named `unet.<parameter>`, `text_encoder.<parameter>` (and on SDXL `text_encoder_2.<parameter>`), the
+reference modules' state-dict names (which are diffusers' and transformers').
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ import numpy as np
 from .errors import InvalidInputError, LoraError
 from .files import refuse_pickle
 
-COMPONENTS = ("unet", "text_encoder")
-_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                   "lora_te2_": "text_encoder_2"}
 _KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 _PEFT_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
                "alpha": "alpha"}
@@ -136,17 +139,54 @@ def _tensor(key: str, info: Any, body: memoryview) -> np.ndarray:
 def module_index(targets: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, str]]:
     """{format: {module key as a file spells it: target}} for the weights (ndim >= 2) in `targets`."""
     kohya, peft = {}, {}
+    sdxl = any(name.startswith("text_encoder_2.") for name in targets)
+    kohya_prefixes = {"unet": ("lora_unet_",), "text_encoder": ("lora_te1_",) if sdxl else ("lora_te_",),
+                      "text_encoder_2": ("lora_te2_",)}
+    original = _original_unet_modules(targets) if sdxl else {}
     for name, shape in targets.items():
         if not name.endswith(".weight") or len(shape) < 2:
             continue
         component, _, param = name.partition(".")
         module = param[: -len(".weight")]
-        prefix = next(p for p, c in _KOHYA_PREFIXES.items() if c == component)
-        kohya[prefix + module.replace(".", "_")] = name
+        for prefix in kohya_prefixes[component]:
+            kohya[prefix + module.replace(".", "_")] = name
+        if component == "unet" and module in original:
+            kohya["lora_unet_" + original[module].replace(".", "_")] = name
         peft[f"{component}.{module}"] = name
         if module.startswith("text_model."):  # transformers 5 saves CLIPTextModel without text_model.
             peft[f"{component}.{module[len('text_model.'):]}"] = name
     return {"kohya": kohya, "peft": peft}
+
+
+def _original_unet_modules(targets: Mapping[str, Any]) -> dict[str, str]:
+    """{diffusers U-Net module: the original layout's name} for the U-Net weights in `targets`, its block structure
+    (levels, resnets per level, attention per level) read from the names (kohya names SDXL modules this way)."""
+    from .config import UNetConfig
+    from .models.convert import unet_key_map
+
+    unet = [name[len("unet."):] for name in targets if name.startswith("unet.")]
+    levels = {int(n.split(".")[1]) for n in unet if n.startswith("down_blocks.")}
+    if not levels:
+        return {}
+    n = max(levels) + 1
+    layers = len({n_.split(".")[3] for n_ in unet if n_.startswith("down_blocks.0.resnets.")})
+    attention = tuple(any(m.startswith(f"down_blocks.{i}.attentions.") for m in unet) for i in range(n))
+    text_time = any(m.startswith("add_embedding.") for m in unet)
+    shape = UNetConfig(block_out_channels=(32,) * n, attention=attention, num_heads=(1,) * n, layers_per_block=layers,
+                       addition_embed_type="text_time" if text_time else None,
+                       addition_time_embed_dim=1 if text_time else None,
+                       projection_class_embeddings_input_dim=7 if text_time else None)
+    table = {d: o for o, d in unet_key_map(shape)}
+    out = {}
+    for name in unet:
+        module = name.rsplit(".", 1)[0]
+        head, rest = module, ""
+        while head and head not in table:
+            cut = head.rfind(".")
+            head, rest = (head[:cut], head[cut:] + rest) if cut >= 0 else ("", "")
+        if head:
+            out[module] = table[head] + rest
+    return out
 
 
 def _refused_kind(keys: Sequence[str]) -> str | None:
@@ -222,7 +262,7 @@ def read_lora(path: str | Path, targets: Mapping[str, tuple[int, ...]], strict: 
         groups.setdefault(split[:2], {})[split[2]] = value
     formats = {fmt for fmt, _ in groups}
     if len(formats) > 1:
-        raise LoraError(f"{path} mixes kohya (lora_unet_/lora_te_) and diffusers/PEFT (lora_A/lora_B) keys; "
+        raise LoraError(f"{path} mixes kohya (lora_unet_/lora_te*_) and diffusers/PEFT (lora_A/lora_B) keys; "
                         f"convert it to one of them")
     alphas = _peft_alphas(metadata)
     pairs = []
@@ -243,7 +283,9 @@ def read_lora(path: str | Path, targets: Mapping[str, tuple[int, ...]], strict: 
             alpha = float(rank) if fmt == "kohya" else _metadata_alpha(module, rank, alphas)
         pairs.append(LoraPair(target, up, down, alpha))
     if unknown and strict:
-        hint = (" It looks made for SDXL; sdengine runs SD 1.x/2.x." if any(k.startswith(_SDXL_HINTS) for k in unknown)
+        sdxl_model = any(t.startswith("text_encoder_2.") for t in targets)
+        hint = (" It looks made for SDXL and this model is SD 1.x/2.x: load it on an SDXL model."
+                if not sdxl_model and any(k.startswith(_SDXL_HINTS) for k in unknown)
                 else " Is it a LoRA for another model family? Pass strict=False to skip them.")
         raise LoraError(f"{path}: {len(unknown)} key(s) match no weight of this model: "
                         f"{', '.join(sorted(unknown)[:_SHOWN])}{' ...' if len(unknown) > _SHOWN else ''}.{hint}")

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .backends import Backend, ImageCondition, StepCallback, load_backend
+from .backends import AddedConditioning, Backend, ImageCondition, StepCallback, load_backend
 from .errors import InvalidInputError, NonFiniteOutputError
 from .images import ImageInputs, prepare
 from .lora import LoraInfo, lora_specs, read_lora
@@ -179,6 +179,10 @@ class Pipeline:
         self.backend = backend
         self.config = backend.config
         self.tokenizer = backend.tokenizer
+        self.tokenizer_2 = getattr(backend, "tokenizer_2", None)  # SDXL's second tokenizer (pads with '!')
+        if self.config.sdxl and not hasattr(backend, "encode_text_sdxl"):
+            raise InvalidInputError(f"SDXL on the {type(backend).__name__} backend is not supported yet (issue 15): "
+                                    f"use --backend torch")
         self.model_name = model_name or "model"
         self.embedded = embedded  # the demo model: prompts outside its vocabulary get a warning
         self.loras: tuple[LoraInfo, ...] = ()  # the active LoRAs, in the order they were merged
@@ -225,7 +229,11 @@ class Pipeline:
                  callback: StepCallback | None = None, output_type: str = "pil",
                  scheduler: str = "ddim", image: Any = None, mask_image: Any = None, strength: float | None = None,
                  mask_blur: float = 0.0, keep_unmasked: bool = False, sample_posterior: bool = False,
-                 prompt_weighting: bool = True, clip_skip: int | None = None) -> PipelineResult:
+                 prompt_weighting: bool = True, clip_skip: int | None = None,
+                 original_size: Sequence[int] | None = None, crops_coords_top_left: Sequence[int] = (0, 0),
+                 target_size: Sequence[int] | None = None, negative_original_size: Sequence[int] | None = None,
+                 negative_crops_coords_top_left: Sequence[int] | None = None,
+                 negative_target_size: Sequence[int] | None = None) -> PipelineResult:
         """Generate images; parameters as in diffusers' StableDiffusion(Img2Img|Inpaint)Pipeline.
 
         `scheduler` names the sampler (sdengine.sampler_names(); A1111's names too); `latents` is unit
@@ -237,12 +245,32 @@ class Pipeline:
 
         Prompts take A1111's syntax (README, "Prompts"): any length up to MAX_PROMPT_CHUNKS chunks of 75 tokens,
         BREAK, and emphasis `(word)`, `[word]`, `(word:1.3)` unless prompt_weighting=False. `clip_skip` = n
-        conditions on layer -1-n of the text encoder, as diffusers (A1111's "Clip skip: n+1").
+        conditions on layer -1-n of the text encoder, as diffusers (A1111's "Clip skip: n+1"; SDXL: layer -2-n
+        of both encoders, as diffusers' StableDiffusionXLPipeline).
+
+        SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2), with diffusers' names, each an (h, w) or
+        (top, left) pair: original_size and target_size default to (height, width), crops_coords_top_left to
+        (0, 0); the negative_* values condition the unconditional rows and default to their positive
+        counterparts. Without a negative prompt (None) the unconditional rows are zeros when the model's
+        force_zeros_for_empty_prompt says so (SDXL's default), as in diffusers.
         """
+        zero_negative = negative_prompt is None and self.config.sdxl and self.config.force_zeros_for_empty_prompt
         prompts, negatives = _prompt_pairs(prompt, negative_prompt)
         if not isinstance(prompt_weighting, bool):
             raise InvalidInputError(f"prompt_weighting must be True or False, got {prompt_weighting!r}")
-        clip_skip = check_clip_skip(clip_skip, self.config.text_encoder.num_hidden_layers)
+        layers = self.config.text_encoder.num_hidden_layers
+        if self.config.sdxl:
+            layers = min(layers, self.config.text_encoder_2.num_hidden_layers)
+        clip_skip = check_clip_skip(clip_skip, layers)
+        micro = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                     target_size=target_size, negative_original_size=negative_original_size,
+                     negative_crops_coords_top_left=negative_crops_coords_top_left,
+                     negative_target_size=negative_target_size)
+        if not self.config.sdxl:
+            given = [k for k, v in micro.items() if v is not None and not (
+                k == "crops_coords_top_left" and isinstance(v, (tuple, list)) and tuple(v) == (0, 0))]
+            if given:
+                raise InvalidInputError(f"{', '.join(given)}: SDXL's micro-conditioning; this model is not SDXL")
         n = _check_count(num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
@@ -265,12 +293,19 @@ class Pipeline:
                 seeds = [None] * batch
         init, condition = self._start(inputs, schedule, unit, seeds, sample_posterior)
         rows = [p for p in prompts for _ in range(n)]
-        if uses_guidance(self.config, guidance):  # unconditional rows first, as DenoiseStep expects
-            rows = [p for p in negatives for _ in range(n)] + rows
-        context = self._encode_prompts(rows, prompt_weighting, clip_skip)
-        if self.embedded:
-            _warn_outside_demo_vocabulary(prompts)
-        final = self.backend.denoise(init, context, schedule, guidance, noise, callback, condition)
+        guided = uses_guidance(self.config, guidance)
+        if self.config.sdxl:
+            context, added = self._condition_sdxl(rows, [p for p in negatives for _ in range(n)] if guided else None,
+                                                  zero_negative, prompt_weighting, clip_skip,
+                                                  sdxl_time_ids(height, width, **micro))
+            final = self.backend.denoise(init, context, schedule, guidance, noise, callback, condition, added=added)
+        else:
+            if guided:  # unconditional rows first, as DenoiseStep expects
+                rows = [p for p in negatives for _ in range(n)] + rows
+            context = self._encode_prompts(rows, prompt_weighting, clip_skip)
+            if self.embedded:
+                _warn_outside_demo_vocabulary(prompts)
+            final = self.backend.denoise(init, context, schedule, guidance, noise, callback, condition)
         images, fallback = self._decode(final)
         if keep_unmasked and inputs is not None and inputs.soft_mask is not None:
             soft = inputs.soft_mask[None, None]
@@ -317,6 +352,37 @@ class Pipeline:
             return run(ids[:, 0])
         hidden = np.stack([self.backend.text_to_host(run(ids[:, c])) for c in range(ids.shape[1])], axis=1)
         return apply_emphasis(hidden, weights)
+
+    def _condition_sdxl(self, rows: list[str], negatives: list[str] | None, zero_negative: bool, weighting: bool,
+                        clip_skip: int, time_ids: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, AddedConditioning]:
+        """SDXL's context [R, 77k, D1 + D2], pooled text [R, P] and time ids [R, 6], unconditional rows first when
+        `negatives` is given (zeros for them with zero_negative, as diffusers' force_zeros_for_empty_prompt)."""
+        positive, negative = time_ids
+        if negatives is None:
+            context, pooled = self._encode_sdxl(rows, weighting, clip_skip)
+            return context, AddedConditioning(pooled, np.tile(positive, (len(rows), 1)))
+        if zero_negative:
+            context, pooled = self._encode_sdxl(rows, weighting, clip_skip)
+            context = np.concatenate([np.zeros_like(context), context])
+            pooled = np.concatenate([np.zeros_like(pooled), pooled])
+        else:
+            context, pooled = self._encode_sdxl(negatives + rows, weighting, clip_skip)
+        ids = np.concatenate([np.tile(negative, (len(rows), 1)), np.tile(positive, (len(rows), 1))])
+        return context, AddedConditioning(pooled, ids)
+
+    def _encode_sdxl(self, rows: list[str], weighting: bool, clip_skip: int) -> tuple[np.ndarray, np.ndarray]:
+        """Both encoders on every chunk of 75 tokens (each tokenizer's own padding), each encoder's hidden states
+        weighted on its own (A1111's SDXL), concatenated on the channel axis; the pooled output of the first chunk
+        (A1111; diffusers reads one chunk only)."""
+        ids, weights = prompt_batch(self.tokenizer, rows, weighting, MAX_PROMPT_CHUNKS)
+        ids_2, weights_2 = prompt_batch(self.tokenizer_2, rows, weighting, MAX_PROMPT_CHUNKS)
+        if ids.shape != ids_2.shape:
+            raise InvalidInputError(f"the two tokenizers cut the prompts into {ids.shape[1]} and {ids_2.shape[1]} "
+                                    "chunks: their vocabularies differ; check the model's tokenizer_2 folder")
+        encoded = [self.backend.encode_text_sdxl(ids[:, c], ids_2[:, c], clip_skip) for c in range(ids.shape[1])]
+        first = apply_emphasis(np.stack([e[0] for e in encoded], axis=1), weights)
+        second = apply_emphasis(np.stack([e[1] for e in encoded], axis=1), weights_2)
+        return np.concatenate([first, second], axis=-1), encoded[0][2].astype(np.float32)
 
     def _image_inputs(self, image: Any, mask_image: Any, factor: int, width: int | None, height: int | None,
                       mask_blur: Any) -> ImageInputs | None:
@@ -387,6 +453,34 @@ class Pipeline:
         if not np.isfinite(arr).all():
             raise InvalidInputError("latents contain NaN or infinite values")
         return arr
+
+
+def _pair(name: str, value: Any, default: tuple[int, int]) -> tuple[float, float]:
+    """An (h, w) or (top, left) pair of finite numbers >= 0 (None: the default)."""
+    if value is None:
+        return default
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2 or not all(
+            not isinstance(v, bool) and isinstance(v, (int, float, np.number)) and math.isfinite(v) and 0 <= v <= 1e6
+            for v in value):
+        raise InvalidInputError(f"{name} must be a pair of numbers >= 0 ((height, width) or (top, left)), "
+                                f"got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def sdxl_time_ids(height: int, width: int, original_size: Any = None, crops_coords_top_left: Any = (0, 0),
+                  target_size: Any = None, negative_original_size: Any = None,
+                  negative_crops_coords_top_left: Any = None,
+                  negative_target_size: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """SDXL's add_time_ids [6] for the conditional and the unconditional rows: original_size + crops_coords_top_left
+    + target_size (diffusers' _get_add_time_ids); each negative value defaults to its positive one."""
+    size = (float(height), float(width))
+    original = _pair("original_size", original_size, size)
+    crops = _pair("crops_coords_top_left", crops_coords_top_left, (0.0, 0.0))
+    target = _pair("target_size", target_size, size)
+    negative = (_pair("negative_original_size", negative_original_size, original)
+                + _pair("negative_crops_coords_top_left", negative_crops_coords_top_left, crops)
+                + _pair("negative_target_size", negative_target_size, target))
+    return np.array(original + crops + target, np.float32), np.array(negative, np.float32)
 
 
 def to_unit_float(images: np.ndarray) -> np.ndarray:

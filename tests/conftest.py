@@ -39,3 +39,18 @@ def diffusers_pipe(tiny_model_dir):
     pipe = diffusers_pipeline("StableDiffusionPipeline", tiny_model_dir)
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A StableDiffusionXLPipeline folder holding the tiny SDXL-shaped random-weight model."""
+    from sdengine.models.saving import write_random_model
+
+    return write_random_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", ModelConfig.tiny_sdxl(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tiny_sdxl_dir):
+    import sdengine
+
+    return sdengine.load_pipeline(tiny_sdxl_dir)

@@ -347,7 +347,9 @@ def test_diffusers_to_original_refuses_unknown_keys_and_families(tiny_file):
     family, cfg, parts, _ = tiny_file
     with pytest.raises(WeightsMismatchError, match="unet: nope.weight"):
         diffusers_to_original({**parts, "unet": {**parts["unet"], "nope.weight": T}}, cfg, family)
-    with pytest.raises(UnsupportedModelError, match="sdxl"):
+    with pytest.raises(UnsupportedModelError, match="sd3"):
+        diffusers_to_original(parts, cfg, "sd3")
+    with pytest.raises(UnsupportedModelError, match="needs an SDXL config"):
         diffusers_to_original(parts, cfg, "sdxl")
     if family == "sd2":
         text = {k: v for k, v in parts["text_encoder"].items() if "layers.0.self_attn.k_proj.weight" not in k}

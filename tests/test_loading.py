@@ -106,13 +106,19 @@ def test_missing_paths(tmp_path, model_copy):
 
 def test_other_families_refused(model_copy):
     index = json.loads((model_copy / "model_index.json").read_text())
-    (model_copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(UnsupportedModelError, match="StableDiffusionXLPipeline"):
+    (model_copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(UnsupportedModelError, match="StableDiffusion3Pipeline"):
         load_components(model_copy)
     (model_copy / "model_index.json").write_text(json.dumps(index))
     cfg = json.loads((model_copy / "unet/config.json").read_text())
-    (model_copy / "unet/config.json").write_text(json.dumps({**cfg, "addition_embed_type": "text_time"}))
+    (model_copy / "unet/config.json").write_text(json.dumps({**cfg, "addition_embed_type": "image"}))
     with pytest.raises(UnsupportedModelError, match="addition_embed_type"):
+        load_components(model_copy)
+    # SDXL's text_time U-Net in a folder without SDXL's second text encoder: parts of different models.
+    (model_copy / "unet/config.json").write_text(json.dumps({**cfg, "addition_embed_type": "text_time",
+                                                             "addition_time_embed_dim": 8,
+                                                             "projection_class_embeddings_input_dim": 80}))
+    with pytest.raises(ModelLoadError, match="text_encoder_2"):
         load_components(model_copy)
 
 

@@ -37,6 +37,14 @@ class ImageCondition:
     blend: np.ndarray        # [R,3]: per row (p, q, r)
 
 
+@dataclass(frozen=True)
+class AddedConditioning:
+    """SDXL's extra U-Net inputs (host numpy, float32), one row per context row (unconditional rows first)."""
+
+    text_embeds: np.ndarray  # [R, P]: text_encoder_2's pooled, projected output
+    time_ids: np.ndarray     # [R, 6]: original_size (h, w), crops_coords_top_left (top, left), target_size (h, w)
+
+
 class Backend(Protocol):
     """What the txt2img pipeline needs from an execution backend."""
 

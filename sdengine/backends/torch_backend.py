@@ -15,7 +15,7 @@ from ..lora import LoraFile
 from ..models.loading import Components, load_components
 from ..models.step import DenoiseStep
 from ..samplers import Schedule
-from . import ImageCondition, StepCallback, reject_unknown_options
+from . import AddedConditioning, ImageCondition, StepCallback, reject_unknown_options
 from .torch_fast import OPTION_NAMES, FastOptions, FastPath, LoopInputs, parse_options, run_loop
 
 
@@ -43,12 +43,15 @@ class TorchBackend:
         self.components = components
         self.config = components.config
         self.tokenizer = components.tokenizer
+        self.tokenizer_2 = components.tokenizer_2  # SDXL
         self.device = torch.device(device)
         self.dtype = next(components.unet.parameters()).dtype
         self.step = DenoiseStep(components.unet)
         self.options = options or FastOptions()
         self.fast = None
         self._vae_fp32: Any = None  # a float32 copy of the VAE, made on the first non-finite fp16 decode
+        # SDXL's VAE overflows in fp16: diffusers' SDXL pipeline decodes in fp32 when the VAE config says force_upcast.
+        self.upcast_vae = self.config.sdxl and self.config.vae.force_upcast and self.dtype != torch.float32
         self._lora_base: dict[str, torch.Tensor] = {}  # pristine CPU copies of the weights LoRAs now change
         if self.options.active:
             self.fast = FastPath(components.unet, components.vae, self.config.vae.scaling_factor, self.dtype,
@@ -80,7 +83,8 @@ class TorchBackend:
         return cls(components, device, options)
 
     def _lora_params(self) -> dict[str, torch.nn.Parameter]:
-        return {f"{component}.{name}": p for component in ("unet", "text_encoder")
+        return {f"{component}.{name}": p for component in ("unet", "text_encoder", "text_encoder_2")
+                if getattr(self.components, component) is not None
                 for name, p in getattr(self.components, component).named_parameters()}
 
     def lora_targets(self) -> dict[str, tuple[int, ...]]:
@@ -112,10 +116,23 @@ class TorchBackend:
         return self.components.text_encoder(self._tensor(input_ids, torch.long), clip_skip)
 
     @torch.inference_mode()
+    def encode_text_sdxl(self, ids: np.ndarray, ids_2: np.ndarray,
+                         clip_skip: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SDXL: token ids [R, 77] of each tokenizer -> both encoders' hidden states of layer -2-clip_skip
+        ([R, 77, D1], [R, 77, D2]) and text_encoder_2's pooled, projected output [R, P], float32 on the host."""
+        c = self.components
+        hidden, _ = c.text_encoder.penultimate(self._tensor(ids, torch.long), clip_skip)
+        hidden_2, pooled = c.text_encoder_2.penultimate(self._tensor(ids_2, torch.long), clip_skip)
+        return tuple(t.float().cpu().numpy() for t in (hidden, hidden_2, pooled))
+
+    @torch.inference_mode()
     def add_token_embeddings(self, vectors: np.ndarray) -> int:
         """Append textual inversion vectors [n, D] to the text encoder's token table; the first new row's id."""
         from ..embeddings import extended_table
 
+        if self.config.sdxl:
+            raise InvalidInputError("textual inversion embeddings for SDXL (two vectors per token, one per text "
+                                    "encoder) are not supported yet (issue 15)")
         emb = self.components.text_encoder.text_model.embeddings.token_embedding
         old = emb.weight.detach()
         table = extended_table(old.float().cpu().numpy(), np.asarray(vectors, np.float32))
@@ -130,10 +147,14 @@ class TorchBackend:
     @torch.inference_mode()
     def denoise(self, latents: np.ndarray, context: Any, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None,
-                condition: ImageCondition | None = None) -> torch.Tensor:
+                condition: ImageCondition | None = None, added: AddedConditioning | None = None) -> torch.Tensor:
         """Every row of `schedule` from the initial latents [B,C,h,w]; the final latents on the device.
 
-        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts)."""
+        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts); `added`:
+        an SDXL U-Net's pooled text and time ids."""
+        if self.config.sdxl != (added is not None):
+            raise InvalidInputError("an SDXL model needs text_embeds and time_ids (AddedConditioning), and only an "
+                                    "SDXL model takes them")
         if isinstance(context, np.ndarray):
             context = self._tensor(context, self.dtype)
         state = np.zeros((schedule.slots, *np.shape(latents)), np.float32)
@@ -143,14 +164,19 @@ class TorchBackend:
         inputs = LoopInputs(f32(state), context, f32(schedule.timesteps), f32(schedule.coefficients),
                             torch.tensor(guidance_scale, dtype=torch.float32, device=self.device), f32(noise),
                             *((None,) * 4 if c is None else (f32(c.mask), f32(c.known), f32(c.known_noise),
-                                                             f32(c.blend))))
+                                                             f32(c.blend))),
+                            *((None, None) if added is None else (self._tensor(added.text_embeds, self.dtype),
+                                                                  f32(added.time_ids))))
         final = run_loop(self.step, inputs, callback) if self.fast is None else self.fast.denoise(inputs, callback)
         return final[0]
 
     @torch.inference_mode()
     def encode_image(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images [B,3,H,W] in [-1, 1] -> scaled mean and std of q(z|x) (Kingma & Welling 2014), on the host."""
-        mean, logvar = self.components.vae.encode(self._tensor(images, self.dtype))
+        if self.upcast_vae:  # SDXL's force_upcast, as diffusers' SDXL img2img encodes
+            mean, logvar = self._float_vae().encode(self._tensor(images, torch.float32))
+        else:
+            mean, logvar = self.components.vae.encode(self._tensor(images, self.dtype))
         sf = self.config.vae.scaling_factor
         return (mean.float() * sf).cpu().numpy(), (torch.exp(0.5 * logvar.float()) * sf).cpu().numpy()
 
@@ -165,15 +191,20 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, fp32: bool = False) -> np.ndarray:
-        if fp32 and self.can_decode_fp32:
-            if self._vae_fp32 is None:
-                self._vae_fp32 = copy.deepcopy(self.components.vae).float()
+        """fp32 (or an SDXL VAE whose config sets force_upcast, in a lower precision): decode in float32."""
+        if (fp32 or self.upcast_vae) and self.can_decode_fp32:
             z = latents.float() / self.config.vae.scaling_factor
-            return self._vae_fp32.decode(z).float().cpu().numpy()
+            return self._float_vae().decode(z).float().cpu().numpy()
         if self.fast is not None:
             return self.fast.decode(latents).float().cpu().numpy()
         z = latents / self.config.vae.scaling_factor
         return self.components.vae.decode(z.to(self.dtype)).float().cpu().numpy()
+
+    def _float_vae(self) -> Any:
+        """A float32 copy of the VAE, made once."""
+        if self._vae_fp32 is None:
+            self._vae_fp32 = copy.deepcopy(self.components.vae).float()
+        return self._vae_fp32
 
     def close(self) -> None:
         """Release captured CUDA graphs and their memory pools (the modules stay loaded)."""

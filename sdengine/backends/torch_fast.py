@@ -110,9 +110,10 @@ class GraphStep(nn.Module):
     def forward(self, state: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 guidance_scale: torch.Tensor, coefficients: torch.Tensor, noise: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, known: torch.Tensor | None = None,
-                known_noise: torch.Tensor | None = None, blend: torch.Tensor | None = None) -> torch.Tensor:
+                known_noise: torch.Tensor | None = None, blend: torch.Tensor | None = None,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.step(state, timestep, context, guidance_scale, coefficients, noise, mask, known, known_noise,
-                         blend).contiguous()
+                         blend, text_embeds, time_ids).contiguous()
 
 
 class LatentDecoder(nn.Module):
@@ -141,11 +142,14 @@ class LoopInputs:
     known: torch.Tensor | None = None        # [B,C,h,w]
     known_noise: torch.Tensor | None = None  # [B,C,h,w]
     blend: torch.Tensor | None = None        # [N,3] per-row (p, q, r)
+    text_embeds: torch.Tensor | None = None  # SDXL: [R,P] pooled text, in the context's row order
+    time_ids: torch.Tensor | None = None     # SDXL: [R,6] fp32 micro-conditioning
 
     def key(self) -> tuple:
         """What a captured loop is specialised to: shapes, dtypes, row count, noise or not, condition or not."""
         return (tuple(self.state.shape), tuple(self.context.shape), self.context.dtype,
-                int(self.timesteps.shape[0]), self.noise is not None, self.mask is not None)
+                int(self.timesteps.shape[0]), self.noise is not None, self.mask is not None,
+                self.text_embeds is not None)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
@@ -162,7 +166,7 @@ def run_loop(step: Callable[..., torch.Tensor], inputs: LoopInputs,
     for i in range(n):
         x = step(x, inputs.timesteps[i], inputs.context, inputs.scale, inputs.rows[i],
                  None if inputs.noise is None else inputs.noise[i], inputs.mask, inputs.known, inputs.known_noise,
-                 None if inputs.blend is None else inputs.blend[i])
+                 None if inputs.blend is None else inputs.blend[i], inputs.text_embeds, inputs.time_ids)
         if callback is not None:
             callback(i + 1, n)
     return x

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
-from ..errors import SDEngineError
+from ..errors import SDEngineError, UnsupportedModelError
 from ..files import write_json_atomic
 from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_KEY, META_SOURCE, REPORT, sha256_file
 from ..models.loading import Components, load_components
@@ -150,6 +150,9 @@ def export_model(model: str | Path, out: str | Path, settings: ExportSettings,
     if out.exists() and not out.is_dir():
         raise SDEngineError(f"--out {out} is a file; give a folder")
     c = load_components(model)
+    if c.config.sdxl:
+        raise UnsupportedModelError("exporting SDXL to ONNX (the onnxruntime, CUDA and TensorRT backends) is not "
+                                    "supported yet (issue 15): run it with --backend torch")
     ranges = settings.ranges(c.config)
     tools = tool_versions()
     weights = {"text_encoder": state_sha256(c.text_encoder), "unet": state_sha256(c.unet),

@@ -12,7 +12,8 @@ from .unet import UNet, guidance_embedding
 
 
 def guide(unet: UNet, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-          guidance_scale: torch.Tensor) -> torch.Tensor:
+          guidance_scale: torch.Tensor, text_embeds: torch.Tensor | None = None,
+          time_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The guided model output m = m_u + g (m_c - m_u) in fp32 (Ho & Salimans 2022, eq. 6).
 
     context holds 2B rows (unconditional first) for guidance, or B rows for the conditional output
@@ -26,7 +27,8 @@ def guide(unet: UNet, x: torch.Tensor, timestep: torch.Tensor, context: torch.Te
     if unet.takes_guidance:
         scale = guidance_scale.reshape(-1)[:1].expand(rows.shape[0])
         cond = guidance_embedding(scale, unet.cfg.time_cond_proj_dim)
-    out = unet(rows.to(dtype), timestep, context.to(dtype), cond).float()
+    added = {} if text_embeds is None else {"text_embeds": text_embeds.to(dtype), "time_ids": time_ids}
+    out = unet(rows.to(dtype), timestep, context.to(dtype), cond, **added).float()
     if not guided:
         return out
     uncond, cond_out = out.chunk(2)
@@ -70,12 +72,15 @@ class DenoiseStep(nn.Module):
     def forward(self, state: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 guidance_scale: torch.Tensor, coefficients: torch.Tensor, noise: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, known: torch.Tensor | None = None,
-                known_noise: torch.Tensor | None = None, blend: torch.Tensor | None = None) -> torch.Tensor:
-        """state fp32, context [2B,77,D] (unconditional rows first) or [B,77,D] for no guidance."""
+                known_noise: torch.Tensor | None = None, blend: torch.Tensor | None = None,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """state fp32, context [2B,77,D] (unconditional rows first) or [B,77,D] for no guidance; SDXL: text_embeds
+        [R,P] and time_ids [R,6] in the context's row order."""
         x = state[0]
         if self.inpainting:
             x = torch.cat([x, mask, known], dim=1)
-        nxt = update(state, guide(self.unet, x, timestep, context, guidance_scale), coefficients, noise)
+        m = guide(self.unet, x, timestep, context, guidance_scale, text_embeds, time_ids)
+        nxt = update(state, m, coefficients, noise)
         if blend is None:
             return nxt
         return blend_known(nxt, mask, known, known_noise, blend)

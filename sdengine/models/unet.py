@@ -1,4 +1,6 @@
-"""The SD 1.x/2.x conditional U-Net eps_theta(z_t, t, tau(y)) (Rombach et al. 2022, sec. 3.3).
+"""The SD 1.x/2.x and SDXL conditional U-Net eps_theta(z_t, t, tau(y)) (Rombach et al. 2022, sec. 3.3;
+Podell et al. 2023, sec. 2.1-2.2: several transformer layers per block, no attention at the top level, and the
+"text_time" embedding of the pooled text and the size/crop micro-conditioning added to the timestep embedding).
 
 Attribute names follow diffusers' UNet2DConditionModel, so its checkpoints load by a strict match.
 """
@@ -68,13 +70,13 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm, project in, transformer blocks over the H*W tokens, project out, residual."""
 
-    def __init__(self, ch: int, heads: int, cfg: UNetConfig) -> None:
+    def __init__(self, ch: int, heads: int, cfg: UNetConfig, depth: int = 1) -> None:
         super().__init__()
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(ch, heads, cfg.cross_attention_dim, cfg.upcast_attention)])
+            [TransformerBlock(ch, heads, cfg.cross_attention_dim, cfg.upcast_attention) for _ in range(depth)])
         self.proj_out = nn.Linear(ch, ch) if self.linear else nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -99,12 +101,12 @@ class UNetBlock(nn.Module):
     """One down or up level: resnets, each optionally followed by a spatial transformer, then a resampler."""
 
     def __init__(self, in_chs: list[int], out_ch: int, heads: int, cfg: UNetConfig, attention: bool,
-                 resample: str | None) -> None:
+                 resample: str | None, depth: int = 1) -> None:
         super().__init__()
         groups, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
         self.resnets = nn.ModuleList([ResnetBlock(c, out_ch, groups, eps, temb) for c in in_chs])
         self.attentions = nn.ModuleList(
-            [SpatialTransformer(out_ch, heads, cfg) for _ in in_chs] if attention else [])
+            [SpatialTransformer(out_ch, heads, cfg, depth) for _ in in_chs] if attention else [])
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample(out_ch)])
         elif resample == "up":
@@ -122,7 +124,7 @@ class MidBlock(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList(
             [ResnetBlock(ch, ch, cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim) for _ in range(2)])
-        self.attentions = nn.ModuleList([SpatialTransformer(ch, heads, cfg)])
+        self.attentions = nn.ModuleList([SpatialTransformer(ch, heads, cfg, cfg.transformer_layers[-1])])
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, temb)
@@ -170,30 +172,38 @@ class UNet(nn.Module):
         chs, n, layers = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], cfg.time_embed_dim, cfg.time_cond_proj_dim)
+        if cfg.text_time:  # SDXL: [pooled text, sinusoidal features of the 6 size/crop numbers] -> temb
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
         self.down_blocks = nn.ModuleList()
         for i in range(n):
             in_ch = chs[max(i - 1, 0)]
             self.down_blocks.append(UNetBlock([in_ch] + [chs[i]] * (layers - 1), chs[i], cfg.num_heads[i], cfg,
-                                              cfg.attention[i], "down" if i < n - 1 else None))
+                                              cfg.attention[i], "down" if i < n - 1 else None,
+                                              cfg.transformer_layers[i]))
         self.mid_block = MidBlock(chs[-1], cfg.num_heads[-1], cfg)
         self.up_blocks = nn.ModuleList()
         rev, rev_heads, rev_attn = chs[::-1], cfg.num_heads[::-1], cfg.attention[::-1]
+        rev_depth = cfg.transformer_layers[::-1]
         for i in range(n):
             prev, out, skip_in = rev[max(i - 1, 0)], rev[i], rev[min(i + 1, n - 1)]
             in_chs = [(prev if j == 0 else out) + (skip_in if j == layers else out) for j in range(layers + 1)]
             self.up_blocks.append(UNetBlock(in_chs, out, rev_heads[i], cfg, rev_attn[i],
-                                            "up" if i < n - 1 else None))
+                                            "up" if i < n - 1 else None, rev_depth[i]))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """timestep_cond: an LCM U-Net's guidance embedding [B, time_cond_proj_dim] (guidance_embedding)."""
+                timestep_cond: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """timestep_cond: an LCM U-Net's guidance embedding [B, time_cond_proj_dim] (guidance_embedding);
+        text_embeds [B, P] and time_ids [B, 6]: an SDXL U-Net's pooled text and micro-conditioning."""
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         t = timestep_embedding(timestep, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
                                self.cfg.freq_shift)
         cond = None if timestep_cond is None else timestep_cond.to(sample.dtype)
         temb = self.time_embedding(t.to(sample.dtype), cond)
+        if self.cfg.text_time:
+            temb = temb + self.added_embedding(text_embeds, time_ids, sample.dtype)
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
@@ -210,3 +220,13 @@ class UNet(nn.Module):
             if hasattr(block, "upsamplers"):
                 x = block.upsamplers[0](x, size=tuple(skips[-1].shape[-2:]))
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def added_embedding(self, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None,
+                        dtype: torch.dtype) -> torch.Tensor:
+        """SDXL's add_embedding of [text_embeds, sinusoidal(time_ids) per number] (diffusers' "text_time")."""
+        if text_embeds is None or time_ids is None:
+            raise ValueError("an SDXL (text_time) U-Net needs text_embeds and time_ids")
+        b = time_ids.shape[0]
+        feats = timestep_embedding(time_ids.reshape(-1), self.cfg.addition_time_embed_dim, self.cfg.flip_sin_to_cos,
+                                   self.cfg.freq_shift).reshape(b, -1)
+        return self.add_embedding(torch.cat([text_embeds.to(dtype), feats.to(dtype)], dim=-1))

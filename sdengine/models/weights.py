@@ -53,8 +53,9 @@ def _listing(title: str, items: list[str]) -> str:
     return f"{len(items)} {title}: {shown}"
 
 
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Copy `state` into `module`, cast to its dtype; any missing, unexpected or mis-shaped key is an error."""
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, assign: bool = False) -> None:
+    """Copy `state` into `module`, cast to its dtype (assign=True: the tensors become the module's, as they are);
+    any missing, unexpected or mis-shaped key is an error."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -68,4 +69,4 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
     bad = [k for k, v in state.items() if not v.is_floating_point()]
     if bad:
         raise WeightsMismatchError(f"{what}: tensors {bad[:_SHOWN]} are not floating point")
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
