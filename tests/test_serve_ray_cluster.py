@@ -75,10 +75,30 @@ def cluster():
                 os.environ[key] = value
 
 
+DEPLOY_TIMEOUT_S = 240
+
+
 def deploy(cluster, model, **options):
+    """serve.run, bounded: serve.run itself waits without limit for the application to be RUNNING."""
+    import threading
+
     from sdengine.serve.ray import build_app
 
-    serve.run(build_app(str(model), **{**APP, **options}), name="sdengine", route_prefix="/")
+    app, failure = build_app(str(model), **{**APP, **options}), []
+
+    def run():
+        try:
+            serve.run(app, name="sdengine", route_prefix="/")
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(DEPLOY_TIMEOUT_S)
+    if thread.is_alive():
+        pytest.fail(f"the application was not RUNNING after {DEPLOY_TIMEOUT_S} s: {serve.status()}")
+    if failure:
+        raise failure[0]
     wait_for(lambda: http(cluster.port, "GET", "/v2/health/ready", timeout=30)[0] == 200, 120, "readiness")
 
 
