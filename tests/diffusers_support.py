@@ -22,6 +22,24 @@ def diffusers_pipeline(cls_name: str, folder):
     return pipe
 
 
+def rel_l2(a, b, label: str = "") -> float:
+    """Relative L2 distance of two torch tensors, printed so that `pytest -s` reports each parity figure."""
+    value = float((a - b).norm() / b.norm())
+    print(f"\nparity {label}: relative L2 {value:.3e}")
+    return value
+
+
+def perturbed(module, seed: int):
+    """Random weights everywhere, including diffusers' zero-initialised output projections; eval mode."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return module.eval()
+
+
 @contextlib.contextmanager
 def fed_noise(scheduler, noise: np.ndarray | None):
     """diffusers' scheduler draws row i's noise from `noise[i]` (i = the step call), as sdengine does."""

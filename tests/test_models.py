@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from diffusers_support import perturbed, rel_l2
 from sdengine.config import ModelConfig, UNetConfig, VAEConfig
 from sdengine.models.unet import UNet
 from sdengine.models.vae import AutoencoderKL
@@ -14,22 +15,6 @@ from sdengine.models.vae import AutoencoderKL
 diffusers = pytest.importorskip("diffusers")
 
 TOL = 1e-5  # relative L2, fp32
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor, label: str = "") -> float:
-    """Relative L2 distance, printed so that `pytest -s` reports each parity figure."""
-    value = float((a - b).norm() / b.norm())
-    print(f"\nparity {label}: relative L2 {value:.3e}")
-    return value
-
-
-def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights everywhere, including diffusers' zero-initialised output projections."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return module.eval()
 
 
 def _diffusers_kwargs(cfg) -> dict:
@@ -44,7 +29,7 @@ SD2_STYLE_TINY = dataclasses.replace(UNetConfig.tiny(), use_linear_projection=Tr
 @pytest.mark.parametrize("cfg", [UNetConfig.tiny(), SD2_STYLE_TINY], ids=["conv-proj", "linear-proj-upcast"])
 @pytest.mark.parametrize("size", [(8, 8), (9, 11)], ids=["even", "odd"])
 def test_unet_matches_diffusers(cfg, size):
-    ref = _perturbed(diffusers.UNet2DConditionModel(**_diffusers_kwargs(cfg)), seed=0)
+    ref = perturbed(diffusers.UNet2DConditionModel(**_diffusers_kwargs(cfg)), seed=0)
     ours = UNet(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)  # same key names: a strict dict match
     gen = torch.Generator().manual_seed(1)
@@ -59,7 +44,7 @@ def test_unet_matches_diffusers(cfg, size):
 
 
 def _vae_pair(cfg: VAEConfig):
-    ref = _perturbed(diffusers.AutoencoderKL(**_diffusers_kwargs(cfg)), seed=2)
+    ref = perturbed(diffusers.AutoencoderKL(**_diffusers_kwargs(cfg)), seed=2)
     ours = AutoencoderKL(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from diffusers_support import perturbed, rel_l2
 from sdengine.config import ModelConfig, TextEncoderConfig, UNetConfig
 from sdengine.errors import ModelLoadError, UnsupportedModelError
 from sdengine.models.text_encoder import TextEncoder
@@ -16,21 +17,6 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-5  # relative L2, fp32
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor, label: str = "") -> float:
-    value = float((a - b).norm() / b.norm())
-    print(f"\nparity {label}: relative L2 {value:.3e}")
-    return value
-
-
-def _perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights everywhere, including diffusers' zero-initialised output projections."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return module.eval()
 
 
 def _kwargs(cfg: UNetConfig) -> dict:
@@ -55,7 +41,7 @@ TINY_DEEP = dataclasses.replace(UNetConfig.tiny_sdxl(), transformer_layers=(1, 2
 def test_sdxl_unet_matches_diffusers(cfg):
     """transformer_layers_per_block per level, no attention at level 0, linear projections and the text_time
     embedding: diffusers' keys load 1:1 and the outputs agree."""
-    ref = _perturbed(diffusers.UNet2DConditionModel(**_kwargs(cfg)), seed=0)
+    ref = perturbed(diffusers.UNet2DConditionModel(**_kwargs(cfg)), seed=0)
     ours = UNet(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     x, t, ctx, pooled, time_ids = _unet_inputs(cfg, (8, 8))
