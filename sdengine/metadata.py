@@ -53,6 +53,8 @@ class GenerationInfo:
     mask_blur: float = 0.0
     loras: tuple = ()                    # active LoRAs: objects with name, scale, sha256 (sdengine.lora.LoraInfo)
     clip_skip: int = 0                   # diffusers' clip_skip; A1111 writes "Clip skip: clip_skip + 1"
+    cache_interval: int = 1              # step caching (sdengine.stepcache): a full U-Net pass every N steps
+    cache_branch: int = 0                # ... and the shallow branch of the other steps (deepcache's meaning)
 
     def infotext(self) -> str:
         """The A1111 `parameters` text."""
@@ -66,6 +68,9 @@ class GenerationInfo:
             fields["Clip skip"] = self.clip_skip + 1
         if self.eta:
             fields["Eta DDIM"] = _number(self.eta)
+        if self.cache_interval > 1:
+            fields["DeepCache interval"] = self.cache_interval
+            fields["DeepCache branch"] = self.cache_branch
         if self.strength is not None:
             fields["Denoising strength"] = _number(self.strength)
             fields["Source image"] = self.source
@@ -89,6 +94,8 @@ class GenerationInfo:
                   "model": self.model, "software": f"sdengine {__version__}"}
         if self.clip_skip:
             fields["clip_skip"] = self.clip_skip
+        if self.cache_interval > 1:
+            fields.update(cache_interval=self.cache_interval, cache_branch=self.cache_branch)
         if self.strength is not None:
             fields.update(strength=_number(self.strength), source_image=self.source)
         if self.mask is not None:

@@ -12,7 +12,8 @@ from serve_support import http
 pytest.importorskip("fastapi")
 
 GENERATION_FIELDS = {"prompt", "negative_prompt", "n", "size", "response_format", "seed", "steps", "guidance_scale",
-                     "eta", "scheduler", "prompt_weighting", "clip_skip", "loras", "model", "user", "quality", "style"}
+                     "eta", "scheduler", "prompt_weighting", "clip_skip", "loras", "model", "user", "quality", "style",
+                     "cache_interval", "cache_branch"}
 ERROR_CODES = {"400", "413", "422", "429", "500", "503", "504"}
 
 

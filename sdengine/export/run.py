@@ -22,8 +22,8 @@ from ..errors import SDEngineError, UnsupportedModelError
 from ..files import write_json_atomic
 from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_KEY, META_SOURCE, REPORT, sha256_file
 from ..models.loading import Components, load_components
-from ..specs import GRAPHS, ShapeRanges, profile, validation_points
-from .settings import GRAPH_ORDER, ExportSettings
+from ..specs import ShapeRanges, profile, spec_of, validation_points
+from .settings import CACHE_GRAPH_ORDER, GRAPH_ORDER, ExportSettings
 from .tokenizer_files import write_tokenizer
 from .validate import GraphResult, compare, format_table, structural_checks
 
@@ -77,7 +77,7 @@ def _previous_results(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def _up_to_date_result(record: dict[str, Any] | None, name: str, settings: ExportSettings) -> GraphResult:
-    result = GraphResult(name, settings.precision.value, file=GRAPHS[name].file)
+    result = GraphResult(name, settings.precision.value, file=spec_of(name).file)
     for key, value in (record or {}).items():
         if hasattr(result, key) and key not in ("graph", "precision", "seconds", "error"):
             setattr(result, key, value)
@@ -115,16 +115,16 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
     from .wrappers import build
 
     start, entry = time.perf_counter(), None
-    result = GraphResult(name, settings.precision.value, file=GRAPHS[name].file)
+    result = GraphResult(name, settings.precision.value, file=spec_of(name).file)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
     try:
-        gm = build(name, c)
+        gm = build(name, c, ranges.cache_branch)
         model = trace(gm, validation_points(c.config, ranges)[0], settings.opset, ranges.static)
         if settings.precision.value == "fp16":
             model = to_fp16(model, gm.spec, gm.body, gm.fp32_attention)
         set_metadata(model, {META_GRAPH: name, META_SOURCE: source, META_KEY: key,
                              "sdengine.precision": settings.precision.value, "sdengine.version": __version__})
-        component = GRAPHS[name].component
+        component = spec_of(name).component
         params = parameter_map(model, component, getattr(c, component)) if component in LORA_COMPONENTS else None
         location = save(model, tmp / gm.spec.file)
         del model
@@ -162,9 +162,9 @@ def export_model(model: str | Path, out: str | Path, settings: ExportSettings,
     old, previous = _old_manifest(out), _previous_results(out)
     entries: dict[str, Any] = {}
     results: list[GraphResult] = []
-    for name in GRAPH_ORDER:
-        key = settings.key(name, ranges, weights[GRAPHS[name].component], tools)
-        wanted, current = name in settings.graphs, _up_to_date(old, out, name, key)
+    for name in GRAPH_ORDER + CACHE_GRAPH_ORDER:
+        key = settings.key(name, ranges, weights[spec_of(name).component], tools)
+        wanted, current = settings.wants(name), _up_to_date(old, out, name, key)
         if current and not (settings.force and wanted):
             entries[name] = old["graphs"][name]
             if wanted:
@@ -198,9 +198,9 @@ def _manifest(c: Components, settings: ExportSettings, ranges: ShapeRanges, tool
         "format": FORMAT, "format_version": FORMAT_VERSION, "sdengine_version": __version__,
         "model_config": c.config.to_dict(), "precision": settings.precision.value, "opset": settings.opset,
         "shapes": ranges.to_dict(),
-        "profiles": {name: {k: [list(s) for s in v] for k, v in profile(GRAPHS[name], c.config, ranges).items()}
+        "profiles": {name: {k: [list(s) for s in v] for k, v in profile(spec_of(name), c.config, ranges).items()}
                      for name in entries},
         "source": {"path": str(c.source), "sha256": source, "weights_sha256": weights},
         "tools": tools, "exporter": "torch.onnx TorchScript (dynamo=False)",
-        "graphs": {name: entries[name] for name in GRAPH_ORDER if name in entries},
+        "graphs": {name: entries[name] for name in GRAPH_ORDER + CACHE_GRAPH_ORDER if name in entries},
     }
