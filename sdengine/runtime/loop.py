@@ -255,7 +255,7 @@ class DenoiseLoop:
         if self.use_graph if graph is None else graph:
             cached = self.graphs.get(p.key)
             if cached is None:
-                self._enqueue_step(p, 0)  # warm-up, as TensorRT asks before a capture; leaves buffer 0 as is
+                self._warm_up(p)  # as TensorRT asks before a capture; leaves buffer 0 as is
                 cached = self.graphs[p.key] = self.device.capture(lambda: self._enqueue_steps(p))
             cached.launch()
             if callback is not None:
@@ -263,6 +263,10 @@ class DenoiseLoop:
         else:
             self._enqueue_steps(p, callback)
         return LatentView(p.latents[n % 2], p.key.shape[1:])
+
+    def _warm_up(self, p: Prepared) -> None:
+        """Row 0 once: it reads buffer 0 and writes buffer 1, which the captured row 0 writes again."""
+        self._enqueue_step(p, 0)
 
     def _enqueue_steps(self, p: Prepared, callback: StepCallback | None = None) -> None:
         for i in range(p.key.steps):
@@ -334,9 +338,10 @@ class CachedDenoiseLoop(DenoiseLoop):
         self.step.set_address(DEEP_FEATURE, self._feature.ptr)
         self.shallow.set_address(DEEP_FEATURE, self._feature.ptr)
 
-    def _enqueue_step(self, p: Prepared, i: int) -> None:
-        """Row i on the full or the shallow executor, with row i's own addresses."""
-        if self.cache.full(i):
+    def _enqueue_step(self, p: Prepared, i: int, shallow: bool | None = None) -> None:
+        """Row i on the full or (`shallow`, by default as the cache says) the shallow executor, with row i's
+        own addresses."""
+        if not ((not self.cache.full(i)) if shallow is None else shallow):
             super()._enqueue_step(p, i)
             return
         plain = self.step
@@ -345,3 +350,9 @@ class CachedDenoiseLoop(DenoiseLoop):
             super()._enqueue_step(p, i)
         finally:
             self.step = plain
+
+    def _warm_up(self, p: Prepared) -> None:
+        """Both executors once on row 0's addresses (the shallow one reads a feature not yet written: its output,
+        buffer 1, is written again by the captured row 0)."""
+        self._enqueue_step(p, 0, shallow=False)
+        self._enqueue_step(p, 0, shallow=True)

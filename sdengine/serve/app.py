@@ -330,7 +330,8 @@ def _load_pipeline(settings: ServeSettings) -> Any:
 
 def _cache_branches(backend: Any) -> tuple[int, ...] | None:
     """Step caching's branches the backend runs: any (None) on torch, an export's own, none without support."""
-    if "cache" not in inspect.signature(backend.denoise).parameters:
+    denoise = getattr(backend, "denoise", None)
+    if denoise is not None and "cache" not in inspect.signature(denoise).parameters:
         return ()
     return getattr(backend, "cache_branches", None)
 
