@@ -5,18 +5,39 @@ how far caching moves the image.
 
     python benchmarks/step_cache_parity_demo.py
 """
-import numpy as np, torch, diffusers, DeepCache, sdengine, sys
+
+from __future__ import annotations
+
+import DeepCache
+import diffusers
+import numpy as np
+import torch
+
+import sdengine
 from sdengine.demo import embedded_model_path
-d = str(embedded_model_path())
-ref = diffusers.StableDiffusionPipeline.from_pretrained(d, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32); ref.set_progress_bar_config(disable=True)
-ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
-pipe = sdengine.load_pipeline()
-lat = np.random.default_rng(3).standard_normal((1, 4, 16, 16)).astype(np.float32)
-p = "a red circle on a white background"
-plain = ref(p, num_inference_steps=10, latents=torch.from_numpy(lat), output_type="np").images
-for branch in range(9):
-    h = DeepCache.DeepCacheSDHelper(pipe=ref); h.set_params(cache_interval=3, cache_branch_id=branch); h.enable()
-    exp = ref(p, num_inference_steps=10, latents=torch.from_numpy(lat), output_type="np").images
-    h.disable()
-    got = pipe(p, num_inference_steps=10, latents=lat, cache_interval=3, cache_branch=branch, output_type="np").images
-    print("demo branch", branch, "ours-vs-helper %.1e" % np.abs(got - exp).max(), "effect %.1e" % np.abs(exp - plain).max(), flush=True)
+
+PROMPT, STEPS, INTERVAL = "a red circle on a white background", 10, 3
+
+
+def main() -> None:
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(embedded_model_path()), safety_checker=None,
+                                                            requires_safety_checker=False, torch_dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    pipe = sdengine.load_pipeline()
+    latents = np.random.default_rng(3).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    plain = ref(PROMPT, num_inference_steps=STEPS, latents=torch.from_numpy(latents), output_type="np").images
+    for branch in range(9):
+        helper = DeepCache.DeepCacheSDHelper(pipe=ref)
+        helper.set_params(cache_interval=INTERVAL, cache_branch_id=branch)
+        helper.enable()
+        expected = ref(PROMPT, num_inference_steps=STEPS, latents=torch.from_numpy(latents), output_type="np").images
+        helper.disable()
+        got = pipe(PROMPT, num_inference_steps=STEPS, latents=latents, cache_interval=INTERVAL, cache_branch=branch,
+                   output_type="np").images
+        print(f"demo branch {branch}: ours vs DeepCacheSDHelper {np.abs(got - expected).max():.1e}, "
+              f"caching moves the image by {np.abs(expected - plain).max():.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
