@@ -8,7 +8,7 @@ import pytest
 
 import sdengine
 from diffusers_support import pixels
-from onnx_support import onnx_fp32_dir  # noqa: F401  (a session fixture)
+from onnx_support import onnx_fp32_dir, ort_pipeline  # noqa: F401  (session fixtures)
 from sdengine.stepcache import StepCache, cache_split, check_step_cache
 
 torch = pytest.importorskip("torch")
@@ -121,7 +121,7 @@ def cache_export(tiny_model_dir, onnx_fp32_dir, tmp_path_factory):
     return out, {r.graph: r.status for r in results}
 
 
-def test_onnxruntime_alternates_the_two_graphs_as_torch(cache_export, tiny_pipeline, onnx_fp32_dir):
+def test_onnxruntime_alternates_the_two_graphs_as_torch(cache_export, tiny_pipeline, ort_pipeline):
     out, statuses = cache_export
     assert statuses == {"denoise_step": "up to date", "denoise_step_full": "passed", "denoise_step_shallow": "passed"}
     pipe = sdengine.load_pipeline(out, backend="onnxruntime")
@@ -133,9 +133,8 @@ def test_onnxruntime_alternates_the_two_graphs_as_torch(cache_export, tiny_pipel
     assert not np.array_equal(got, ours(pipe, "dpmpp_2m", None, None))
     with pytest.raises(sdengine.InvalidInputError, match=f"--step-cache 0|cache_branch {BRANCH}"):
         pipe(PROMPT, num_inference_steps=2, cache_interval=2, cache_branch=0)
-    plain = sdengine.load_pipeline(onnx_fp32_dir, backend="onnxruntime")
-    with pytest.raises(sdengine.InvalidInputError, match="--step-cache"):
-        plain(PROMPT, num_inference_steps=2, cache_interval=2)
+    with pytest.raises(sdengine.InvalidInputError, match="--step-cache"):  # an export without the two graphs
+        ort_pipeline(PROMPT, num_inference_steps=2, cache_interval=2)
 
 
 def test_cli_runs_the_cached_export_without_torch(cache_export, tmp_path):
