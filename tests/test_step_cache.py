@@ -302,3 +302,23 @@ def test_sdxl_matches_deepcache_helper(tiny_sdxl_dir, tiny_sdxl_pipeline):
     print(f"\nparity step cache SDXL interval 2 branch 3 vs DeepCacheSDHelper: max {levels}/255, {diff:.1e} in float")
     assert to_levels(expected).std() > 5 and np.abs(plain - expected).max() > 10 * FLOAT_TOL
     assert levels <= MAX_PIXEL_DIFF and diff < FLOAT_TOL
+
+
+def test_export_keeps_inputs_no_node_reads():
+    """A shallow branch without cross-attention (SDXL's, the demo model's at branch 0) never reads the text: the
+    exporter drops that input, and the export gives it back in the spec's place so every step graph binds alike."""
+    onnx = pytest.importorskip("onnx")
+    from sdengine.export.onnx_io import keep_unused_inputs
+    from sdengine.specs import GraphSpec, TensorSpec
+
+    spec = GraphSpec("g", "unet", inputs=(TensorSpec("a", "float32", (2,)), TensorSpec("text", "float32", (3,)),
+                                          TensorSpec("c", "float32", (2,))),
+                     outputs=(TensorSpec("y", "float32", (2,)),), doc="")
+    h = onnx.helper
+    graph = h.make_graph([h.make_node("Add", ["a", "c"], ["y"])], "g",
+                         [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2]) for n in ("a", "c")],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    model = h.make_model(graph)
+    keep_unused_inputs(model, spec)
+    assert [v.name for v in model.graph.input] == ["a", "text", "c"]
+    onnx.checker.check_model(model)
