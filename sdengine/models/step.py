@@ -115,10 +115,10 @@ class CachedStep(nn.Module):
                 raise ValueError("the shallow step needs the feature of the last full step")
 
             def call(*args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-                return self.unet.forward_shallow(*args, split=self.split, feature=feature, **kwargs)
+                return self.unet(*args, split=self.split, feature=feature, **kwargs)
         else:
             def call(*args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-                out, deep = self.unet.forward_full(*args, split=self.split, **kwargs)
+                out, deep = self.unet(*args, split=self.split, **kwargs)
                 kept.append(deep)
                 return out
         m = guide(self.unet, x, timestep, context, guidance_scale, text_embeds, time_ids, call)

@@ -195,9 +195,17 @@ class UNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 timestep_cond: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
-                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                time_ids: torch.Tensor | None = None, split: CacheSplit | None = None,
+                feature: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """timestep_cond: an LCM U-Net's guidance embedding [B, time_cond_proj_dim] (guidance_embedding);
-        text_embeds [B, P] and time_ids [B, 6]: an SDXL U-Net's pooled text and micro-conditioning."""
+        text_embeds [B, P] and time_ids [B, 6]: an SDXL U-Net's pooled text and micro-conditioning. With `split`
+        (step caching): forward_full, or forward_shallow given the `feature`, called through the module so that
+        tracing names their nodes as the U-Net's (an fp16 export finds its body by that name)."""
+        if split is not None:
+            if feature is None:
+                return self.forward_full(sample, timestep, context, timestep_cond, text_embeds, time_ids, split=split)
+            return self.forward_shallow(sample, timestep, context, timestep_cond, text_embeds, time_ids, split=split,
+                                        feature=feature)
         temb = self._embedding(sample, timestep, timestep_cond, text_embeds, time_ids)
         skips = self._down(self.conv_in(sample), temb, context)
         x, _ = self._up(self.mid_block(skips[-1], temb, context), skips, temb, context)
