@@ -393,11 +393,24 @@ class _LowerLevel(logging.Formatter):
         return super().format(logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()}))
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a record is emitted, so a caller that redirects it (an embedding
+    program, a test calling `main`) gets the warnings too."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
     """sdengine's warnings as one line each on stderr: `sdengine: warning: ...`."""
     logger = logging.getLogger("sdengine")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(_LowerLevel("sdengine: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.WARNING)
