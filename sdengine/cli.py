@@ -95,6 +95,9 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-chunks", type=int, default=None, metavar="K",
                    help="the longest prompt the step graph reads, in chunks of 75 tokens (1-8, default 8; "
                         "a static export reads 1)")
+    p.add_argument("--unet-graph", action="store_true",
+                   help="also write the plain U-Net graph (unet.onnx), for denoise loops of your own; no sdengine "
+                        "backend uses it")
     p.add_argument("--force", action="store_true", help="re-export graphs that are up to date")
 
 
@@ -107,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_parser(sub)
     bench_cli.add_parser(sub)
     build_cli.add_parser(sub)
+    verify = sub.add_parser("verify", help="compare every file of an ONNX export folder with the sha256 recorded "
+                            "at export (a load checks sizes and a fingerprint only)")
+    verify.add_argument("folder", help="a folder written by sdengine export")
     tiny = sub.add_parser("tiny-model", help="write a small random-weight model folder for trying things out")
     tiny.add_argument("out", help="folder to create")
     tiny.add_argument("--seed", type=int, default=0)
@@ -311,12 +317,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export.settings import ExportSettings, parse_range
+    from .specs import UNET
 
     ranges = {name: None if getattr(args, name) is None else parse_range(getattr(args, name), name)
               for name in ("batch", "height", "width")}
     slots = {} if args.state_slots is None else {"state_slots": args.state_slots}
     if args.max_prompt_chunks is not None:
         slots["max_prompt_chunks"] = args.max_prompt_chunks
+    if args.unet_graph:
+        slots["graphs"] = ExportSettings().graphs + (UNET,)
     settings = ExportSettings(precision="fp16" if args.fp16 else "fp32", opset=args.opset, static=args.static,
                               force=args.force, **ranges, **slots)
     if args.model is None:
@@ -333,6 +342,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     written = sum(r.status == "passed" for r in results)
     print(f"{args.out}: {written} graph(s) written, {len(results) - written} up to date; "
           f"try: sdengine generate \"{_example_prompt(args.model)}\" --backend onnxruntime --model {args.out}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import time
+
+    from .manifest import Manifest
+
+    started = time.perf_counter()
+    files = Manifest.read(args.folder).verify()
+    size = sum(f.stat().st_size for f in files)
+    print(f"{args.folder}: {len(files)} file(s), {size / 1e6:.1f} MB, each as exported (sha256; "
+          f"{time.perf_counter() - started:.1f} s)")
+    return 0
 
 
 def _example_prompt(model: str | None) -> str:
@@ -425,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _log_to_stderr()
     commands = {"generate": cmd_generate, "export": cmd_export, "tiny-model": cmd_tiny_model,
-                "train-demo": cmd_train_demo, "train-lora": cmd_train_lora, "serve": serve_cli.run, "build": build_cli.run,
+                "train-demo": cmd_train_demo, "verify": cmd_verify, "train-lora": cmd_train_lora, "serve": serve_cli.run, "build": build_cli.run,
                 "bench": bench_cli.run}
     try:
         return commands[args.command](args)

@@ -29,7 +29,8 @@ from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
 from ..tokenizer import ClipTokenizer
 from . import ImageCondition, StepCallback, reject_unknown_options
 
-_SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs; every graph is verified
+_SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs, opened at load
+_CHECKED = (*_SESSIONS, VAE_ENCODER)  # checked at load (image inputs open the encoder); the plain U-Net is unused
 _LORA_GRAPHS = (TEXT_ENCODER, DENOISE_STEP)  # the sessions holding weights a LoRA changes
 _REEXPORT = "re-export with sdengine export --batch/--height/--width MIN:MAX covering it"
 _REEXPORT_SLOTS = "re-export with sdengine export --state-slots {slots} (the default, 4, runs every sampler)"
@@ -54,7 +55,7 @@ class OnnxRuntimeBackend:
         self.config = config = manifest.config.with_prediction_type(prediction_type)  # the graphs stay valid
         self.ranges, self.dims = manifest.ranges, dim_ranges(config, manifest.ranges)
         self.tokenizer = ClipTokenizer.from_folder(manifest.folder / TOKENIZER_DIR)
-        self._paths = {name: manifest.graph_path(name) for name in GRAPHS}  # all present and matching
+        self._paths = {name: manifest.graph_path(name) for name in _CHECKED}  # present, size and fingerprint
         self._threads = threads
         self.graphs = {name: self._session(name, self._paths[name], threads) for name in _SESSIONS}
         self._buffers: dict[tuple, Buffer] = {}

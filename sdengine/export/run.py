@@ -20,7 +20,8 @@ import torch
 from .. import __version__
 from ..errors import SDEngineError, UnsupportedModelError
 from ..files import write_json_atomic
-from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_KEY, META_SOURCE, REPORT, sha256_file
+from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_KEY, META_SOURCE, REPORT, file_record,
+                        sha256_file)
 from ..models.loading import Components, load_components
 from ..specs import GRAPHS, ShapeRanges, profile, validation_points
 from .settings import GRAPH_ORDER, ExportSettings
@@ -95,8 +96,10 @@ def _remove_stale(out: Path, old: dict[str, Any] | None, name: str) -> None:
 
 def _install(tmp: Path, out: Path, file: str, location: str | None, key: str) -> dict[str, Any]:
     """Move a validated graph (external data first) into `out`; its manifest entry."""
-    external = {location: sha256_file(tmp / location)} if location else {}
-    entry = {"file": file, "sha256": sha256_file(tmp / file), "external_data": external, "key": key}
+    records = {f: file_record(tmp / f) for f in (file, location) if f}  # hashed once, here
+    external = {location: records[location]["sha256"]} if location else {}
+    entry = {"file": file, "sha256": records[file]["sha256"], "external_data": external, "key": key,
+             "files": {f: {"size": r["size"], "fingerprint": r["fingerprint"]} for f, r in records.items()}}
     if location:
         (tmp / location).replace(out / location)
     (tmp / file).replace(out / file)

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import InvalidInputError
-from ..specs import GRAPHS, MAX_BATCH, STATE_SLOTS, Precision, Range, ShapeRanges
+from ..specs import GRAPHS, MAX_BATCH, STATE_SLOTS, UNET, Precision, Range, ShapeRanges
 
 DEFAULT_OPSET = 17
 OPSETS = range(17, 21)  # LayerNormalization needs 17; the TorchScript exporter stops at 20
 GRAPH_ORDER = tuple(GRAPHS)
+DEFAULT_GRAPHS = tuple(g for g in GRAPH_ORDER if g != UNET)  # the plain U-Net on request only (--unet-graph)
 
 
 def parse_range(text: str, what: str) -> tuple[int, ...]:
@@ -50,7 +51,7 @@ class ExportSettings:
     width: tuple[int, ...] | None = None
     static: bool = False
     force: bool = False
-    graphs: tuple[str, ...] = field(default=GRAPH_ORDER)
+    graphs: tuple[str, ...] = field(default=DEFAULT_GRAPHS)
     state_slots: int = STATE_SLOTS  # the denoise step's sampler state (README, "Samplers")
     max_prompt_chunks: int | None = None  # prompt chunks the step graph reads (None: 8, or 1 when static)
 
