@@ -164,3 +164,17 @@ def test_sdxl_pipeline_over_the_cuda_backend(fake):
         assert np.array_equal(np.asarray(result.images[0]), to_uint8(vae_decoder(want))[0])
     backend.close()
     assert not any(fake.live().values())
+
+
+def test_engine_sets_of_sdxl_hold_both_encoders_and_profile_the_added_inputs():
+    """What `sdengine build` builds for SDXL (the build itself never ran on TensorRT here): text_encoder_2 goes with
+    text_encoder, and the step's profile covers text_embeds [2B, P] and time_ids [2B, 6]."""
+    from sdengine.engine_manifest import ENGINE_GRAPHS, engine_graphs, profiles
+    from sdengine.specs import ShapeRanges
+
+    graphs = engine_graphs(CONFIG)
+    assert graphs == (TEXT_ENCODER, TEXT_ENCODER_2, DENOISE_STEP, VAE_DECODER, "vae_encoder")
+    assert engine_graphs(ModelConfig.tiny()) == ENGINE_GRAPHS
+    step = profiles(CONFIG, ShapeRanges.default(CONFIG), graphs)[DENOISE_STEP]
+    assert step["text_embeds"] == [[2, 32], [2, 32], [8, 32]] and step["time_ids"] == [[2, 6], [2, 6], [8, 6]]
+    assert step["text_embeddings"][2] == [8, 616, 64]  # 8 chunks of 77 tokens, 32 + 32 channels
