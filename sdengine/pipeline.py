@@ -294,10 +294,10 @@ class Pipeline:
         init, condition = self._start(inputs, schedule, unit, seeds, sample_posterior)
         rows = [p for p in prompts for _ in range(n)]
         guided = uses_guidance(self.config, guidance)
+        time_ids = sdxl_time_ids(height, width, **micro) if self.config.sdxl else None
         if self.config.sdxl:
             context, added = self._condition_sdxl(rows, [p for p in negatives for _ in range(n)] if guided else None,
-                                                  zero_negative, prompt_weighting, clip_skip,
-                                                  sdxl_time_ids(height, width, **micro))
+                                                  zero_negative, prompt_weighting, clip_skip, time_ids)
             final = self.backend.denoise(init, context, schedule, guidance, noise, callback, condition, added=added)
         else:
             if guided:  # unconditional rows first, as DenoiseStep expects
@@ -312,6 +312,8 @@ class Pipeline:
             images = (soft * images + (1 - soft) * inputs.pixels).astype(np.float32)
         extra = {} if inputs is None else dict(strength=strength, source=inputs.source, mask=inputs.mask_sha256,
                                                mask_blur=float(mask_blur))
+        if time_ids is not None:  # SDXL: the micro-conditioning as used, recorded in the PNG (sdengine.metadata)
+            extra["time_ids"] = tuple(float(v) for v in np.concatenate(time_ids))
         infos = [GenerationInfo(prompt=p, negative_prompt=neg, steps=schedule.steps, sampler=schedule.label,
                                 guidance_scale=guidance, seed=s, width=width, height=height, model=self.model_name,
                                 eta=float(eta), loras=self.loras, clip_skip=clip_skip, **extra)

@@ -21,7 +21,7 @@ from sdengine.manifest import Manifest, sha256_file
 from sdengine.specs import GRAPHS, TOLERANCE, Precision, ShapeRanges, point_dims, sample_inputs
 
 ALL = tuple(GRAPHS)
-DEFAULT = ExportSettings().graphs  # everything but the plain U-Net, which --unet-graph adds
+DEFAULT = tuple(g for g in ALL if g in ExportSettings().graphs)  # all but the plain U-Net (--unet-graph)
 EXPORTED = {"fp32": ALL, "fp16": DEFAULT}  # onnx_support: the fp32 folder is exported with --unet-graph
 
 

@@ -20,14 +20,14 @@ import numpy as np
 
 from .. import lora as sdlora
 from ..errors import InvalidInputError, LoraError, ModelLoadError
-from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_DIR, Manifest
+from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_2_DIR, TOKENIZER_DIR, Manifest
 from ..runtime.onnx_files import read_initializers, with_initializers
 from ..runtime.onnxruntime import TENSORRT, Buffer, BufferView, Graph, resolve_providers, tensorrt_options
 from ..samplers.table import Schedule, fit_slots
-from ..specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, Precision, check_dim, dim_ranges, \
-    point_dims, profile
+from ..specs import DENOISE_STEP, TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, VAE_ENCODER, Precision, check_dim, \
+    dim_ranges, graph_specs, point_dims, profile
 from ..tokenizer import ClipTokenizer
-from . import ImageCondition, StepCallback, reject_unknown_options
+from . import AddedConditioning, ImageCondition, StepCallback, reject_unknown_options
 
 _SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs, opened at load
 _CHECKED = (*_SESSIONS, VAE_ENCODER)  # checked at load (image inputs open the encoder); the plain U-Net is unused
@@ -55,9 +55,14 @@ class OnnxRuntimeBackend:
         self.config = config = manifest.config.with_prediction_type(prediction_type)  # the graphs stay valid
         self.ranges, self.dims = manifest.ranges, dim_ranges(config, manifest.ranges)
         self.tokenizer = ClipTokenizer.from_folder(manifest.folder / TOKENIZER_DIR)
-        self._paths = {name: manifest.graph_path(name) for name in _CHECKED}  # present, size and fingerprint
+        self.specs = graph_specs(config)  # SDXL: two text encoders, the step with text_embeds and time_ids
+        self.tokenizer_2 = ClipTokenizer.from_folder(manifest.folder / TOKENIZER_2_DIR) if config.sdxl else None
+        self._lora_graphs = _LORA_GRAPHS + ((TEXT_ENCODER_2,) if config.sdxl else ())
+        checked = _CHECKED + ((TEXT_ENCODER_2,) if config.sdxl else ())
+        self._paths = {name: manifest.graph_path(name) for name in checked}  # present, size and fingerprint
         self._threads = threads
-        self.graphs = {name: self._session(name, self._paths[name], threads) for name in _SESSIONS}
+        self.graphs = {name: self._session(name, self._paths[name], threads) for name in _SESSIONS + (
+            (TEXT_ENCODER_2,) if config.sdxl else ())}
         self._buffers: dict[tuple, Buffer] = {}
         self._lora_base: dict[str, dict[str, np.ndarray]] = {}  # graph -> {parameter: pristine weight}
         self._lora_inits: dict[str, dict[str, np.ndarray]] = {}  # graph -> {initializer: merged tensor}
@@ -73,6 +78,9 @@ class OnnxRuntimeBackend:
         from ..embeddings import extended_table
         from ..runtime.onnx_files import token_table
 
+        if self.config.sdxl:
+            raise InvalidInputError("textual inversion embeddings for SDXL (two vectors per token, one per text "
+                                    "encoder) are not supported yet (issue 15)")
         if self._token_table is None:
             te = self.config.text_encoder
             self._token_table = token_table(self._paths[TEXT_ENCODER], self.manifest.folder, te.vocab_size,
@@ -115,20 +123,20 @@ class OnnxRuntimeBackend:
 
     def lora_targets(self) -> dict[str, tuple[int, ...]]:
         """{`unet.<parameter>` / `text_encoder.<parameter>`: shape} of the weights the export can swap."""
-        return {name: tuple(v["shape"]) for graph in _LORA_GRAPHS for name, v in self._lora_map(graph).items()}
+        return {name: tuple(v["shape"]) for graph in self._lora_graphs for name, v in self._lora_map(graph).items()}
 
     def set_loras(self, loras: Sequence[tuple[Any, float]]) -> None:
         """Merge `loras` (LoraFile, scale) with numpy from the pristine initializers and open new text encoder and
         denoise-step sessions whose initializers are the merged tensors, in each initializer's dtype; `[]`
         reopens the graphs as exported. No graph is re-exported or rewritten (see _open)."""
         touched = set().union(*(lora.targets for lora, _ in loras)) if loras else set()
-        maps = {graph: self._lora_map(graph) for graph in _LORA_GRAPHS} if touched else {}
+        maps = {graph: self._lora_map(graph) for graph in self._lora_graphs} if touched else {}
         known = set().union(*(set(m) for m in maps.values())) if maps else set()
         if touched - known:
             raise LoraError(f"weights {sorted(touched - known)[:5]} are not single initializers of this export, so "
                             f"they cannot be swapped; use the torch backend for this LoRA")
         changed = {}
-        for graph in _LORA_GRAPHS:
+        for graph in self._lora_graphs:
             params = maps.get(graph, {})
             mine = touched & set(params)
             base = self._lora_base.setdefault(graph, {})
@@ -177,11 +185,12 @@ class OnnxRuntimeBackend:
     def _session(self, name: str, path: Path, threads: int | None, initializers: dict[str, np.ndarray] | None = None,
                  external: frozenset[str] = frozenset(), model_bytes: bytes | None = None) -> Graph:
         options = {}
-        if TENSORRT in self.providers:
-            options[TENSORRT] = tensorrt_options(profile(GRAPHS[name], self.config, self.ranges),
-                                                 self.manifest.precision is Precision.FP16,
+        if TENSORRT in self.providers:  # an SDXL VAE kept fp32 in an fp16 export (force_upcast) stays fp32
+            fp16 = self.manifest.precision is Precision.FP16 and \
+                self.manifest.graphs[name].get("precision", Precision.FP16.value) == Precision.FP16.value
+            options[TENSORRT] = tensorrt_options(profile(self.specs[name], self.config, self.ranges), fp16,
                                                  self.manifest.folder / "trt-cache")
-        graph = Graph(path, GRAPHS[name], self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
+        graph = Graph(path, self.specs[name], self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
                       options, initializers, external, model_bytes)
         meta = graph.metadata()
         if meta.get(META_GRAPH) != name or meta.get(META_SOURCE) != self.manifest.source_sha256:
@@ -212,6 +221,8 @@ class OnnxRuntimeBackend:
 
     def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> TextEmbeddings:
         """Token ids [R, 77] -> embeddings [R, 77, D] on the device (clip_skip: of layer -1-clip_skip)."""
+        if self.config.sdxl:
+            raise InvalidInputError("an SDXL model encodes a prompt with both text encoders: encode_text_sdxl")
         ids = np.asarray(input_ids)
         rows, run_rows = ids.shape[0], ids.shape[0]
         r = self.dims["rows"]
@@ -258,10 +269,14 @@ class OnnxRuntimeBackend:
 
     def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None,
-                condition: ImageCondition | None = None) -> BufferView:
+                condition: ImageCondition | None = None, added: AddedConditioning | None = None) -> BufferView:
         """Every row of `schedule` through the step graph; returns a view of the final latents (slot 0).
 
-        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts)."""
+        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts); `added`: an
+        SDXL model's pooled text and time ids, one row per context row."""
+        if self.config.sdxl != (added is not None):
+            raise InvalidInputError("an SDXL model needs text_embeds and time_ids (AddedConditioning), and only an "
+                                    "SDXL model takes them")
         if isinstance(context, np.ndarray):
             context = self._host_context(context)
         latents = np.ascontiguousarray(latents, dtype=np.float32)
@@ -282,6 +297,7 @@ class OnnxRuntimeBackend:
         step.bind_buffer("text_embeddings", self._guided_context(context, b))
         step.bind_buffer("guidance_scale", scale)
         blend_row = self._bind_condition(step, condition, latents.shape, n, zeros)
+        kept = None if added is None else self._bind_added(step, added, b)  # bound by address: kept alive
         for i in range(n):
             step.bind("state", ping.ptr, ping.shape)
             step.bind("timestep", timesteps.row(i), (1,))
@@ -293,6 +309,7 @@ class OnnxRuntimeBackend:
             ping, pong = pong, ping
             if callback is not None:
                 callback(i + 1, n)
+        del kept
         return ping.first(latents.shape)
 
     def _bind_condition(self, step: Graph, condition: ImageCondition | None, shape: tuple[int, ...], rows: int,
@@ -309,6 +326,50 @@ class OnnxRuntimeBackend:
             step.bind_buffer(name, Buffer.holding(np.asarray(getattr(condition, name), np.float32), self._where))
         blend = Buffer.holding(np.asarray(condition.blend, np.float32).reshape(rows, 3), self._where)
         return blend.row
+
+    def encode_text_sdxl(self, ids: np.ndarray, ids_2: np.ndarray,
+                         clip_skip: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SDXL: token ids [R, 77] of each tokenizer -> both encoders' hidden states of layer -2-clip_skip
+        ([R, 77, D1], [R, 77, D2]) and text_encoder_2's pooled, projected output [R, P], float32 on the host."""
+        hidden, _ = self._run_text(TEXT_ENCODER, ids, clip_skip)
+        hidden_2, pooled = self._run_text(TEXT_ENCODER_2, ids_2, clip_skip)
+        return hidden, hidden_2, pooled
+
+    def _run_text(self, name: str, input_ids: np.ndarray, clip_skip: int) -> tuple[np.ndarray, ...]:
+        """One SDXL text encoder graph over token ids [R, 77]: its outputs' first R rows on the host."""
+        ids = np.asarray(input_ids)
+        rows, run_rows = ids.shape[0], ids.shape[0]
+        r = self.dims["rows"]
+        if self.ranges.static and rows * 2 == r.max:  # a static graph takes 2B rows: run the B rows twice
+            ids, run_rows = np.concatenate([ids, ids]), 2 * rows
+        check_dim(run_rows, r, "text rows (images, times 2 with guidance)", _REEXPORT)
+        te = self.graphs[name]
+        shp = {t.name: self._shape(t.dims, rows=run_rows) for t in te.spec.inputs + te.spec.outputs}
+        ids_buf = self._buffer(f"{name}.input_ids", shp["input_ids"], np.int32)
+        ids_buf.write(ids.astype(np.int32))
+        te.bind_buffer("input_ids", ids_buf)
+        skip = self._buffer(f"{name}.clip_skip", (1,), np.int32)
+        skip.write(np.array([clip_skip], np.int32))
+        te.bind_buffer("clip_skip", skip)
+        outs = [self._buffer(f"{name}.{t.name}", shp[t.name]) for t in te.spec.outputs]
+        for t, buf in zip(te.spec.outputs, outs):
+            te.bind_output(t.name, buf)
+        te.run()
+        return tuple(buf.read()[:rows] for buf in outs)
+
+    def _bind_added(self, step: Graph, added: AddedConditioning, batch: int) -> list[Buffer]:
+        """Bind SDXL's text_embeds [2B, P] and time_ids [2B, 6] once per call (B rows, guidance 1: duplicated, as
+        the context is); the buffers, which must outlive the loop."""
+        kept = []
+        for name in ("text_embeds", "time_ids"):
+            array = np.ascontiguousarray(getattr(added, name), dtype=np.float32)
+            if array.shape[0] == batch:
+                array = np.concatenate([array, array])
+            if array.shape[0] != 2 * batch:
+                raise InvalidInputError(f"{array.shape[0]} rows of {name} for {batch} latents: give B or 2B rows")
+            kept.append(Buffer.holding(array, self._where))
+            step.bind_buffer(name, kept[-1])
+        return kept
 
     def encode_image(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images [B,3,H,W] in [-1, 1] -> scaled latent mean and std of q(z|x), on the host (vae_encoder graph)."""

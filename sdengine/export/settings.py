@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import InvalidInputError
-from ..specs import GRAPHS, MAX_BATCH, STATE_SLOTS, UNET, Precision, Range, ShapeRanges
+from ..specs import ALL_GRAPHS, MAX_BATCH, STATE_SLOTS, UNET, Precision, Range, ShapeRanges
 
 DEFAULT_OPSET = 17
 OPSETS = range(17, 21)  # LayerNormalization needs 17; the TorchScript exporter stops at 20
-GRAPH_ORDER = tuple(GRAPHS)
+GRAPH_ORDER = ALL_GRAPHS  # text_encoder_2: SDXL models only
 DEFAULT_GRAPHS = tuple(g for g in GRAPH_ORDER if g != UNET)  # the plain U-Net on request only (--unet-graph)
 
 
@@ -59,9 +59,9 @@ class ExportSettings:
         object.__setattr__(self, "precision", Precision(self.precision))
         if self.opset not in OPSETS:
             raise InvalidInputError(f"--opset must be between {OPSETS.start} and {OPSETS.stop - 1}, got {self.opset}")
-        unknown = [g for g in self.graphs if g not in GRAPHS]
+        unknown = [g for g in self.graphs if g not in ALL_GRAPHS]
         if unknown or not self.graphs:
-            raise InvalidInputError(f"unknown graphs {unknown}; choose from {', '.join(GRAPHS)}")
+            raise InvalidInputError(f"unknown graphs {unknown}; choose from {', '.join(ALL_GRAPHS)}")
         if self.batch is not None and self.batch[-1] > MAX_BATCH:
             raise InvalidInputError(f"--batch must be at most {MAX_BATCH}, got {self.batch[-1]}")
         for name in ("height", "width"):

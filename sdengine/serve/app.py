@@ -169,7 +169,8 @@ class Service:
                                seed=[s for r in requests for s in r.seeds], width=first.width, height=first.height,
                                callback=callback, scheduler=first.scheduler, image=first.image,
                                mask_image=first.mask, strength=first.strength,
-                               prompt_weighting=first.prompt_weighting, clip_skip=first.clip_skip)
+                               prompt_weighting=first.prompt_weighting, clip_skip=first.clip_skip,
+                               **dict(first.micro))  # SDXL: one batch shares its micro-conditioning (batch_key)
         if result.vae_fp32_fallback:
             self.metrics.vae_fp32_fallbacks.inc()
         return list(zip(result.images, result.infos))
@@ -344,10 +345,10 @@ def limits_for(pipeline: Any, settings: ServeSettings) -> tuple[Limits, int]:
                     default_steps=settings.default_steps, max_steps=settings.max_steps,
                     max_prompt_chunks=max_chunks, count_chunks=lambda text, weighting: chunk_prompt(
                         tokenizer, text, weighting, MAX_PROMPT_CHUNKS).chunks,
-                    clip_layers=config.text_encoder.num_hidden_layers,
+                    clip_layers=min(te.num_hidden_layers for te in (config.text_encoder, config.text_encoder_2) if te),
                     scheduler=config.scheduler, slots=None if ranges is None else ranges.slots,
                     inpainting=config.inpainting, loras=settings.lora_names,
-                    default_loras=settings.default_loras)
+                    default_loras=settings.default_loras, sdxl=config.sdxl)
     if size[0] * size[1] > settings.max_pixels:
         raise InvalidInputError(f"--max-pixels {settings.max_pixels} is below the model's own size "
                                 f"{size[0]}x{size[1]}; raise it")
