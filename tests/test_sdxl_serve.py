@@ -29,7 +29,7 @@ def test_request_fields_validated_batched_and_refused_off_sdxl():
     assert dict(form.micro) == {"target_size": (64, 128)}
     with pytest.raises(RequestError) as info:
         validate({"prompt": "a cat", "crops_coords_top_left": [0, 0], "target_size": [64, 64]}, sd)
-    assert info.value.status == 400 and info.value.param == "crops_coords_top_left"
+    assert info.value.status == 422 and info.value.param == "crops_coords_top_left"
     assert "crops_coords_top_left, target_size: SDXL's micro-conditioning; this server's model is not SDXL" \
         in info.value.message
     for bad in ([512], [1.5, 2], "512x512", [True, 4], [-1, 4], [4, 99999]):

@@ -445,7 +445,7 @@ def validate(data: dict, limits: Limits, edit: Any = None) -> GenerationRequest:
         width, height = (int(side) for side in body.size.split("x"))
     micro = tuple((name, tuple(getattr(body, name))) for name in MICRO_FIELDS if getattr(body, name) is not None)
     if micro and not limits.sdxl:
-        raise RequestError(400, f"{', '.join(name for name, _ in micro)}: SDXL's micro-conditioning; this server's "
+        raise RequestError(422, f"{', '.join(name for name, _ in micro)}: SDXL's micro-conditioning; this server's "
                                 f"model is not SDXL: leave the field(s) out", micro[0][0])
     loras = limits.default_loras if body.loras is None else \
         tuple((name, body.loras[name]) for name in limits.loras if body.loras.get(name, 0.0) != 0.0)
