@@ -67,10 +67,11 @@ class OnnxRuntimeBackend:
         self._lora_base: dict[str, dict[str, np.ndarray]] = {}  # graph -> {parameter: pristine weight}
         self._lora_inits: dict[str, dict[str, np.ndarray]] = {}  # graph -> {initializer: merged tensor}
         self._external: dict[str, frozenset[str]] = {}  # graph -> its initializers stored as external data
-        self._token_table: tuple[str, np.ndarray] | None = None  # textual inversion: the extended table
+        self._token_tables: dict[str, tuple[str, np.ndarray]] = {}  # textual inversion: graph -> extended table
 
-    def add_token_embeddings(self, vectors: np.ndarray) -> int:
-        """Append textual inversion vectors [n, D] to the text encoder's token table; the first new row's id.
+    def add_token_embeddings(self, vectors: np.ndarray, vectors_2: np.ndarray | None = None) -> Any:
+        """Append textual inversion vectors [n, D] to the text encoder's token table; the first new row's id
+        (SDXL: `vectors_2` to text_encoder_2's too, and the first new row of each).
 
         The exported table is read once from the graph; the extended one replaces it in a new text encoder
         session (with any LoRA-merged weights, see _open): no re-export, and the graph keeps its one input
@@ -78,22 +79,27 @@ class OnnxRuntimeBackend:
         from ..embeddings import extended_table
         from ..runtime.onnx_files import token_table
 
-        if self.config.sdxl:
-            raise InvalidInputError("textual inversion embeddings for SDXL (two vectors per token, one per text "
-                                    "encoder) are not supported yet (issue 15)")
-        if self._token_table is None:
-            te = self.config.text_encoder
-            self._token_table = token_table(self._paths[TEXT_ENCODER], self.manifest.folder, te.vocab_size,
-                                            te.hidden_size)
-        previous = self._token_table
-        name, table = previous
-        self._token_table = (name, extended_table(table, np.asarray(vectors, np.float32)))
+        sdxl = self.config.sdxl
+        targets = [(TEXT_ENCODER, self.config.text_encoder, vectors)] + (
+            [(TEXT_ENCODER_2, self.config.text_encoder_2, vectors_2)] if sdxl else [])
+        if any(v is None for *_, v in targets):
+            raise InvalidInputError("an SDXL model takes two sets of textual inversion vectors, one per text encoder")
+        previous = dict(self._token_tables)
+        starts = []
+        for graph, te, given in targets:
+            if graph not in self._token_tables:
+                self._token_tables[graph] = token_table(self._paths[graph], self.manifest.folder, te.vocab_size,
+                                                        te.hidden_size)
+            name, table = self._token_tables[graph]
+            starts.append(table.shape[0])
+            self._token_tables[graph] = (name, extended_table(table, np.asarray(given, np.float32)))
         try:
-            self.graphs[TEXT_ENCODER] = self._open(TEXT_ENCODER, self._lora_inits.get(TEXT_ENCODER, {}))
+            sessions = {graph: self._open(graph, self._lora_inits.get(graph, {})) for graph, *_ in targets}
         except BaseException:
-            self._token_table = previous
+            self._token_tables = previous
             raise
-        return table.shape[0]
+        self.graphs.update(sessions)  # all or nothing
+        return tuple(starts) if sdxl else starts[0]
 
     def _graph(self, name: str) -> Graph:
         """A graph's session, created on first use (the VAE encoder: only image inputs need it)."""
@@ -171,8 +177,8 @@ class OnnxRuntimeBackend:
         ORT_ENABLE_EXTENDED: ONNX Runtime ignores add_initializer for some weights at ORT_ENABLE_ALL). Each keeps
         every optimisation but the last."""
         inits = dict(lora)
-        if graph == TEXT_ENCODER and self._token_table is not None:
-            name, table = self._token_table
+        if graph in self._token_tables:
+            name, table = self._token_tables[graph]
             inits[name] = table
         if inits and graph not in self._external:
             self._external[graph] = read_initializers(self._paths[graph], set())[1]
