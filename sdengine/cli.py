@@ -101,6 +101,9 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-chunks", type=int, default=None, metavar="K",
                    help="the longest prompt the step graph reads, in chunks of 75 tokens (1-8, default 8; "
                         "a static export reads 1)")
+    p.add_argument("--unet-graph", action="store_true",
+                   help="also write the plain U-Net graph (unet.onnx), for denoise loops of your own; no sdengine "
+                        "backend uses it")
     p.add_argument("--step-cache", type=int, nargs="?", const=0, default=None, metavar="BRANCH",
                    help="also export step caching's full and shallow step graphs for this branch (default 0), for "
                         "--cache-interval (README, \"Step caching\"); without it they are not exported")
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_parser(sub)
     bench_cli.add_parser(sub)
     build_cli.add_parser(sub)
+    verify = sub.add_parser("verify", help="compare every file of an ONNX export folder with the sha256 recorded "
+                            "at export (a load checks sizes and a fingerprint only)")
+    verify.add_argument("folder", help="a folder written by sdengine export")
     tiny = sub.add_parser("tiny-model", help="write a small random-weight model folder for trying things out")
     tiny.add_argument("out", help="folder to create")
     tiny.add_argument("--seed", type=int, default=0)
@@ -324,12 +330,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export.settings import ExportSettings, parse_range
+    from .specs import UNET
 
     ranges = {name: None if getattr(args, name) is None else parse_range(getattr(args, name), name)
               for name in ("batch", "height", "width")}
     slots = {} if args.state_slots is None else {"state_slots": args.state_slots}
     if args.max_prompt_chunks is not None:
         slots["max_prompt_chunks"] = args.max_prompt_chunks
+    if args.unet_graph:
+        slots["graphs"] = ExportSettings().graphs + (UNET,)
     settings = ExportSettings(precision="fp16" if args.fp16 else "fp32", opset=args.opset, static=args.static,
                               force=args.force, step_cache=args.step_cache, **ranges, **slots)
     if args.model is None:
@@ -346,6 +355,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     written = sum(r.status == "passed" for r in results)
     print(f"{args.out}: {written} graph(s) written, {len(results) - written} up to date; "
           f"try: sdengine generate \"{_example_prompt(args.model)}\" --backend onnxruntime --model {args.out}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import time
+
+    from .manifest import Manifest
+
+    started = time.perf_counter()
+    files = Manifest.read(args.folder).verify()
+    size = sum(f.stat().st_size for f in files)
+    print(f"{args.folder}: {len(files)} file(s), {size / 1e6:.1f} MB, each as exported (sha256; "
+          f"{time.perf_counter() - started:.1f} s)")
+    return 0
 
 
 def _example_prompt(model: str | None) -> str:
@@ -406,11 +428,24 @@ class _LowerLevel(logging.Formatter):
         return super().format(logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()}))
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a record is emitted, so a caller that redirects it (an embedding
+    program, a test calling `main`) gets the warnings too."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
     """sdengine's warnings as one line each on stderr: `sdengine: warning: ...`."""
     logger = logging.getLogger("sdengine")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(_LowerLevel("sdengine: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.WARNING)
@@ -425,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _log_to_stderr()
     commands = {"generate": cmd_generate, "export": cmd_export, "tiny-model": cmd_tiny_model,
-                "train-demo": cmd_train_demo, "train-lora": cmd_train_lora, "serve": serve_cli.run, "build": build_cli.run,
+                "train-demo": cmd_train_demo, "verify": cmd_verify, "train-lora": cmd_train_lora, "serve": serve_cli.run, "build": build_cli.run,
                 "bench": bench_cli.run}
     try:
         return commands[args.command](args)

@@ -20,6 +20,7 @@ from .errors import InvalidInputError, ModelLoadError, PickleCheckpointError
 from .files import is_pickle
 
 A1111_KEY = "emb_params"
+SDXL_KEYS = ("clip_l", "clip_g")  # A1111's SDXL embeddings: text_encoder's vectors, text_encoder_2's
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Embedding:
 
     trigger: str
     vectors: np.ndarray
+    vectors_2: np.ndarray | None = None  # SDXL: the second text encoder's vectors (A1111's "clip_g")
 
     @property
     def tokens(self) -> list[str]:
@@ -58,17 +60,28 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"{path} is not a readable safetensors file ({exc})") from None
-    name, vectors = _pick(tensors, path)
-    vectors = np.asarray(vectors, dtype=np.float32)
+    if SDXL_KEYS[0] in tensors and SDXL_KEYS[1] in tensors:  # A1111's SDXL embeddings: one set per text encoder
+        name, vectors, vectors_2 = None, _vectors(tensors[SDXL_KEYS[0]], path), _vectors(tensors[SDXL_KEYS[1]], path)
+        if len(vectors) != len(vectors_2):
+            raise ModelLoadError(f"{path}: '{SDXL_KEYS[0]}' has {len(vectors)} vectors and '{SDXL_KEYS[1]}' "
+                                 f"{len(vectors_2)}; an SDXL embedding has as many for each text encoder")
+    else:
+        (name, vectors), vectors_2 = _pick(tensors, path), None
+        vectors = _vectors(vectors, path)
+    trigger = token if token is not None else name if name is not None else path.stem
+    if not isinstance(trigger, str) or not trigger.strip() or any(c.isspace() for c in trigger):
+        raise InvalidInputError(f"an embedding's token must be one word without spaces, got {trigger!r}")
+    return Embedding(trigger, vectors, vectors_2)
+
+
+def _vectors(value: np.ndarray, path: Path) -> np.ndarray:
+    vectors = np.asarray(value, dtype=np.float32)
     if vectors.ndim == 1:
         vectors = vectors[None]
     if vectors.ndim != 2 or not vectors.shape[0] or not np.isfinite(vectors).all():
         raise ModelLoadError(f"{path}: the embedding must be finite vectors [n, width], got shape "
                              f"{list(vectors.shape)}")
-    trigger = token if token is not None else name if name is not None else path.stem
-    if not isinstance(trigger, str) or not trigger.strip() or any(c.isspace() for c in trigger):
-        raise InvalidInputError(f"an embedding's token must be one word without spaces, got {trigger!r}")
-    return Embedding(trigger, np.ascontiguousarray(vectors))
+    return np.ascontiguousarray(vectors)
 
 
 def _pick(tensors: dict[str, np.ndarray], path: Path) -> tuple[str | None, np.ndarray]:

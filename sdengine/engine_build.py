@@ -23,13 +23,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .engine_manifest import ENGINE_GRAPHS, FORMAT, BuilderSettings, EngineManifest, GraphEntry, plan_file, \
-    profiles, write
+from .engine_manifest import ENGINE_GRAPHS, FORMAT, BuilderSettings, EngineManifest, GraphEntry, engine_graphs, \
+    plan_file, profiles, write
 from .errors import InvalidInputError, ModelLoadError, SDEngineError
 from .files import umask_mode, write_bytes_atomic
-from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file
+from .manifest import MANIFEST, TOKENIZER_2_DIR, TOKENIZER_DIR, Manifest, sha256_file
 from .runtime.tensorrt import gpu_identity, import_tensorrt, logger
-from .specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, Precision, Range, ShapeRanges
+from .specs import ALL_GRAPHS, DENOISE_STEP, TEXT_ENCODER, TEXT_ENCODER_2, GraphSpec, Precision, Range, ShapeRanges, \
+    graph_specs
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -51,9 +52,9 @@ class BuildSettings:
     graphs: tuple[str, ...] = ENGINE_GRAPHS
 
     def __post_init__(self) -> None:
-        unknown = [g for g in self.graphs if g not in GRAPHS]
+        unknown = [g for g in self.graphs if g not in ALL_GRAPHS]
         if unknown or not self.graphs:
-            raise InvalidInputError(f"unknown graphs {unknown}; choose from {', '.join(GRAPHS)}")
+            raise InvalidInputError(f"unknown graphs {unknown}; choose from {', '.join(ALL_GRAPHS)}")
         if self.static and any(v is not None and len(set(v)) > 1 for v in (self.batch, self.height, self.width)):
             raise InvalidInputError("--static takes one value for --batch, --height and --width, not a range")
 
@@ -129,6 +130,7 @@ def build_engines(onnx_dir: str | Path, out: str | Path, settings: BuildSettings
                   trt: Any = None, gpu: tuple[str, str] | None = None) -> EngineManifest:
     """Build every engine of `settings.graphs` from the fp16 export `onnx_dir` into the engine set `out`."""
     onnx = read_fp16_export(onnx_dir)
+    settings = replace(settings, graphs=engine_graphs(onnx.config, settings.graphs))  # SDXL: both text encoders
     ranges = build_ranges(onnx.ranges, onnx.config.vae.downscale, settings)
     out = check_out(out)
     cache = settings.builder.timing_cache
@@ -141,7 +143,7 @@ def build_engines(onnx_dir: str | Path, out: str | Path, settings: BuildSettings
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         entries = _build_all(trt, onnx, graph_paths, ranges, settings, tmp, log)
-        _copy_tokenizer(onnx.folder, tmp)
+        _copy_tokenizer(onnx.folder, tmp, onnx.config.sdxl)
         manifest = EngineManifest(out, str(trt.__version__), gpu_name, capability, ranges, settings.builder,
                                   str(onnx.folder.absolute()), onnx.source_sha256, onnx.config, entries,
                                   weights=refit_weights(onnx, settings))
@@ -163,7 +165,7 @@ def refit_weights(onnx: Manifest, settings: BuildSettings) -> dict[str, dict] | 
     time, after its graphs' sha256 are checked against the ones these engines were built from."""
     if not settings.builder.refittable:
         return None
-    return {g: dict(onnx.graphs[g]["parameters"]) for g in (TEXT_ENCODER, DENOISE_STEP)
+    return {g: dict(onnx.graphs[g]["parameters"]) for g in (TEXT_ENCODER, TEXT_ENCODER_2, DENOISE_STEP)
             if g in settings.graphs and onnx.graphs.get(g, {}).get("parameters") is not None}
 
 
@@ -178,8 +180,8 @@ def _build_all(trt: Any, onnx: Manifest, graph_paths: dict[str, Path], ranges: S
         step = f"[{i}/{len(settings.graphs)}] {name}"
         log(f"{step}: building from {graph_paths[name].name} ...")
         start = time.perf_counter()
-        plan, cache, profile = _build_one(trt, builder, name, graph_paths[name], shapes[name], settings, cache,
-                                          log)
+        plan, cache, profile = _build_one(trt, builder, graph_specs(onnx.config)[name], graph_paths[name],
+                                          shapes[name], settings, cache, log)
         seconds = time.perf_counter() - start
         path = folder / plan_file(name)
         write_bytes_atomic(path, plan)
@@ -190,12 +192,14 @@ def _build_all(trt: Any, onnx: Manifest, graph_paths: dict[str, Path], ranges: S
     return entries
 
 
-def _build_one(trt: Any, builder: trt.Builder, name: str, path: Path, shapes: dict[str, list], settings: BuildSettings,
-               cache: trt.ITimingCache | None, log: Log) -> tuple[trt.IHostMemory, trt.ITimingCache, dict[str, list]]:
+def _build_one(trt: Any, builder: trt.Builder, spec: GraphSpec, path: Path, shapes: dict[str, list],
+               settings: BuildSettings, cache: trt.ITimingCache | None,
+               log: Log) -> tuple[trt.IHostMemory, trt.ITimingCache, dict[str, list]]:
     """One serialized engine, the timing cache (shared by every engine of the set) and the engine's profile."""
+    name = spec.name
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = _parse(trt, network, path, settings.verbose)  # the parser owns weights the network uses: keep it
-    _check_io(network, name, path)
+    _check_io(network, spec, path)
     config = builder.create_builder_config()
     effective = _add_profile(builder, network, config, name, shapes)
     if settings.builder.workspace_gb is not None:
@@ -228,9 +232,9 @@ def _parse(trt: Any, network: trt.INetworkDefinition, path: Path, verbose: bool)
     return parser
 
 
-def _check_io(network: trt.INetworkDefinition, name: str, path: Path) -> None:
+def _check_io(network: trt.INetworkDefinition, spec: GraphSpec, path: Path) -> None:
     """The parsed network's inputs and outputs are the spec's."""
-    spec = GRAPHS[name]
+    name = spec.name
     inputs = sorted(network.get_input(i).name for i in range(network.num_inputs))
     outputs = sorted(network.get_output(i).name for i in range(network.num_outputs))
     if inputs != sorted(spec.input_names) or outputs != sorted(spec.output_names):
@@ -303,11 +307,13 @@ def _progress_monitor(trt: Any, name: str, log: Log) -> Any:
     return Monitor()
 
 
-def _copy_tokenizer(onnx_folder: Path, folder: Path) -> None:
-    src = onnx_folder / TOKENIZER_DIR
-    if not (src / "vocab.json").is_file():
-        raise ModelLoadError(f"{src} is missing or incomplete; re-export the ONNX folder with sdengine export --force")
-    shutil.copytree(src, folder / TOKENIZER_DIR)
+def _copy_tokenizer(onnx_folder: Path, folder: Path, sdxl: bool = False) -> None:
+    for name in (TOKENIZER_DIR, TOKENIZER_2_DIR) if sdxl else (TOKENIZER_DIR,):  # SDXL: both tokenizers
+        src = onnx_folder / name
+        if not (src / "vocab.json").is_file():
+            raise ModelLoadError(f"{src} is missing or incomplete; re-export the ONNX folder with sdengine export "
+                                 f"--force")
+        shutil.copytree(src, folder / name)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

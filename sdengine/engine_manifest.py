@@ -29,8 +29,8 @@ from .config import ModelConfig
 from .errors import EngineMismatchError, InvalidInputError, ModelLoadError, UnsupportedModelError
 from .files import write_json_atomic
 from .manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file
-from .specs import DENOISE_STEP, GRAPHS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, Precision, ShapeRanges, check_dim, \
-    profile
+from .specs import DENOISE_STEP, TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, VAE_ENCODER, Precision, ShapeRanges, \
+    check_dim, graph_specs, profile
 
 FORMAT, FORMAT_VERSION = "sdengine-engines", 3  # 2: the denoise step takes a sampler state; 3: prompt chunks
 PLAN_SUFFIX = ".plan"
@@ -43,9 +43,18 @@ def plan_file(graph: str) -> str:
     return f"{graph}{PLAN_SUFFIX}"
 
 
+def engine_graphs(config: ModelConfig, graphs: tuple[str, ...] = ENGINE_GRAPHS) -> tuple[str, ...]:
+    """`graphs` for `config`: an SDXL model's second text encoder goes with its first."""
+    if config.sdxl and TEXT_ENCODER in graphs and TEXT_ENCODER_2 not in graphs:
+        i = graphs.index(TEXT_ENCODER) + 1
+        return (*graphs[:i], TEXT_ENCODER_2, *graphs[i:])
+    return tuple(g for g in graphs if config.sdxl or g != TEXT_ENCODER_2)
+
+
 def profiles(config: ModelConfig, ranges: ShapeRanges, graphs: tuple[str, ...]) -> dict[str, dict[str, list]]:
     """Per graph, per input: [min, opt, max] shapes (specs.profile over `ranges`), JSON-ready."""
-    return {g: {name: [list(s) for s in shapes] for name, shapes in profile(GRAPHS[g], config, ranges).items()}
+    specs = graph_specs(config)
+    return {g: {name: [list(s) for s in shapes] for name, shapes in profile(specs[g], config, ranges).items()}
             for g in graphs}
 
 

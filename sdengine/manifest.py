@@ -18,8 +18,41 @@ from .specs import Precision, ShapeRanges, spec_of
 
 FORMAT, FORMAT_VERSION = "sdengine-onnx", 3  # 2: the denoise step takes a sampler state; 3: prompt chunks
 MANIFEST, REPORT, TOKENIZER_DIR = "manifest.json", "export-report.json", "tokenizer"
+TOKENIZER_2_DIR = "tokenizer_2"  # SDXL's second tokenizer (pads with '!')
 META_GRAPH, META_SOURCE, META_KEY = "sdengine.graph", "sdengine.source_sha256", "sdengine.export_key"
 _CHUNK = 1 << 22
+
+
+_SAMPLES, _SAMPLE = 16, 1 << 16
+
+
+def fingerprint(path: Path) -> str:
+    """The cheap check made at every load: sha256 of the file's size and of 16 slices of 64 KiB spread evenly
+    over it (the whole file up to 1 MiB). It notices a truncated, extended, replaced or re-exported file while
+    reading 1 MiB of a 3.4 GB U-Net; the full sha256, recorded at export, is compared by `sdengine verify`."""
+    size = path.stat().st_size
+    h = hashlib.sha256(b"%d:" % size)
+    with open(path, "rb") as f:
+        if size <= _SAMPLES * _SAMPLE:
+            h.update(f.read())
+        else:
+            for k in range(_SAMPLES):  # the first slice at 0, the last one ending at the file's end
+                f.seek(k * (size - _SAMPLE) // (_SAMPLES - 1))
+                h.update(f.read(_SAMPLE))
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What the manifest records of a written file: full sha256, size and load-time fingerprint."""
+    return {"sha256": sha256_file(path), "size": path.stat().st_size, "fingerprint": fingerprint(path)}
+
+
+def _same_file(path: Path, record: dict[str, Any], full: bool) -> bool:
+    """`path` is the file of `record`: by its fingerprint (and size), or by the full sha256 when `full` is
+    asked or the record is older than fingerprints."""
+    if full or not record.get("fingerprint"):
+        return sha256_file(path) == record.get("sha256")
+    return path.stat().st_size == record.get("size") and fingerprint(path) == record["fingerprint"]
 
 
 def sha256_file(path: Path) -> str:
@@ -71,20 +104,21 @@ class Manifest:
                                         f"reads version {FORMAT_VERSION}: re-export with this version")
         return cls(folder, data)
 
-    def graph_path(self, name: str) -> Path:
-        """The verified path of graph `name`: listed, present, sha256 as recorded, external data inside."""
+    def graph_path(self, name: str, full: bool = False) -> Path:
+        """The checked path of graph `name`: listed, present, external data inside the folder, and each file
+        the one exported: by size and fingerprint, or by the full sha256 when `full` (`sdengine verify`)."""
         entry = self.graphs.get(name)
         if entry is None:
             raise ModelLoadError(f"{self.folder} has no {name} graph in its manifest (its export may have failed "
                                  f"validation: see {REPORT}); re-export with sdengine export --force")
-        path = self.folder / spec_of(name).file
+        path = self.folder / spec_of(name, self.config).file
         if entry.get("file") != path.name:
             raise ModelLoadError(f"{self.folder / MANIFEST} names {entry.get('file')!r} for {name}; expected "
                                  f"{path.name}: re-export the folder")
         if not path.is_file():
             raise ModelLoadError(f"{path} is missing from the ONNX export folder; re-export with "
                                  f"sdengine export --force")
-        if sha256_file(path) != entry.get("sha256"):
+        if not _same_file(path, {**entry, **(entry.get("files") or {}).get(path.name, {})}, full):
             raise ModelLoadError(self._mismatch(name, path))
         from .runtime.onnx_files import check_external_data
 
@@ -94,10 +128,18 @@ class Manifest:
             raise ModelLoadError(f"{path} refers to external data {sorted(files)}, the manifest lists "
                                  f"{sorted(expected)}: re-export the folder")
         for rel, digest in expected.items():
-            if sha256_file(self.folder / rel) != digest:
+            if not _same_file(self.folder / rel, {"sha256": digest, **(entry.get("files") or {}).get(rel, {})}, full):
                 raise ModelLoadError(f"{self.folder / rel} (external data of {path.name}) differs from the one "
                                      f"exported (sha256 mismatch); re-export the folder")
         return path
+
+    def verify(self) -> list[Path]:
+        """Every graph's files against their full sha256 (ModelLoadError at the first that differs); the files."""
+        files = []
+        for name in self.graphs:
+            path = self.graph_path(name, full=True)
+            files += [path, *(self.folder / rel for rel in self.graphs[name].get("external_data") or {})]
+        return files
 
     def _mismatch(self, name: str, path: Path) -> str:
         """Why a graph's sha256 differs: another model's graph, or a changed/corrupt file."""

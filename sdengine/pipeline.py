@@ -303,10 +303,10 @@ class Pipeline:
         init, condition = self._start(inputs, schedule, unit, seeds, sample_posterior)
         rows = [p for p in prompts for _ in range(n)]
         guided = uses_guidance(self.config, guidance)
+        time_ids = sdxl_time_ids(height, width, **micro) if self.config.sdxl else None
         if self.config.sdxl:
             context, added = self._condition_sdxl(rows, [p for p in negatives for _ in range(n)] if guided else None,
-                                                  zero_negative, prompt_weighting, clip_skip,
-                                                  sdxl_time_ids(height, width, **micro))
+                                                  zero_negative, prompt_weighting, clip_skip, time_ids)
             final = self.backend.denoise(init, context, schedule, guidance, noise, callback, condition, added=added,
                                          **cached)
         else:
@@ -322,6 +322,8 @@ class Pipeline:
             images = (soft * images + (1 - soft) * inputs.pixels).astype(np.float32)
         extra = {} if inputs is None else dict(strength=strength, source=inputs.source, mask=inputs.mask_sha256,
                                                mask_blur=float(mask_blur))
+        if time_ids is not None:  # SDXL: the micro-conditioning as used, recorded in the PNG (sdengine.metadata)
+            extra["time_ids"] = tuple(float(v) for v in np.concatenate(time_ids))
         infos = [GenerationInfo(prompt=p, negative_prompt=neg, steps=schedule.steps, sampler=schedule.label,
                                 guidance_scale=guidance, seed=s, width=width, height=height, model=self.model_name,
                                 eta=float(eta), loras=self.loras, clip_skip=clip_skip,
@@ -349,16 +351,26 @@ class Pipeline:
         if add is None:
             raise InvalidInputError("this backend cannot add textual inversion embeddings (a TensorRT engine's token "
                                     "table is fixed): use --backend torch or onnxruntime")
-        taken = [t for t in emb.tokens if self.tokenizer.has_token(t)]
+        sdxl = self.config.sdxl
+        if sdxl and emb.vectors_2 is None:
+            raise InvalidInputError(f"{path} is an SD 1.x/2.x embedding (one set of vectors); an SDXL model needs "
+                                    "an SDXL embedding, with 'clip_l' and 'clip_g' vectors (one per text encoder)")
+        if not sdxl and emb.vectors_2 is not None:
+            raise InvalidInputError(f"{path} is an SDXL embedding ('clip_l' and 'clip_g'); this model is not SDXL: "
+                                    "use an embedding trained for it")
+        tokenizers = [self.tokenizer, self.tokenizer_2] if sdxl else [self.tokenizer]
+        taken = [t for t in emb.tokens for tok in tokenizers if tok.has_token(t)]
         if taken:
             raise InvalidInputError(f"the token {taken[0]!r} is already in the vocabulary: give the embedding another "
                                     "token (--embedding FILE:TOKEN, or token=...)")
-        start = add(emb.vectors)
-        if start != self.tokenizer.vocab_size:
-            raise InvalidInputError(f"the text encoder's token table had {start} rows and the tokenizer "
-                                    f"{self.tokenizer.vocab_size} tokens: embeddings were added to one without the "
-                                    "other; load the pipeline again")
-        self.tokenizer.add_tokens(emb.tokens)
+        starts = add(emb.vectors, emb.vectors_2) if sdxl else (add(emb.vectors),)
+        for start, tok in zip(starts, tokenizers):
+            if start != tok.vocab_size:
+                raise InvalidInputError(f"a text encoder's token table had {start} rows and its tokenizer "
+                                        f"{tok.vocab_size} tokens: embeddings were added to one without the "
+                                        "other; load the pipeline again")
+        for tok in tokenizers:
+            tok.add_tokens(emb.tokens)
         return emb.tokens
 
     def _encode_prompts(self, rows: list[str], weighting: bool, clip_skip: int) -> Any:

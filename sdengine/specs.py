@@ -15,6 +15,7 @@ Conventions every graph shares:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import SDXL_TIME_IDS, ModelConfig
 from .errors import InvalidInputError
 from .prompts import MAX_PROMPT_CHUNKS
 from .samplers.table import row_width
@@ -31,6 +32,7 @@ MIN_SIDE, MAX_SIDE, MAX_BATCH = 64, 2048, 64
 STATE_SLOTS = 4  # the denoise step's state by default: enough for every sampler (sdengine.samplers.SLOTS_MAX)
 TEXT_ENCODER, DENOISE_STEP, UNET, VAE_DECODER, VAE_ENCODER = (
     "text_encoder", "denoise_step", "unet", "vae_decoder", "vae_encoder")
+TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second text encoder (sdxl_graphs)
 # step caching (sdengine.stepcache): exported only when asked (sdengine export --step-cache BRANCH)
 DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, DEEP_FEATURE = "denoise_step_full", "denoise_step_shallow", "deep_feature"
 
@@ -287,10 +289,72 @@ CACHE_GRAPHS: dict[str, GraphSpec] = {
         fp32_inputs=GRAPHS[DENOISE_STEP].fp32_inputs),
 }
 
+# SDXL (Podell et al. 2023): two text encoders whose hidden states of layer -2-clip_skip (no final layer norm) are
+# concatenated into the context, the second's pooled projection `text_embeds`, and the micro-conditioning `time_ids`
+# (sdengine.config.SDXL_TIME_IDS numbers per row) that the step and U-Net graphs take besides. Symbols: `hidden_2` is
+# the second encoder's width, `pooled` its projection's, `cross_attention` the context width (hidden + hidden_2).
+ADDED_INPUTS = ("text_embeds", "time_ids")  # the SDXL step's extra inputs, bound once per call (runtime.loop)
+_SDXL_HIDDEN_DOC = "layer -2-clip_skip's output, without the final layer norm (SDXL's conditioning)"
+_TEXT_EMBEDS = TensorSpec("text_embeds", "float32", ("batch_x2", "pooled"),
+                          doc="text_encoder_2's pooled, projected output, in the text rows' order")
+_TIME_IDS = TensorSpec("time_ids", "float32", ("batch_x2", SDXL_TIME_IDS), "time_ids",
+                       "original_size (h, w), crops_coords_top_left (top, left), target_size (h, w) per text row")
 
-def spec_of(name: str) -> GraphSpec:
-    """The spec of any graph an export may hold: GRAPHS, or step caching's CACHE_GRAPHS."""
-    return GRAPHS[name] if name in GRAPHS else CACHE_GRAPHS[name]
+
+def _sdxl_rows(t: TensorSpec, rows: str) -> TensorSpec:
+    return dataclasses.replace(t, dims=(rows, *t.dims[1:]))
+
+
+def _sdxl_context(spec: GraphSpec) -> tuple[TensorSpec, ...]:
+    """The spec's inputs with the text embeddings [rows, context, cross_attention], and the two added inputs."""
+    rows = spec.tensor("text_embeddings").dims[0]
+    inputs = tuple(dataclasses.replace(t, dims=(*t.dims[:2], "cross_attention")) if t.name == "text_embeddings" else t
+                   for t in spec.inputs)
+    return inputs + (_sdxl_rows(_TEXT_EMBEDS, rows), _sdxl_rows(_TIME_IDS, rows))
+
+
+SDXL_GRAPHS: dict[str, GraphSpec] = {
+    TEXT_ENCODER: GraphSpec(
+        TEXT_ENCODER, "text_encoder", inputs=GRAPHS[TEXT_ENCODER].inputs,
+        outputs=(TensorSpec("hidden_state", "float32", ("rows", "sequence", "hidden"), doc=_SDXL_HIDDEN_DOC),
+                 TensorSpec("pooled_output", "float32", ("rows", "hidden"), doc="hidden state at the EOS token")),
+        doc="SDXL's first CLIP text transformer (ViT-L): token ids -> hidden states of layer -2-clip_skip"),
+    TEXT_ENCODER_2: GraphSpec(
+        TEXT_ENCODER_2, "text_encoder_2",
+        inputs=(TensorSpec("input_ids", "int32", ("rows", "sequence"), "token_ids_2", "the second tokenizer's ids"),
+                TensorSpec("clip_skip", "int32", (1,), "clip_skip_2", "layers skipped: 0 reads layer -2")),
+        outputs=(TensorSpec("hidden_state", "float32", ("rows", "sequence", "hidden_2"), doc=_SDXL_HIDDEN_DOC),
+                 TensorSpec("text_embeds", "float32", ("rows", "pooled"),
+                            doc="the pooled output at EOS through text_projection (no bias)")),
+        doc="SDXL's second text transformer (OpenCLIP ViT-bigG, with projection)"),
+    DENOISE_STEP: dataclasses.replace(GRAPHS[DENOISE_STEP], inputs=_sdxl_context(GRAPHS[DENOISE_STEP]),
+                                      doc=GRAPHS[DENOISE_STEP].doc + "; SDXL: text_embeds and time_ids added",
+                                      fp32_inputs=("timestep", "guidance_scale", "time_ids")),
+    UNET: dataclasses.replace(GRAPHS[UNET], inputs=_sdxl_context(GRAPHS[UNET]), fp32_inputs=("timestep", "time_ids")),
+    VAE_DECODER: GRAPHS[VAE_DECODER],
+    VAE_ENCODER: GRAPHS[VAE_ENCODER],
+}
+# Every graph name an export may hold, in export order (SD 1.x/2.x have no text_encoder_2).
+ALL_GRAPHS = (TEXT_ENCODER, TEXT_ENCODER_2, DENOISE_STEP, UNET, VAE_DECODER, VAE_ENCODER)
+
+
+def graph_specs(config: ModelConfig) -> dict[str, GraphSpec]:
+    """The graphs of a model: GRAPHS, or SDXL_GRAPHS for an SDXL model."""
+    return SDXL_GRAPHS if config.sdxl else GRAPHS
+
+
+def sdxl_fixed_dims(config: ModelConfig) -> dict[str, int]:
+    """The widths SDXL's graphs add: the second encoder's, its projection's and the context's."""
+    te2 = config.text_encoder_2
+    return {"hidden_2": te2.hidden_size, "pooled": te2.projection_dim, "cross_attention": config.unet.cross_attention_dim}
+
+
+def spec_of(name: str, config: ModelConfig | None = None) -> GraphSpec:
+    """The spec of any graph an export may hold: the model's (graph_specs; GRAPHS without a config), or step
+    caching's CACHE_GRAPHS (SD 1.x/2.x exports only)."""
+    if name in CACHE_GRAPHS:
+        return CACHE_GRAPHS[name]
+    return (GRAPHS if config is None else graph_specs(config))[name]
 
 
 def _cache_split(config: ModelConfig, branch: int) -> Any:
@@ -305,6 +369,8 @@ def fixed_dims(config: ModelConfig, slots: int | None = None, branch: int | None
     out = {"sequence": config.text_encoder.max_position_embeddings,
            "hidden": config.text_encoder.hidden_size, "channels": config.vae.latent_channels,
            "unet_channels": config.unet.in_channels}
+    if config.sdxl:
+        out.update(sdxl_fixed_dims(config))
     if slots is not None:
         out.update(slots=slots, row=row_width(slots))
     if branch is not None:
@@ -394,10 +460,14 @@ def sample_inputs(spec: GraphSpec, config: ModelConfig, dims: Mapping[str, int],
     out: dict[str, np.ndarray] = {}
     for t in spec.inputs:
         kind, shape = t.sample, shp[t.name]
-        if kind == "token_ids":
-            value = _token_rows(shape, config, rng)
-        elif kind == "clip_skip":
-            value = rng.integers(0, config.text_encoder.num_hidden_layers, size=shape)
+        if kind in ("token_ids", "token_ids_2"):
+            value = _token_rows(shape, config.text_encoder_2 if kind == "token_ids_2" else config.text_encoder, rng)
+        elif kind in ("clip_skip", "clip_skip_2"):
+            te = config.text_encoder_2 if kind == "clip_skip_2" else config.text_encoder
+            value = rng.integers(0, te.num_hidden_layers, size=shape)
+        elif kind == "time_ids":  # (h, w) sizes on the 8-pixel grid and crops, as SDXL's micro-conditioning
+            value = np.concatenate([rng.integers(32, 257, (shape[0], 2)) * 8, rng.integers(0, 33, (shape[0], 2)) * 8,
+                                    rng.integers(32, 257, (shape[0], 2)) * 8], axis=1)
         elif kind == "timestep":
             value = np.full(shape, sched.timesteps[step], np.float32)
         elif kind == "coefficients":
@@ -427,13 +497,14 @@ def _validation_schedule(config: ModelConfig, slots: int) -> Any:
     raise ValueError(f"no sampler fits {slots} state slots")
 
 
-def _token_rows(shape: tuple[int, ...], config: ModelConfig, rng: np.random.Generator) -> np.ndarray:
-    """BOS, random ids, EOS, then EOS padding (SD 1.x) or the pad id, like tokenizer output."""
-    te = config.text_encoder
+def _token_rows(shape: tuple[int, ...], te: Any, rng: np.random.Generator) -> np.ndarray:
+    """BOS, random ids, EOS, then EOS padding, like tokenizer output. A config with SDXL's legacy ids (BOS 0, EOS
+    2: the pooled output is read at the largest id) gets CLIP's real ids 49406 and 49407, as its tokenizer gives."""
+    bos, eos = (te.bos_token_id, te.eos_token_id) if te.eos_token_id > 2 else (49406, 49407)
     rows, length = shape
-    ids = rng.integers(0, min(te.vocab_size, te.bos_token_id), size=shape)
+    ids = rng.integers(0, min(te.vocab_size, bos), size=shape)
     for r in range(rows):
         end = int(rng.integers(2, length))
-        ids[r, 0], ids[r, end] = te.bos_token_id, te.eos_token_id
-        ids[r, end + 1:] = te.eos_token_id
+        ids[r, 0], ids[r, end] = bos, eos
+        ids[r, end + 1:] = eos
     return ids

@@ -37,9 +37,10 @@ def copy_export(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def onnx_fp32_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model exported at fp32 by `sdengine export` (default ranges: 1-4 images, 64-128 px)."""
+    """The tiny model exported at fp32 by `sdengine export` (default ranges: 1-4 images, 64-128 px), with the
+    plain U-Net graph (--unet-graph) so that every graph is exported somewhere; fp16 has the default graphs."""
     out = tmp_path_factory.mktemp("onnx") / "fp32"
-    r = run_cli("export", "--model", str(tiny_model_dir), "--out", str(out))
+    r = run_cli("export", "--model", str(tiny_model_dir), "--out", str(out), "--unet-graph")
     assert r.returncode == 0, r.stderr + r.stdout
     return out
 

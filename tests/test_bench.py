@@ -113,8 +113,9 @@ def test_export_folder_as_model(bench, tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdengine", "bench", *args], capture_output=True, text=True,
-                          timeout=300)
+    from cli_support import invoke
+
+    return invoke("bench", *args)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,4 +1,6 @@
-"""The command line, run as a user runs it: a subprocess, one-line errors, no partial PNG."""
+"""The command line: one-line errors, no partial PNG. Most tests call `main(argv)` in this process
+(cli_support.invoke); those that need a real process (the end-to-end PNG, --version and the bare help, argv
+bytes, torch absent, --threads) run `python -m sdengine` as a user does."""
 
 from __future__ import annotations
 
@@ -13,12 +15,16 @@ from PIL import Image
 
 import sdengine
 from a1111_infotext import parse
+from cli_support import invoke
 from torch_block import BLOCK_TORCH
 
 
-def run(*args, cwd=None, **kwargs):
+def process(*args, cwd=None, **kwargs):
     return subprocess.run([sys.executable, "-m", "sdengine", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300, **kwargs)
+
+
+run = invoke
 
 
 def one_line_error(r, text: str) -> None:
@@ -28,13 +34,13 @@ def one_line_error(r, text: str) -> None:
 
 
 def test_version():
-    r = run("--version")
+    r = process("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"sdengine {sdengine.__version__}"
 
 
 def test_generate_writes_png_with_metadata(tiny_model_dir, tmp_path):
     out = tmp_path / "cat.png"
-    r = run("generate", "a photo of a cat", "--model", str(tiny_model_dir), "--steps", "4", "--seed", "11",
+    r = process("generate", "a photo of a cat", "--model", str(tiny_model_dir), "--steps", "4", "--seed", "11",
             "--negative-prompt", "blurry", "--num-images", "2", "--out", str(out), "--height", "64",
             "--width", "80", "--eta", "0.5", "--guidance", "5")
     assert r.returncode == 0, r.stderr
@@ -158,7 +164,7 @@ def test_generate_passes_backend_options(tiny_model_dir, tmp_path):
 
 
 def test_no_arguments_prints_the_help():
-    r = run()
+    r = process()
     assert r.returncode == 0 and "usage: sdengine" in r.stdout and "generate" in r.stdout and not r.stderr
 
 

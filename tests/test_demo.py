@@ -25,9 +25,9 @@ def semantic_prompts() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def semantic_accuracy(pipe, steps: int = 20, guidance: float = 5.0) -> dict[str, float]:
+def semantic_accuracy(pipe, steps: int = 20, guidance: float = 5.0, rows: list | None = None) -> dict[str, float]:
     """Colour, shape and background accuracy of the checker over the 54 prompts (one batch each 18)."""
-    rows = semantic_prompts()
+    rows = semantic_prompts() if rows is None else rows
     verdicts = []
     for start in range(0, len(rows), 18):
         chunk = rows[start:start + 18]

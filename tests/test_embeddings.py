@@ -94,18 +94,17 @@ def test_same_ids_and_embeddings_as_diffusers(files, tiny_model_dir, request, ba
 
 
 def test_cli_embedding_option(files, tiny_model_dir, tmp_path):
-    import subprocess
-    import sys
+    from cli_support import invoke
 
     a1111, diff = files
     out = tmp_path / "x.png"
-    cmd = [sys.executable, "-m", "sdengine", "generate", "a <shiny> and a <cat-toy>", "--model", str(tiny_model_dir),
+    cmd = ["generate", "a <shiny> and a <cat-toy>", "--model", str(tiny_model_dir),
            "--steps", "1", "--out", str(out), "--embedding", f"{a1111}:<shiny>", "--embedding", str(diff)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    r = invoke(*cmd)
     assert r.returncode == 0 and out.is_file(), r.stderr
     pt = tmp_path / "style.pt"
     pt.write_bytes(b"\x80\x04junk")
-    r = subprocess.run(cmd[:-4] + ["--embedding", str(pt)], capture_output=True, text=True, timeout=300)
+    r = invoke(*cmd[:-4], "--embedding", str(pt))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "pickle embedding" in r.stderr, r.stderr
 
 

@@ -269,16 +269,14 @@ def test_kohya_text_attention_against_the_formula(tmp_path, pipe, targets):
 
 def test_cli_generate_with_loras(tiny_model_dir, tmp_path, kohya_file, peft_file):
     import hashlib
-    import subprocess
-    import sys
 
     from PIL import Image
 
     from a1111_infotext import parse
+    from cli_support import invoke
 
     def run(*extra):
-        return subprocess.run([sys.executable, "-m", "sdengine", "generate", "a cat", "--model", str(tiny_model_dir),
-                               "--steps", "3", "--seed", "5", *extra], capture_output=True, text=True, timeout=300)
+        return invoke("generate", "a cat", "--model", str(tiny_model_dir), "--steps", "3", "--seed", "5", *extra)
 
     r = run("--lora", f"{kohya_file}:0.8", "--lora", str(peft_file), "--out", str(tmp_path / "a.png"))
     assert r.returncode == 0, r.stderr

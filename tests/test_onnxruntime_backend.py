@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 import sdengine
 from sdengine.errors import InvalidInputError, ModelLoadError
-from sdengine.manifest import sha256_file
+from sdengine.manifest import file_record
 
 PROMPT = "a photo of a red cat"
 
@@ -141,14 +141,18 @@ def _load(folder):
 def _rewrite_manifest(folder, name):
     path = folder / "manifest.json"
     data = json.loads(path.read_text())
-    data["graphs"][name]["sha256"] = sha256_file(folder / f"{name}.onnx")
+    record = file_record(folder / f"{name}.onnx")
+    data["graphs"][name]["sha256"] = record.pop("sha256")
+    data["graphs"][name]["files"][f"{name}.onnx"] = record
     path.write_text(json.dumps(data))
 
 
 def test_missing_graph(onnx_fp32_dir, tmp_path):
     folder = copy_export(onnx_fp32_dir, tmp_path / "m")
-    (folder / "unet.onnx").unlink()
-    with pytest.raises(ModelLoadError, match="unet.onnx is missing.*re-export"):
+    (folder / "unet.onnx").unlink()  # the plain U-Net: no backend uses it, so no load reads or checks it
+    _load(folder)
+    (folder / "vae_encoder.onnx").unlink()  # image inputs only, but checked at load (no failure mid-request)
+    with pytest.raises(ModelLoadError, match="vae_encoder.onnx is missing.*re-export"):
         _load(folder)
 
 
@@ -165,8 +169,39 @@ def test_graph_of_another_model(onnx_fp32_dir, tmp_path):
 
 def test_graph_of_other_export_settings(onnx_fp32_dir, onnx_fp16_dir, tmp_path):
     folder = copy_export(onnx_fp32_dir, tmp_path / "m")
-    shutil.copyfile(onnx_fp16_dir / "unet.onnx", folder / "unet.onnx")
-    with pytest.raises(ModelLoadError, match="unet.onnx differs from the graph recorded"):
+    shutil.copyfile(onnx_fp16_dir / "denoise_step.onnx", folder / "denoise_step.onnx")
+    with pytest.raises(ModelLoadError, match="denoise_step.onnx differs from the graph recorded"):
+        _load(folder)
+
+
+def test_load_checks_fingerprints_and_verify_reads_everything(onnx_fp32_dir, tmp_path):
+    """A load compares sizes and a fingerprint of 16 slices of 64 KiB; a byte changed between the slices of
+    a file larger than 1 MiB is caught by the full sha256 of `sdengine verify` only."""
+    from cli_support import invoke
+
+    from sdengine.manifest import _SAMPLE, _SAMPLES, fingerprint
+
+    folder = copy_export(onnx_fp32_dir, tmp_path / "m")
+    graphs = json.loads((folder / "manifest.json").read_text())["graphs"]
+    r = invoke("verify", str(folder))
+    assert r.returncode == 0 and f"{len(graphs)} file(s)" in r.stdout and "each as exported" in r.stdout, r.stderr
+    name = "denoise_step"
+    path = folder / graphs[name]["file"]
+    size = path.stat().st_size
+    assert size > _SAMPLES * _SAMPLE, size  # the tiny step graph spans more than the sampled slices
+    record = graphs[name]["files"][path.name]
+    assert record == {"size": size, "fingerprint": fingerprint(path)}
+    data = bytearray(path.read_bytes())
+    gap = _SAMPLE + ((size - _SAMPLE) // (_SAMPLES - 1) - _SAMPLE) // 2  # between the first two slices
+    data[gap] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert fingerprint(path) == record["fingerprint"]  # what a fingerprint trades for speed
+    r = invoke("verify", str(folder))
+    assert r.returncode == 2 and f"{path.name} differs from the graph recorded" in r.stderr, r.stderr
+    data[gap] ^= 0xFF
+    data[-1] ^= 0xFF  # the last byte changed: inside the last slice
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match=f"{path.name} differs from the graph recorded"):
         _load(folder)
 
 

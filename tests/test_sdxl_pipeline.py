@@ -152,12 +152,11 @@ def test_tokenizers_pad_as_sdxl(tiny_sdxl_pipeline):
     assert tiny_sdxl_pipeline.tokenizer_2.pad_id == 0  # '!'
 
 
-def test_cli_tiny_model_generate_and_export_refused(tmp_path):
-    """`sdengine tiny-model --sdxl`, then `generate` at the model's default size; the ONNX export names the issue."""
+def test_cli_tiny_model_generate(tmp_path):
+    """`sdengine tiny-model --sdxl`, then `generate` at the model's default size (the ONNX export: test_sdxl_onnx.py)."""
     from PIL import Image
 
     from sdengine.cli import main
-    from sdengine.export import ExportSettings, export_model
 
     model = tmp_path / "xl"
     assert main(["tiny-model", str(model), "--sdxl"]) == 0
@@ -165,6 +164,69 @@ def test_cli_tiny_model_generate_and_export_refused(tmp_path):
     out = tmp_path / "x.png"
     assert main(["generate", "a cat", "--model", str(model), "--steps", "2", "--seed", "1", "--out", str(out)]) == 0
     assert Image.open(out).size == (64, 64)
-    with pytest.raises(UnsupportedModelError, match="exporting SDXL to ONNX .* not supported yet \\(issue 15\\)"):
-        export_model(model, tmp_path / "onnx", ExportSettings(), log=lambda line: None)
-    assert not (tmp_path / "onnx").exists()
+
+
+def test_turbo_settings_match_diffusers(tiny_sdxl_dir, tmp_path):
+    """SDXL-Turbo's settings on SDXL-shaped weights: its scheduler file (Euler a, trailing spacing, as
+    stabilityai/sdxl-turbo ships it), guidance 0 (one text pass, no negative rows), 1 and 4 steps, seeded:
+    within 2/255 of diffusers' StableDiffusionXLPipeline with sdengine's noise fed to it."""
+    folder = tmp_path / "turbo"
+    shutil.copytree(tiny_sdxl_dir, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config.update(_class_name="EulerAncestralDiscreteScheduler", timestep_spacing="trailing")
+    path.write_text(json.dumps(config))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EulerAncestralDiscreteScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    ours = sdengine.load_pipeline(folder)
+    assert ours.config.scheduler.timestep_spacing == "trailing"
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    ref.set_progress_bar_config(disable=True)
+    assert type(ref.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    for steps in (1, 4):
+        schedule = build_schedule(ours.config.scheduler, "euler_a", steps)
+        unit, noise = initial_noise([3], (4, 8, 8), schedule)
+        got = ours(PROMPT, num_inference_steps=steps, guidance_scale=0.0, seed=3, scheduler="euler_a")
+        with fed_noise(ref.scheduler, noise):
+            expected = ref(PROMPT, num_inference_steps=steps, guidance_scale=0.0, latents=torch.from_numpy(unit),
+                           output_type="np")
+        _compare(pixels(got), (expected.images * 255).round().astype(np.int16), f"turbo euler_a {steps} step(s)")
+
+
+def test_textual_inversion_matches_diffusers(tiny_sdxl_dir, tmp_path, tiny_pipeline):
+    """An A1111 SDXL embedding (`clip_l` and `clip_g`, 2 vectors each) read into both text encoders: the image
+    within 2/255 of diffusers' pipeline given the same vectors through its two load_textual_inversion calls."""
+    from safetensors.numpy import save_file
+
+    from sdengine.config import ModelConfig
+
+    config = ModelConfig.tiny_sdxl()
+    rng = np.random.default_rng(3)
+    vectors = {key: rng.standard_normal((2, te.hidden_size)).astype(np.float32) * 0.5
+               for key, te in (("clip_l", config.text_encoder), ("clip_g", config.text_encoder_2))}
+    path = tmp_path / "xl-style.safetensors"
+    save_file(vectors, str(path))
+    ours = sdengine.load_pipeline(tiny_sdxl_dir)  # its own: the session pipeline keeps its vocabulary
+    assert ours.load_textual_inversion(path) == ["xl-style", "xl-style_1"]
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_textual_inversion(torch.from_numpy(vectors["clip_l"]), token="xl-style", text_encoder=ref.text_encoder,
+                               tokenizer=ref.tokenizer)
+    ref.load_textual_inversion(torch.from_numpy(vectors["clip_g"]), token="xl-style",
+                               text_encoder=ref.text_encoder_2, tokenizer=ref.tokenizer_2)
+    prompt = "a photo of xl-style cat"
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    kwargs = dict(negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5)
+    expected = ref(prompt, latents=torch.from_numpy(latents), output_type="np", **kwargs)
+    got = ours(prompt, latents=latents, **kwargs)
+    _compare(pixels(got), (expected.images * 255).round().astype(np.int16), "textual inversion (2 vectors)")
+    plain = pixels(ours("a photo of cat", latents=latents, **kwargs))
+    assert np.abs(pixels(got) - plain).max() > 10  # the vectors change the picture
+    with pytest.raises(InvalidInputError, match="is an SDXL embedding .* this model is not SDXL"):
+        tiny_pipeline.load_textual_inversion(path)
+    single = tmp_path / "sd15.safetensors"
+    save_file({"emb_params": vectors["clip_l"]}, str(single))
+    with pytest.raises(InvalidInputError, match="an SDXL model needs an SDXL embedding, with 'clip_l' and 'clip_g'"):
+        ours.load_textual_inversion(single)

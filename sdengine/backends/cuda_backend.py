@@ -19,9 +19,8 @@ from ..runtime.device import CudaDevice, run_all
 from ..runtime.executor import Executor
 from ..runtime.loop import CachedDenoiseLoop, DenoiseLoop, StepCallback, TextEmbeddings, bind_shapes
 from ..samplers.table import Schedule
-from ..specs import DENOISE_STEP, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, Range, ShapeRanges, check_dim, dim_ranges, point_dims, \
-    shapes
-from ..specs import DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW
+from ..specs import DENOISE_STEP, DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, \
+    VAE_ENCODER, Range, ShapeRanges, check_dim, dim_ranges, point_dims, shapes
 from ..stepcache import StepCache
 from ..tokenizer import ClipTokenizer
 
@@ -35,11 +34,16 @@ class CudaBackend:
     """encode_text / denoise / decode over executors sharing one CudaDevice (its stream and allocations)."""
 
     def __init__(self, config: ModelConfig, tokenizer: ClipTokenizer, executors: Mapping[str, Executor],
-                 device: CudaDevice, ranges: ShapeRanges | None = None, use_graph: bool = True) -> None:
-        missing = [name for name in NETWORKS[:3] if name not in executors]
+                 device: CudaDevice, ranges: ShapeRanges | None = None, use_graph: bool = True,
+                 tokenizer_2: ClipTokenizer | None = None) -> None:
+        """SDXL: executors for text_encoder_2 too, and `tokenizer_2` (the second tokenizer, padding with '!')."""
+        missing = [name for name in NETWORKS[:3] + ((TEXT_ENCODER_2,) if config.sdxl else ()) if name not in executors]
         if missing:
             raise ModelLoadError(f"the CUDA backend needs executors for {', '.join(missing)}")
         self.config, self.tokenizer, self.device, self.ranges = config, tokenizer, device, ranges
+        if config.sdxl and tokenizer_2 is None:
+            raise ModelLoadError("an SDXL model needs its second tokenizer (tokenizer_2)")
+        self.tokenizer_2 = tokenizer_2
         self.executors = dict(executors)
         self.dims: dict[str, Range] | None = None if ranges is None else dim_ranges(config, ranges)
         self.loop = DenoiseLoop(device, self.executors[DENOISE_STEP], config, use_graph,
@@ -89,6 +93,8 @@ class CudaBackend:
     def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> TextEmbeddings:
         """Token ids [R, 77] -> embeddings [R, 77, D] on the device (valid until the next call with R rows);
         clip_skip: of layer -1-clip_skip, as diffusers."""
+        if self.config.sdxl:
+            raise InvalidInputError("an SDXL model encodes a prompt with both text encoders: encode_text_sdxl")
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise InvalidInputError(f"token ids must be [rows, {self.config.text_encoder.max_position_embeddings}], "
@@ -113,6 +119,42 @@ class CudaBackend:
         te.execute(self.device.handle)
         return TextEmbeddings(hidden, rows)
 
+    def encode_text_sdxl(self, ids: np.ndarray, ids_2: np.ndarray,
+                         clip_skip: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SDXL: token ids [R, 77] of each tokenizer -> both encoders' hidden states of layer -2-clip_skip
+        ([R, 77, D1], [R, 77, D2]) and text_encoder_2's pooled, projected output [R, P], float32 on the host (the
+        pipeline weights and concatenates them there, then denoise uploads the context once)."""
+        hidden, _ = self._run_text_sdxl(TEXT_ENCODER, ids, clip_skip)
+        hidden_2, pooled = self._run_text_sdxl(TEXT_ENCODER_2, ids_2, clip_skip)
+        return hidden, hidden_2, pooled
+
+    def _run_text_sdxl(self, name: str, input_ids: np.ndarray, clip_skip: int) -> tuple[np.ndarray, np.ndarray]:
+        """One SDXL text encoder executor over token ids [R, 77]: its two outputs' first R rows on the host."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise InvalidInputError(f"token ids must be [rows, {self.config.text_encoder.max_position_embeddings}], "
+                                    f"got shape {list(ids.shape)}")
+        rows = run_rows = ids.shape[0]
+        if self.ranges is not None and self.ranges.static and 2 * rows == self.dims["rows"].max:
+            ids, run_rows = np.concatenate([ids, ids]), 2 * rows
+        self._check_dim(run_rows, "rows", "text rows (images, times 2 with guidance)")
+        te = self.executors[name]
+        (ids_name, skip_name), outputs = te.spec.input_names, te.spec.output_names
+        shp = shapes(te.spec, point_dims(self.config, 1, 1, 1, rows=run_rows))
+        bind_shapes(te, shp)
+        ids_buf = self._buffer(f"{name}.{ids_name}", shp[ids_name], np.int32)
+        self.device.upload(ids_buf, ids.astype(np.int32))
+        te.set_address(ids_name, ids_buf.ptr)
+        skip = self._buffer(f"{name}.{skip_name}", shp[skip_name], np.int32)
+        self.device.upload(skip, np.array([clip_skip], np.int32))
+        te.set_address(skip_name, skip.ptr)
+        outs = [self._buffer(f"{name}.{out}", shp[out]) for out in outputs]
+        for out, buf in zip(outputs, outs):
+            te.set_address(out, buf.ptr)
+        te.execute(self.device.handle)
+        first, second = (self.device.download(buf, rows) for buf in outs)
+        return first, second
+
     def text_to_host(self, context: TextEmbeddings) -> np.ndarray:
         """encode_text's output as float32 numpy [R, 77, D]."""
         return self.device.download(context.buffer, context.rows)
@@ -129,11 +171,12 @@ class CudaBackend:
 
     def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None, condition: Any = None,
-                cache: StepCache | None = None) -> Any:
+                added: Any = None, cache: StepCache | None = None) -> Any:
         """Every row of `schedule`; a view of the final latents on the device (valid until the next call).
 
-        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts); `cache`: step
-        caching, over the full and shallow step executors (CachedDenoiseLoop; unverified on a GPU)."""
+        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts); `added`: an
+        SDXL model's text_embeds and time_ids (sdengine.backends.AddedConditioning), bound once per call; `cache`:
+        step caching, over the full and shallow step executors (CachedDenoiseLoop; unverified on a GPU)."""
         if isinstance(context, np.ndarray):
             context = self._host_context(context)
         if not isinstance(context, TextEmbeddings):
@@ -141,7 +184,7 @@ class CudaBackend:
         x = np.ascontiguousarray(latents, dtype=np.float32)
         self._check_latents(x.shape)
         loop = self.loop if cache is None else self._cached_loop(cache)
-        return loop.run(x, context, schedule, guidance_scale, noise, callback, condition)
+        return loop.run(x, context, schedule, guidance_scale, noise, callback, condition, added)
 
     can_decode_fp32 = False  # one fp16 decoder engine per set
     fp32_advice = "the engine set's decoder is fp16; run the model with --backend torch or an fp32 ONNX export"

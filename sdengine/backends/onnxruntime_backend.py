@@ -20,17 +20,18 @@ import numpy as np
 
 from .. import lora as sdlora
 from ..errors import InvalidInputError, LoraError, ModelLoadError
-from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_DIR, Manifest
+from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_2_DIR, TOKENIZER_DIR, Manifest
 from ..runtime.onnx_files import read_initializers, with_initializers
 from ..runtime.onnxruntime import TENSORRT, Buffer, BufferView, Graph, resolve_providers, tensorrt_options
 from ..samplers.table import Schedule, fit_slots
-from ..specs import DEEP_FEATURE, DENOISE_STEP, DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, GRAPHS, TEXT_ENCODER, \
-    VAE_DECODER, VAE_ENCODER, Precision, check_dim, dim_ranges, point_dims, profile, spec_of
+from ..specs import DEEP_FEATURE, DENOISE_STEP, DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, TEXT_ENCODER, TEXT_ENCODER_2, \
+    VAE_DECODER, VAE_ENCODER, Precision, check_dim, dim_ranges, graph_specs, point_dims, profile, spec_of
 from ..stepcache import StepCache, cache_split
 from ..tokenizer import ClipTokenizer
-from . import ImageCondition, StepCallback, reject_unknown_options
+from . import AddedConditioning, ImageCondition, StepCallback, reject_unknown_options
 
-_SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs; every graph is verified
+_SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs, opened at load
+_CHECKED = (*_SESSIONS, VAE_ENCODER)  # checked at load (image inputs open the encoder); the plain U-Net is unused
 _LORA_GRAPHS = (TEXT_ENCODER, DENOISE_STEP)  # the sessions holding weights a LoRA changes
 _REEXPORT = "re-export with sdengine export --batch/--height/--width MIN:MAX covering it"
 _REEXPORT_SLOTS = "re-export with sdengine export --state-slots {slots} (the default, 4, runs every sampler)"
@@ -55,17 +56,23 @@ class OnnxRuntimeBackend:
         self.config = config = manifest.config.with_prediction_type(prediction_type)  # the graphs stay valid
         self.ranges, self.dims = manifest.ranges, dim_ranges(config, manifest.ranges)
         self.tokenizer = ClipTokenizer.from_folder(manifest.folder / TOKENIZER_DIR)
-        self._paths = {name: manifest.graph_path(name) for name in GRAPHS}  # all present and matching
+        self.specs = graph_specs(config)  # SDXL: two text encoders, the step with text_embeds and time_ids
+        self.tokenizer_2 = ClipTokenizer.from_folder(manifest.folder / TOKENIZER_2_DIR) if config.sdxl else None
+        self._lora_graphs = _LORA_GRAPHS + ((TEXT_ENCODER_2,) if config.sdxl else ())
+        checked = _CHECKED + ((TEXT_ENCODER_2,) if config.sdxl else ())
+        self._paths = {name: manifest.graph_path(name) for name in checked}  # present, size and fingerprint
         self._threads = threads
-        self.graphs = {name: self._session(name, self._paths[name], threads) for name in _SESSIONS}
+        self.graphs = {name: self._session(name, self._paths[name], threads) for name in _SESSIONS + (
+            (TEXT_ENCODER_2,) if config.sdxl else ())}
         self._buffers: dict[tuple, Buffer] = {}
         self._lora_base: dict[str, dict[str, np.ndarray]] = {}  # graph -> {parameter: pristine weight}
         self._lora_inits: dict[str, dict[str, np.ndarray]] = {}  # graph -> {initializer: merged tensor}
         self._external: dict[str, frozenset[str]] = {}  # graph -> its initializers stored as external data
-        self._token_table: tuple[str, np.ndarray] | None = None  # textual inversion: the extended table
+        self._token_tables: dict[str, tuple[str, np.ndarray]] = {}  # textual inversion: graph -> extended table
 
-    def add_token_embeddings(self, vectors: np.ndarray) -> int:
-        """Append textual inversion vectors [n, D] to the text encoder's token table; the first new row's id.
+    def add_token_embeddings(self, vectors: np.ndarray, vectors_2: np.ndarray | None = None) -> Any:
+        """Append textual inversion vectors [n, D] to the text encoder's token table; the first new row's id
+        (SDXL: `vectors_2` to text_encoder_2's too, and the first new row of each).
 
         The exported table is read once from the graph; the extended one replaces it in a new text encoder
         session (with any LoRA-merged weights, see _open): no re-export, and the graph keeps its one input
@@ -73,19 +80,27 @@ class OnnxRuntimeBackend:
         from ..embeddings import extended_table
         from ..runtime.onnx_files import token_table
 
-        if self._token_table is None:
-            te = self.config.text_encoder
-            self._token_table = token_table(self._paths[TEXT_ENCODER], self.manifest.folder, te.vocab_size,
-                                            te.hidden_size)
-        previous = self._token_table
-        name, table = previous
-        self._token_table = (name, extended_table(table, np.asarray(vectors, np.float32)))
+        sdxl = self.config.sdxl
+        targets = [(TEXT_ENCODER, self.config.text_encoder, vectors)] + (
+            [(TEXT_ENCODER_2, self.config.text_encoder_2, vectors_2)] if sdxl else [])
+        if any(v is None for *_, v in targets):
+            raise InvalidInputError("an SDXL model takes two sets of textual inversion vectors, one per text encoder")
+        previous = dict(self._token_tables)
+        starts = []
+        for graph, te, given in targets:
+            if graph not in self._token_tables:
+                self._token_tables[graph] = token_table(self._paths[graph], self.manifest.folder, te.vocab_size,
+                                                        te.hidden_size)
+            name, table = self._token_tables[graph]
+            starts.append(table.shape[0])
+            self._token_tables[graph] = (name, extended_table(table, np.asarray(given, np.float32)))
         try:
-            self.graphs[TEXT_ENCODER] = self._open(TEXT_ENCODER, self._lora_inits.get(TEXT_ENCODER, {}))
+            sessions = {graph: self._open(graph, self._lora_inits.get(graph, {})) for graph, *_ in targets}
         except BaseException:
-            self._token_table = previous
+            self._token_tables = previous
             raise
-        return table.shape[0]
+        self.graphs.update(sessions)  # all or nothing
+        return tuple(starts) if sdxl else starts[0]
 
     def _graph(self, name: str) -> Graph:
         """A graph's session, created on first use (the VAE encoder: only image inputs need it; step caching's
@@ -118,20 +133,20 @@ class OnnxRuntimeBackend:
 
     def lora_targets(self) -> dict[str, tuple[int, ...]]:
         """{`unet.<parameter>` / `text_encoder.<parameter>`: shape} of the weights the export can swap."""
-        return {name: tuple(v["shape"]) for graph in _LORA_GRAPHS for name, v in self._lora_map(graph).items()}
+        return {name: tuple(v["shape"]) for graph in self._lora_graphs for name, v in self._lora_map(graph).items()}
 
     def set_loras(self, loras: Sequence[tuple[Any, float]]) -> None:
         """Merge `loras` (LoraFile, scale) with numpy from the pristine initializers and open new text encoder and
         denoise-step sessions whose initializers are the merged tensors, in each initializer's dtype; `[]`
         reopens the graphs as exported. No graph is re-exported or rewritten (see _open)."""
         touched = set().union(*(lora.targets for lora, _ in loras)) if loras else set()
-        maps = {graph: self._lora_map(graph) for graph in _LORA_GRAPHS} if touched else {}
+        maps = {graph: self._lora_map(graph) for graph in self._lora_graphs} if touched else {}
         known = set().union(*(set(m) for m in maps.values())) if maps else set()
         if touched - known:
             raise LoraError(f"weights {sorted(touched - known)[:5]} are not single initializers of this export, so "
                             f"they cannot be swapped; use the torch backend for this LoRA")
         changed = {}
-        for graph in _LORA_GRAPHS:
+        for graph in self._lora_graphs:
             params = maps.get(graph, {})
             mine = touched & set(params)
             base = self._lora_base.setdefault(graph, {})
@@ -166,8 +181,8 @@ class OnnxRuntimeBackend:
         ORT_ENABLE_EXTENDED: ONNX Runtime ignores add_initializer for some weights at ORT_ENABLE_ALL). Each keeps
         every optimisation but the last."""
         inits = dict(lora)
-        if graph == TEXT_ENCODER and self._token_table is not None:
-            name, table = self._token_table
+        if graph in self._token_tables:
+            name, table = self._token_tables[graph]
             inits[name] = table
         if inits and graph not in self._external:
             self._external[graph] = read_initializers(self._paths[graph], set())[1]
@@ -180,11 +195,13 @@ class OnnxRuntimeBackend:
     def _session(self, name: str, path: Path, threads: int | None, initializers: dict[str, np.ndarray] | None = None,
                  external: frozenset[str] = frozenset(), model_bytes: bytes | None = None) -> Graph:
         options = {}
-        if TENSORRT in self.providers:
-            options[TENSORRT] = tensorrt_options(profile(spec_of(name), self.config, self.ranges),
-                                                 self.manifest.precision is Precision.FP16,
+        spec = spec_of(name, self.config)
+        if TENSORRT in self.providers:  # an SDXL VAE kept fp32 in an fp16 export (force_upcast) stays fp32
+            fp16 = self.manifest.precision is Precision.FP16 and \
+                self.manifest.graphs[name].get("precision", Precision.FP16.value) == Precision.FP16.value
+            options[TENSORRT] = tensorrt_options(profile(spec, self.config, self.ranges), fp16,
                                                  self.manifest.folder / "trt-cache")
-        graph = Graph(path, spec_of(name), self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
+        graph = Graph(path, spec, self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
                       options, initializers, external, model_bytes)
         meta = graph.metadata()
         if meta.get(META_GRAPH) != name or meta.get(META_SOURCE) != self.manifest.source_sha256:
@@ -215,6 +232,8 @@ class OnnxRuntimeBackend:
 
     def encode_text(self, input_ids: np.ndarray, clip_skip: int = 0) -> TextEmbeddings:
         """Token ids [R, 77] -> embeddings [R, 77, D] on the device (clip_skip: of layer -1-clip_skip)."""
+        if self.config.sdxl:
+            raise InvalidInputError("an SDXL model encodes a prompt with both text encoders: encode_text_sdxl")
         ids = np.asarray(input_ids)
         rows, run_rows = ids.shape[0], ids.shape[0]
         r = self.dims["rows"]
@@ -261,11 +280,16 @@ class OnnxRuntimeBackend:
 
     def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None,
-                condition: ImageCondition | None = None, cache: StepCache | None = None) -> BufferView:
+                condition: ImageCondition | None = None, added: AddedConditioning | None = None,
+                cache: StepCache | None = None) -> BufferView:
         """Every row of `schedule` through the step graph; returns a view of the final latents (slot 0).
 
-        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts); `cache`: step
-        caching, over the export's full and shallow step graphs (_denoise_cached)."""
+        `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts); `added`: an
+        SDXL model's pooled text and time ids, one row per context row; `cache`: step caching, over the export's
+        full and shallow step graphs (_denoise_cached; SD 1.x/2.x exports)."""
+        if self.config.sdxl != (added is not None):
+            raise InvalidInputError("an SDXL model needs text_embeds and time_ids (AddedConditioning), and only an "
+                                    "SDXL model takes them")
         if cache is not None:
             return self._denoise_cached(latents, context, schedule, guidance_scale, noise, callback, condition, cache)
         if isinstance(context, np.ndarray):
@@ -288,6 +312,7 @@ class OnnxRuntimeBackend:
         step.bind_buffer("text_embeddings", self._guided_context(context, b))
         step.bind_buffer("guidance_scale", scale)
         blend_row = self._bind_condition(step, condition, latents.shape, n, zeros)
+        kept = None if added is None else self._bind_added(step, added, b)  # bound by address: kept alive
         for i in range(n):
             step.bind("state", ping.ptr, ping.shape)
             step.bind("timestep", timesteps.row(i), (1,))
@@ -299,6 +324,7 @@ class OnnxRuntimeBackend:
             ping, pong = pong, ping
             if callback is not None:
                 callback(i + 1, n)
+        del kept
         return ping.first(latents.shape)
 
     @property
@@ -382,6 +408,50 @@ class OnnxRuntimeBackend:
             step.bind_buffer(name, Buffer.holding(np.asarray(getattr(condition, name), np.float32), self._where))
         blend = Buffer.holding(np.asarray(condition.blend, np.float32).reshape(rows, 3), self._where)
         return blend.row
+
+    def encode_text_sdxl(self, ids: np.ndarray, ids_2: np.ndarray,
+                         clip_skip: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SDXL: token ids [R, 77] of each tokenizer -> both encoders' hidden states of layer -2-clip_skip
+        ([R, 77, D1], [R, 77, D2]) and text_encoder_2's pooled, projected output [R, P], float32 on the host."""
+        hidden, _ = self._run_text(TEXT_ENCODER, ids, clip_skip)
+        hidden_2, pooled = self._run_text(TEXT_ENCODER_2, ids_2, clip_skip)
+        return hidden, hidden_2, pooled
+
+    def _run_text(self, name: str, input_ids: np.ndarray, clip_skip: int) -> tuple[np.ndarray, ...]:
+        """One SDXL text encoder graph over token ids [R, 77]: its outputs' first R rows on the host."""
+        ids = np.asarray(input_ids)
+        rows, run_rows = ids.shape[0], ids.shape[0]
+        r = self.dims["rows"]
+        if self.ranges.static and rows * 2 == r.max:  # a static graph takes 2B rows: run the B rows twice
+            ids, run_rows = np.concatenate([ids, ids]), 2 * rows
+        check_dim(run_rows, r, "text rows (images, times 2 with guidance)", _REEXPORT)
+        te = self.graphs[name]
+        shp = {t.name: self._shape(t.dims, rows=run_rows) for t in te.spec.inputs + te.spec.outputs}
+        ids_buf = self._buffer(f"{name}.input_ids", shp["input_ids"], np.int32)
+        ids_buf.write(ids.astype(np.int32))
+        te.bind_buffer("input_ids", ids_buf)
+        skip = self._buffer(f"{name}.clip_skip", (1,), np.int32)
+        skip.write(np.array([clip_skip], np.int32))
+        te.bind_buffer("clip_skip", skip)
+        outs = [self._buffer(f"{name}.{t.name}", shp[t.name]) for t in te.spec.outputs]
+        for t, buf in zip(te.spec.outputs, outs):
+            te.bind_output(t.name, buf)
+        te.run()
+        return tuple(buf.read()[:rows] for buf in outs)
+
+    def _bind_added(self, step: Graph, added: AddedConditioning, batch: int) -> list[Buffer]:
+        """Bind SDXL's text_embeds [2B, P] and time_ids [2B, 6] once per call (B rows, guidance 1: duplicated, as
+        the context is); the buffers, which must outlive the loop."""
+        kept = []
+        for name in ("text_embeds", "time_ids"):
+            array = np.ascontiguousarray(getattr(added, name), dtype=np.float32)
+            if array.shape[0] == batch:
+                array = np.concatenate([array, array])
+            if array.shape[0] != 2 * batch:
+                raise InvalidInputError(f"{array.shape[0]} rows of {name} for {batch} latents: give B or 2B rows")
+            kept.append(Buffer.holding(array, self._where))
+            step.bind_buffer(name, kept[-1])
+        return kept
 
     def encode_image(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images [B,3,H,W] in [-1, 1] -> scaled latent mean and std of q(z|x), on the host (vae_encoder graph)."""

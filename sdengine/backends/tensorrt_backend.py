@@ -24,9 +24,10 @@ import numpy as np
 
 from .. import lora as sdlora
 from ..errors import EngineMismatchError, InvalidInputError, LoraError
+from ..manifest import TOKENIZER_2_DIR
 from ..runtime.cuda import import_cudart, set_device
 from ..runtime.device import CudaDevice, run_all
-from ..specs import DENOISE_STEP, TEXT_ENCODER
+from ..specs import DENOISE_STEP, TEXT_ENCODER, TEXT_ENCODER_2
 from ..tokenizer import ClipTokenizer
 from . import reject_unknown_options
 from .cuda_backend import NETWORKS, CudaBackend
@@ -75,7 +76,9 @@ def load(path: str | Path | None, device: str = "cuda", prediction_type: str | N
             engine.set_device_memory(block.ptr, size)
         config = manifest.config.with_prediction_type(prediction_type)  # the engines stay valid
         tokenizer = ClipTokenizer.from_folder(manifest.tokenizer_dir)
-        return TensorRTBackend(manifest, config, tokenizer, engines, gpu, manifest.ranges, use_graph)
+        tokenizer_2 = ClipTokenizer.from_folder(manifest.folder / TOKENIZER_2_DIR) if config.sdxl else None
+        return TensorRTBackend(manifest, config, tokenizer, engines, gpu, manifest.ranges, use_graph,
+                               tokenizer_2=tokenizer_2)
     except BaseException:
         with contextlib.suppress(Exception):  # the first error is the one to report
             run_all([engine.close for engine in engines.values()] + [gpu.close])
@@ -111,12 +114,13 @@ class TensorRTBackend(CudaBackend):
 
     def __init__(self, manifest: Any, config: Any, tokenizer: ClipTokenizer, engines: Mapping[str, Any],
                  device: Any, ranges: Any = None, use_graph: bool = True,
-                 pristine: PristineReader | None = None) -> None:
-        super().__init__(config, tokenizer, engines, device, ranges, use_graph)
+                 pristine: PristineReader | None = None, tokenizer_2: ClipTokenizer | None = None) -> None:
+        super().__init__(config, tokenizer, engines, device, ranges, use_graph, tokenizer_2)
         self.manifest = manifest
         self._pristine = source_reader(manifest) if pristine is None else pristine
         self._lora_base: dict[str, dict[str, np.ndarray]] = {}  # graph -> {parameter: pristine weight}
         self._lora_set: dict[str, frozenset[str]] = {}  # graph -> the parameters now holding merged weights
+        self._lora_graphs = LORA_GRAPHS + ((TEXT_ENCODER_2,) if config.sdxl else ())
 
     def _lora_map(self, graph: str) -> Mapping[str, Mapping[str, Any]]:
         m = self.manifest
@@ -133,7 +137,7 @@ class TensorRTBackend(CudaBackend):
 
     def lora_targets(self) -> dict[str, tuple[int, ...]]:
         """{`unet.<parameter>` / `text_encoder.<parameter>`: shape} of the weights a refit can swap."""
-        return {name: tuple(v["shape"]) for graph in LORA_GRAPHS for name, v in self._lora_map(graph).items()}
+        return {name: tuple(v["shape"]) for graph in self._lora_graphs for name, v in self._lora_map(graph).items()}
 
     def set_loras(self, loras: Sequence[tuple[Any, float]]) -> None:
         """Merge `loras` (LoraFile, scale) with numpy from the pristine weights and refit the engines in place.
@@ -148,14 +152,14 @@ class TensorRTBackend(CudaBackend):
         touched = set().union(*(lora.targets for lora, _ in loras)) if loras else set()
         if not touched and not any(self._lora_set.values()):
             return
-        maps = {graph: self._lora_map(graph) for graph in LORA_GRAPHS}
+        maps = {graph: self._lora_map(graph) for graph in self._lora_graphs}
         known = set().union(*(set(m) for m in maps.values()))
         if touched - known:
             raise LoraError(f"weights {sorted(touched - known)[:5]} are not single initializers of the export these "
                             f"engines were built from, so a refit cannot set them; use the torch backend for this "
                             f"LoRA")
         plans: dict[str, tuple[frozenset[str], dict[str, np.ndarray]]] = {}
-        for graph in LORA_GRAPHS:
+        for graph in self._lora_graphs:
             params = maps[graph]
             mine = frozenset(touched & set(params))
             restore = self._lora_set.get(graph, frozenset()) - mine

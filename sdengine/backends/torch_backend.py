@@ -128,19 +128,25 @@ class TorchBackend:
         return tuple(t.float().cpu().numpy() for t in (hidden, hidden_2, pooled))
 
     @torch.inference_mode()
-    def add_token_embeddings(self, vectors: np.ndarray) -> int:
-        """Append textual inversion vectors [n, D] to the text encoder's token table; the first new row's id."""
+    def add_token_embeddings(self, vectors: np.ndarray, vectors_2: np.ndarray | None = None) -> Any:
+        """Append textual inversion vectors [n, D] to the text encoder's token table; the first new row's id.
+        SDXL: `vectors_2` [n, D2] to text_encoder_2's as well, and the first new row of each table."""
         from ..embeddings import extended_table
 
-        if self.config.sdxl:
-            raise InvalidInputError("textual inversion embeddings for SDXL (two vectors per token, one per text "
-                                    "encoder) are not supported yet (issue 15)")
-        emb = self.components.text_encoder.text_model.embeddings.token_embedding
-        old = emb.weight.detach()
-        table = extended_table(old.float().cpu().numpy(), np.asarray(vectors, np.float32))
-        emb.weight = torch.nn.Parameter(torch.from_numpy(table).to(old.device, old.dtype), requires_grad=False)
-        emb.num_embeddings = table.shape[0]
-        return old.shape[0]
+        encoders = [self.components.text_encoder] + ([self.components.text_encoder_2] if self.config.sdxl else [])
+        given = [vectors, vectors_2][:len(encoders)]
+        if any(v is None for v in given):
+            raise InvalidInputError("an SDXL model takes two sets of textual inversion vectors, one per text encoder")
+        embs = [encoder.text_model.embeddings.token_embedding for encoder in encoders]
+        tables = [extended_table(e.weight.detach().float().cpu().numpy(), np.asarray(v, np.float32))
+                  for e, v in zip(embs, given)]  # every width checked before any table changes
+        starts = []
+        for emb, table in zip(embs, tables):
+            old = emb.weight.detach()
+            starts.append(old.shape[0])
+            emb.weight = torch.nn.Parameter(torch.from_numpy(table).to(old.device, old.dtype), requires_grad=False)
+            emb.num_embeddings = table.shape[0]
+        return tuple(starts) if self.config.sdxl else starts[0]
 
     def text_to_host(self, context: torch.Tensor) -> np.ndarray:
         """encode_text's output as float32 numpy [R, 77, D]."""

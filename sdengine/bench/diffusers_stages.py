@@ -1,4 +1,5 @@
-"""diffusers' StableDiffusionPipeline on the same weights, eager or compiled: the comparison subject.
+"""diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) on the same weights, eager or compiled:
+the comparison subject.
 
 diffusers is not a dependency of sdengine; it is imported here only, when a comparison is asked for.
 The pipeline is built as tests/test_pipeline.py builds it for the parity test: from the same diffusers
@@ -58,8 +59,15 @@ class DiffusersStages(Stages):
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            diffusers_folder(model), safety_checker=None, requires_safety_checker=False, dtype=self.dtype)
+        folder = diffusers_folder(model)
+        self.sdxl = (folder / "text_encoder_2").is_dir()  # SDXL: StableDiffusionXLPipeline (no safety checker)
+        if self.sdxl:
+            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, dtype=self.dtype)
+            if self.dtype == torch.float16 and pipe.vae.config.force_upcast:
+                pipe.vae.to(torch.float32)  # its pipeline upcasts the VAE so, as sdengine's torch backend does
+        else:
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                folder, safety_checker=None, requires_safety_checker=False, dtype=self.dtype)
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
@@ -95,13 +103,28 @@ class DiffusersStages(Stages):
                          num_images_per_prompt=batch, generator=self._generator(), output_type="pil").images
 
     def tokenize(self) -> Any:
-        tok = self.pipe.tokenizer
-        return tok(self.rows, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids
+        toks = (self.pipe.tokenizer, self.pipe.tokenizer_2) if self.sdxl else (self.pipe.tokenizer,)
+        ids = tuple(tok(self.rows, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids for tok in toks)
+        return ids if self.sdxl else ids[0]
 
     def encode(self) -> Any:
         with self.torch.no_grad():
+            if self.sdxl:
+                return self._encode_sdxl()
             return self.pipe.text_encoder(self.ids.to(self.device))[0]
+
+    def _encode_sdxl(self) -> Any:
+        """As StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden states concatenated, the
+        second's projected pooled output, and _get_add_time_ids' default (h, w, 0, 0, h, w)."""
+        pipe, hidden = self.pipe, []
+        for ids, encoder in zip(self.ids, (pipe.text_encoder, pipe.text_encoder_2)):
+            out = encoder(ids.to(self.device), output_hidden_states=True)
+            pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        time_ids = self.torch.tensor([[self.height, self.width, 0, 0, self.height, self.width]] * len(self.rows),
+                                     dtype=self.dtype, device=self.device)
+        return self.torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
 
     def denoise(self) -> Any:
         """The pipeline's loop (DDIM, eta 0, guidance), as in StableDiffusionPipeline.__call__."""
@@ -112,7 +135,11 @@ class DiffusersStages(Stages):
             for t in pipe.scheduler.timesteps:
                 x = self.torch.cat([latents] * 2) if g != 1.0 else latents
                 x = pipe.scheduler.scale_model_input(x, t)
-                out = pipe.unet(x, t, encoder_hidden_states=self.context, return_dict=False)[0]
+                if self.sdxl:
+                    context, added = self.context
+                    out = pipe.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0]
+                else:
+                    out = pipe.unet(x, t, encoder_hidden_states=self.context, return_dict=False)[0]
                 if g != 1.0:
                     uncond, cond = out.chunk(2)
                     out = uncond + g * (cond - uncond)
@@ -122,11 +149,12 @@ class DiffusersStages(Stages):
     def decode(self) -> Any:
         vae = self.pipe.vae
         with self.torch.no_grad():
-            return vae.decode(self.final / vae.config.scaling_factor, return_dict=False)[0].float().cpu()
+            latents = (self.final / vae.config.scaling_factor).to(vae.dtype)
+            return vae.decode(latents, return_dict=False)[0].float().cpu()
 
     def encode_image(self) -> Any:
         vae = self.pipe.vae
-        pixels = self.torch.from_numpy(sample_pixels(self.height, self.width)).to(self.device, self.dtype)
+        pixels = self.torch.from_numpy(sample_pixels(self.height, self.width)).to(self.device, vae.dtype)
         with self.torch.no_grad():
             dist = vae.encode(pixels).latent_dist
             scale = vae.config.scaling_factor

@@ -39,7 +39,8 @@ def source_model(s: BenchSettings, tmp: Path, log: Log) -> tuple[Path, dict[str,
 
         log(f"writing a random-weight {s.random_model} model (seed {s.seed}) ...")
         start = time.perf_counter()
-        path = write_random_model(tmp / f"random-{s.random_model}", getattr(ModelConfig, s.random_model)(), s.seed)
+        factory = {"sdxl": ModelConfig.sdxl_base}.get(s.random_model) or getattr(ModelConfig, s.random_model)
+        path = write_random_model(tmp / f"random-{s.random_model}", factory(), s.seed)
         return path, {"random_model": s.random_model, "seed": s.seed, "write_s": time.perf_counter() - start}
     if s.model is None:
         from ..demo import embedded_model_path

@@ -1,8 +1,9 @@
 """The calls each stage times, for sdengine backends (any name in sdengine.backends.BACKENDS).
 
 Stages run exactly what the pipeline runs, on one image with guidance (2 text rows):
-- tokenizer: CLIP BPE of the negative and the positive prompt, on the host;
-- text_encoder: encode_text on those rows, until the device has finished;
+- tokenizer: CLIP BPE of the negative and the positive prompt, on the host (SDXL: with both tokenizers);
+- text_encoder: encode_text on those rows, until the device has finished (SDXL: encode_text_sdxl, both encoders,
+  their outputs on the host as the pipeline has them);
 - denoise_loop: every step of the DDIM schedule from fixed initial latents, until the device has finished;
   `denoise_step` is this loop's time divided by the steps (a whole-loop CUDA graph has no per-step point);
 - vae_decode: final latents to float images on the host (device-to-host copy included).
@@ -121,12 +122,32 @@ class SdengineStages(Stages):
                          height=self.height, width=self.width, num_images_per_prompt=batch).images
 
     def tokenize(self) -> Any:
+        if self.backend.config.sdxl:  # both tokenizers (the second pads with '!')
+            return self.backend.tokenizer(self.rows), self.backend.tokenizer_2(self.rows)
         return self.backend.tokenizer(self.rows)
 
     def encode(self) -> Any:
+        if self.backend.config.sdxl:
+            return self._encode_sdxl()
         return self.backend.encode_text(self.ids)
 
+    def _encode_sdxl(self) -> Any:
+        """SDXL: both encoders, their hidden states concatenated on the host, the pooled text and the default
+        time ids (what the pipeline's _condition_sdxl hands the denoise loop)."""
+        import numpy as np
+
+        from ..backends import AddedConditioning
+        from ..pipeline import sdxl_time_ids
+
+        hidden, hidden_2, pooled = self.backend.encode_text_sdxl(*self.ids)
+        time_ids = np.tile(sdxl_time_ids(self.height, self.width)[0], (len(self.rows), 1))
+        return np.concatenate([hidden, hidden_2], axis=-1), AddedConditioning(pooled, time_ids)
+
     def denoise(self) -> Any:
+        if self.backend.config.sdxl:
+            context, added = self.context
+            return self.backend.denoise(self.latents, context, self.schedule, self.s.guidance, self.noise,
+                                        added=added)
         return self.backend.denoise(self.latents, self.context, self.schedule, self.s.guidance, self.noise)
 
     def decode(self) -> Any:

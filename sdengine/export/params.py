@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
-LORA_COMPONENTS = ("unet", "text_encoder")
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def _key(array: np.ndarray) -> tuple:

@@ -18,11 +18,12 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
-from ..errors import SDEngineError, UnsupportedModelError
+from ..errors import SDEngineError
 from ..files import write_json_atomic
-from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_KEY, META_SOURCE, REPORT, sha256_file
+from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_KEY, META_SOURCE, REPORT, TOKENIZER_2_DIR,
+                        file_record, sha256_file)
 from ..models.loading import Components, load_components
-from ..specs import ShapeRanges, profile, spec_of, validation_points
+from ..specs import VAE_DECODER, VAE_ENCODER, ShapeRanges, graph_specs, profile, spec_of, validation_points
 from .settings import CACHE_GRAPH_ORDER, GRAPH_ORDER, ExportSettings
 from .tokenizer_files import write_tokenizer
 from .validate import GraphResult, compare, format_table, structural_checks
@@ -77,7 +78,7 @@ def _previous_results(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def _up_to_date_result(record: dict[str, Any] | None, name: str, settings: ExportSettings) -> GraphResult:
-    result = GraphResult(name, settings.precision.value, file=spec_of(name).file)
+    result = GraphResult(name, settings.precision.value, file=f"{name}.onnx")
     for key, value in (record or {}).items():
         if hasattr(result, key) and key not in ("graph", "precision", "seconds", "error"):
             setattr(result, key, value)
@@ -95,8 +96,10 @@ def _remove_stale(out: Path, old: dict[str, Any] | None, name: str) -> None:
 
 def _install(tmp: Path, out: Path, file: str, location: str | None, key: str) -> dict[str, Any]:
     """Move a validated graph (external data first) into `out`; its manifest entry."""
-    external = {location: sha256_file(tmp / location)} if location else {}
-    entry = {"file": file, "sha256": sha256_file(tmp / file), "external_data": external, "key": key}
+    records = {f: file_record(tmp / f) for f in (file, location) if f}  # hashed once, here
+    external = {location: records[location]["sha256"]} if location else {}
+    entry = {"file": file, "sha256": records[file]["sha256"], "external_data": external, "key": key,
+             "files": {f: {"size": r["size"], "fingerprint": r["fingerprint"]} for f, r in records.items()}}
     if location:
         (tmp / location).replace(out / location)
     (tmp / file).replace(out / file)
@@ -115,16 +118,17 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
     from .wrappers import build
 
     start, entry = time.perf_counter(), None
-    result = GraphResult(name, settings.precision.value, file=spec_of(name).file)
+    precision = graph_precision(name, c.config, settings)
+    result = GraphResult(name, precision, file=spec_of(name, c.config).file)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
     try:
         gm = build(name, c, ranges.cache_branch)
         model = trace(gm, validation_points(c.config, ranges)[0], settings.opset, ranges.static)
-        if settings.precision.value == "fp16":
+        if precision == "fp16":
             model = to_fp16(model, gm.spec, gm.body, gm.fp32_attention)
         set_metadata(model, {META_GRAPH: name, META_SOURCE: source, META_KEY: key,
-                             "sdengine.precision": settings.precision.value, "sdengine.version": __version__})
-        component = spec_of(name).component
+                             "sdengine.precision": precision, "sdengine.version": __version__})
+        component = gm.spec.component
         params = parameter_map(model, component, getattr(c, component)) if component in LORA_COMPONENTS else None
         location = save(model, tmp / gm.spec.file)
         del model
@@ -132,6 +136,8 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
         compare(tmp / gm.spec.file, gm, c.config, ranges, settings.precision, seed, result)
         if result.status == "passed":
             entry = _install(tmp, out, gm.spec.file, location, key)
+            if precision != settings.precision.value:  # an SDXL VAE kept fp32 (force_upcast)
+                entry["precision"] = precision
             if params is not None:  # where LoRA merges go (sdengine.lora, the onnxruntime backend)
                 entry["parameters"] = params
     except Exception as exc:  # any failure of one graph is reported, and the others still export
@@ -150,20 +156,22 @@ def export_model(model: str | Path, out: str | Path, settings: ExportSettings,
     if out.exists() and not out.is_dir():
         raise SDEngineError(f"--out {out} is a file; give a folder")
     c = load_components(model)
-    if c.config.sdxl:
-        raise UnsupportedModelError("exporting SDXL to ONNX (the onnxruntime, CUDA and TensorRT backends) is not "
-                                    "supported yet (issue 15): run it with --backend torch")
     ranges = settings.ranges(c.config)
     tools = tool_versions()
     weights = {"text_encoder": state_sha256(c.text_encoder), "unet": state_sha256(c.unet),
                "vae": state_sha256(c.vae)}
+    if c.config.sdxl:
+        weights["text_encoder_2"] = state_sha256(c.text_encoder_2)
+    specs = graph_specs(c.config)
     source = hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()
     out.mkdir(parents=True, exist_ok=True)
     old, previous = _old_manifest(out), _previous_results(out)
     entries: dict[str, Any] = {}
     results: list[GraphResult] = []
-    for name in GRAPH_ORDER + CACHE_GRAPH_ORDER:
-        key = settings.key(name, ranges, weights[spec_of(name).component], tools)
+    for name in (n for n in GRAPH_ORDER + CACHE_GRAPH_ORDER if n in specs or n in CACHE_GRAPH_ORDER):
+        key = settings.key(name, ranges, weights[spec_of(name, c.config).component], tools)
+        if graph_precision(name, c.config, settings) != settings.precision.value:
+            key = hashlib.sha256(f"{key}|vae fp32 (force_upcast)".encode()).hexdigest()
         wanted, current = settings.wants(name), _up_to_date(old, out, name, key)
         if current and not (settings.force and wanted):
             entries[name] = old["graphs"][name]
@@ -179,6 +187,8 @@ def export_model(model: str | Path, out: str | Path, settings: ExportSettings,
             if entry is not None or current:  # a forced re-export that fails leaves the valid graph
                 entries[name] = entry or old["graphs"][name]
     write_tokenizer(out, c)
+    if c.config.sdxl:
+        write_tokenizer(out, c, TOKENIZER_2_DIR)
     write_json_atomic(out / MANIFEST, _manifest(c, settings, ranges, tools, weights, source, entries))
     report = {"sdengine_version": __version__, "model": str(c.source), "tools": tools,
               "graphs": [r.to_dict() for r in results]}
@@ -191,6 +201,15 @@ def export_model(model: str | Path, out: str | Path, settings: ExportSettings,
     return results
 
 
+def graph_precision(name: str, config: Any, settings: ExportSettings) -> str:
+    """The graph's body precision: the export's, except an SDXL VAE whose config sets force_upcast, kept fp32 in an
+    fp16 export (its decoder overflows in fp16 on real weights; diffusers' SDXL pipeline upcasts it too)."""
+    precision = settings.precision.value
+    if precision == "fp16" and config.sdxl and config.vae.force_upcast and name in (VAE_DECODER, VAE_ENCODER):
+        return "fp32"
+    return precision
+
+
 def _manifest(c: Components, settings: ExportSettings, ranges: ShapeRanges, tools: dict[str, str],
               weights: dict[str, str], source: str, entries: dict[str, Any]) -> dict[str, Any]:
     """The manifest.json contents (sdengine.manifest reads it)."""
@@ -198,7 +217,8 @@ def _manifest(c: Components, settings: ExportSettings, ranges: ShapeRanges, tool
         "format": FORMAT, "format_version": FORMAT_VERSION, "sdengine_version": __version__,
         "model_config": c.config.to_dict(), "precision": settings.precision.value, "opset": settings.opset,
         "shapes": ranges.to_dict(),
-        "profiles": {name: {k: [list(s) for s in v] for k, v in profile(spec_of(name), c.config, ranges).items()}
+        "profiles": {name: {k: [list(s) for s in v]
+                            for k, v in profile(spec_of(name, c.config), c.config, ranges).items()}
                      for name in entries},
         "source": {"path": str(c.source), "sha256": source, "weights_sha256": weights},
         "tools": tools, "exporter": "torch.onnx TorchScript (dynamo=False)",

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import InvalidInputError
-from ..specs import CACHE_GRAPHS, GRAPHS, MAX_BATCH, STATE_SLOTS, Precision, Range, ShapeRanges
+from ..specs import ALL_GRAPHS, CACHE_GRAPHS, MAX_BATCH, STATE_SLOTS, UNET, Precision, Range, ShapeRanges
 
 DEFAULT_OPSET = 17
 OPSETS = range(17, 21)  # LayerNormalization needs 17; the TorchScript exporter stops at 20
-GRAPH_ORDER = tuple(GRAPHS)
+GRAPH_ORDER = ALL_GRAPHS  # text_encoder_2: SDXL models only
+DEFAULT_GRAPHS = tuple(g for g in GRAPH_ORDER if g != UNET)  # the plain U-Net on request only (--unet-graph)
 CACHE_GRAPH_ORDER = tuple(CACHE_GRAPHS)  # exported after the others, only with step_cache
 
 
@@ -52,7 +53,7 @@ class ExportSettings:
     width: tuple[int, ...] | None = None
     static: bool = False
     force: bool = False
-    graphs: tuple[str, ...] = field(default=GRAPH_ORDER)
+    graphs: tuple[str, ...] = field(default=DEFAULT_GRAPHS)
     state_slots: int = STATE_SLOTS  # the denoise step's sampler state (README, "Samplers")
     max_prompt_chunks: int | None = None  # prompt chunks the step graph reads (None: 8, or 1 when static)
     step_cache: int | None = None  # step caching's branch: also export the full and shallow step graphs (README)
@@ -61,9 +62,9 @@ class ExportSettings:
         object.__setattr__(self, "precision", Precision(self.precision))
         if self.opset not in OPSETS:
             raise InvalidInputError(f"--opset must be between {OPSETS.start} and {OPSETS.stop - 1}, got {self.opset}")
-        unknown = [g for g in self.graphs if g not in GRAPHS]
+        unknown = [g for g in self.graphs if g not in ALL_GRAPHS]
         if unknown or not self.graphs:
-            raise InvalidInputError(f"unknown graphs {unknown}; choose from {', '.join(GRAPHS)}")
+            raise InvalidInputError(f"unknown graphs {unknown}; choose from {', '.join(ALL_GRAPHS)}")
         if self.batch is not None and self.batch[-1] > MAX_BATCH:
             raise InvalidInputError(f"--batch must be at most {MAX_BATCH}, got {self.batch[-1]}")
         for name in ("height", "width"):
@@ -98,6 +99,9 @@ class ExportSettings:
         if self.step_cache is not None:
             from ..stepcache import cache_split
 
+            if config.sdxl:
+                raise InvalidInputError("--step-cache: step caching's graphs for SDXL exports are not supported yet; "
+                                        "SDXL caches on the torch backend (--backend torch --cache-interval N)")
             cache_split(config.unet, self.step_cache)  # InvalidInputError for a branch this U-Net lacks
             ranges = dataclasses.replace(ranges, cache_branch=self.step_cache)
         return ranges

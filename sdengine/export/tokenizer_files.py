@@ -28,24 +28,26 @@ def _from_shipped(dst: Path, tokenizer: ClipTokenizer) -> None:
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def write_tokenizer(out: Path, components) -> None:
-    """out/tokenizer: the model folder's tokenizer files, or the shipped ones with its pad token."""
-    source = Path(components.source) / "tokenizer"
-    dst = Path(tempfile.mkdtemp(prefix=f".{TOKENIZER_DIR}-", dir=out))
+def write_tokenizer(out: Path, components, folder: str = TOKENIZER_DIR) -> None:
+    """out/tokenizer: the model folder's tokenizer files, or the shipped ones with its pad token; folder
+    "tokenizer_2": SDXL's second tokenizer (components.tokenizer_2) the same way."""
+    source = Path(components.source) / folder
+    tokenizer = components.tokenizer if folder == TOKENIZER_DIR else components.tokenizer_2
+    dst = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=out))
     try:
         if (source / "vocab.json").is_file():
             for name in _FILES:
                 if (source / name).is_file():
                     shutil.copyfile(source / name, dst / name)
         else:
-            _from_shipped(dst, components.tokenizer)
-        ref, got = components.tokenizer, ClipTokenizer.from_folder(dst)
+            _from_shipped(dst, tokenizer)
+        ref, got = tokenizer, ClipTokenizer.from_folder(dst)
         probe = "a photo of an astronaut riding a horse"
         if (got.pad_id, got.max_length) != (ref.pad_id, ref.max_length) or (got(probe) != ref(probe)).any():
-            raise ModelLoadError(f"the tokenizer files written to {out / TOKENIZER_DIR} do not tokenize as the "
+            raise ModelLoadError(f"the tokenizer files written to {out / folder} do not tokenize as the "
                                  f"model's tokenizer does; check {source}")
         dst.chmod(umask_mode(0o777))
-        shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
-        dst.replace(out / TOKENIZER_DIR)
+        shutil.rmtree(out / folder, ignore_errors=True)
+        dst.replace(out / folder)
     finally:
         shutil.rmtree(dst, ignore_errors=True)

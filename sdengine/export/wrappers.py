@@ -17,8 +17,8 @@ from torch import nn
 
 from ..models.loading import Components
 from ..models.step import CachedStep, DenoiseStep
-from ..specs import DENOISE_STEP, DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, TEXT_ENCODER, UNET, VAE_DECODER, \
-    VAE_ENCODER, GraphSpec, spec_of
+from ..specs import DENOISE_STEP, DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, GRAPHS, SDXL_GRAPHS, TEXT_ENCODER, \
+    TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER, GraphSpec, spec_of
 
 
 class TextEncoderGraph(nn.Module):
@@ -105,7 +105,9 @@ def build(name: str, c: Components, cache_branch: int | None = None) -> GraphMod
     """The GraphModule of graph `name` over loaded components (fp32, CPU); `cache_branch` for step caching's."""
     if name in (DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW):
         return _cached_step(name, c, cache_branch)
-    spec = spec_of(name)
+    if c.config.sdxl:
+        return build_sdxl(name, c)
+    spec = GRAPHS[name]
     if name == TEXT_ENCODER:
         module = TextEncoderGraph(c.text_encoder.text_model)
         return GraphModule(spec, module, ("net",), False, _runner(spec, module))
@@ -114,6 +116,65 @@ def build(name: str, c: Components, cache_branch: int | None = None) -> GraphMod
         return GraphModule(spec, module, ("unet",), c.config.unet.upcast_attention, _runner(spec, module))
     if name == UNET:
         return GraphModule(spec, c.unet, None, c.config.unet.upcast_attention, _runner(spec, c.unet))
+    if name == VAE_DECODER:
+        module = VaeDecoderGraph(c.vae)
+        return GraphModule(spec, module, ("post_quant_conv", "decoder"), True, _runner(spec, module))
+    if name == VAE_ENCODER:
+        module = VaeEncoderGraph(c.vae)
+        return GraphModule(spec, module, ("encoder", "quant_conv"), True, _runner(spec, module))
+    raise KeyError(name)
+
+
+class SdxlTextEncoderGraph(nn.Module):
+    """input_ids [R,77] int32, clip_skip [1] int32 -> (hidden_state [R,77,D], pooled [R,D] or text_embeds [R,P]).
+
+    hidden_state is layer -2-clip_skip's output without the final layer norm (diffusers' StableDiffusionXLPipeline):
+    the embeddings' and every layer's outputs are stacked and one is gathered, so one graph serves every clip_skip.
+    The second output is the pooled output at EOS, through text_projection for SDXL's second encoder (its
+    `text_embeds`); it does not depend on clip_skip.
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.net = encoder.text_model
+        self.projection = encoder.text_projection if encoder.projection else None
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(input_ids=input_ids.long(), output_hidden_states=True)
+        layers = torch.stack(out.hidden_states)  # [L+1, R, 77, D]: the embeddings, then each layer's output
+        index = (layers.shape[0] - 2) - clip_skip.long().reshape(1)
+        hidden = layers.index_select(0, index)[0]
+        pooled = out.pooler_output
+        return hidden, pooled if self.projection is None else self.projection(pooled)
+
+
+class SdxlUNetGraph(nn.Module):
+    """The plain SDXL U-Net with its inputs in the spec's order: sample, timestep, context, text_embeds, time_ids."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, text_embeds: torch.Tensor,
+                time_ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, context, None, text_embeds, time_ids)
+
+
+def build_sdxl(name: str, c: Components) -> GraphModule:
+    """The GraphModule of an SDXL model's graph `name` (specs.SDXL_GRAPHS): both text encoders; the step and U-Net
+    with text_embeds and time_ids (DenoiseStep takes them last, as the spec orders its inputs); the VAE graphs."""
+    spec = SDXL_GRAPHS[name]
+    upcast = c.config.unet.upcast_attention
+    if name in (TEXT_ENCODER, TEXT_ENCODER_2):
+        module = SdxlTextEncoderGraph(getattr(c, name))
+        body = ("net",) if module.projection is None else ("net", "projection")
+        return GraphModule(spec, module, body, False, _runner(spec, module))
+    if name == DENOISE_STEP:
+        module = DenoiseStep(c.unet)
+        return GraphModule(spec, module, ("unet",), upcast, _runner(spec, module))
+    if name == UNET:
+        module = SdxlUNetGraph(c.unet)
+        return GraphModule(spec, module, ("unet",), upcast, _runner(spec, module))
     if name == VAE_DECODER:
         module = VaeDecoderGraph(c.vae)
         return GraphModule(spec, module, ("post_quant_conv", "decoder"), True, _runner(spec, module))

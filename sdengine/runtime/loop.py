@@ -8,7 +8,9 @@ duplicated: guidance 1, as the ONNX Runtime backend does). Row i binds row i of 
 buffer i % 2 and writes the other, so the result of N rows is in buffer N % 2. Every address a row binds
 therefore depends only on (shape, N, noise or not): the whole loop is captured once per such key as one
 CUDA graph and replayed; later calls re-upload their data into the same buffers before the launch. Every
-sampler runs this way: none needs the host between rows.
+sampler runs this way: none needs the host between rows. An SDXL step graph's text_embeds [2B,P] and time_ids
+[2B,6] are uploaded into loop-owned buffers per call (B rows twice at guidance 1) and bound once, with the text
+embeddings: the captured graph reads them from the same addresses on every replay.
 
 An executor whose graphs depend on its own state (`graphs_follow_shapes = True`: a TensorRT engine, whose one
 execution context serves every shape; TensorRT documents replaying a graph after that context's shapes or
@@ -29,7 +31,8 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import EngineMismatchError, InvalidInputError
 from ..samplers.table import Schedule, fit_slots
-from ..specs import DEEP_FEATURE, DENOISE_STEP, DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, point_dims, shapes
+from ..specs import ADDED_INPUTS, DEEP_FEATURE, DENOISE_STEP, DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, point_dims, \
+    shapes
 from ..stepcache import StepCache, cache_split
 from .executor import Executor
 
@@ -105,6 +108,7 @@ class Prepared:
     scale: Any
     condition: tuple[Any, Any, Any]  # mask, known, known_noise (zeros for text to image)
     blend: Any            # [N,3] rows
+    added: tuple[Any, ...] = ()  # SDXL: text_embeds [2B,P] and time_ids [2B,6], bound once per call
 
 
 def bind_shapes(executor: Executor, values: Mapping[str, tuple[int, ...]]) -> None:
@@ -132,8 +136,9 @@ class DenoiseLoop:
         self.device, self.step, self.config, self.use_graph = device, step, config, use_graph
         self.slots = slots
         (self._state, self._timestep, self._text, self._scale, self._coefficients, self._noise,
-         *self._condition, self._blend) = step.spec.input_names
-        self._next = step.spec.output_names[0]
+         *self._condition, self._blend) = [n for n in step.spec.input_names if n not in ADDED_INPUTS]
+        self._added = tuple(n for n in step.spec.input_names if n in ADDED_INPUTS)  # SDXL's step only
+        self._next = step.spec.output_names[0]  # step caching's full step also writes the deep feature
         self._buffers: dict[tuple, Any] = {}
         self.graphs: dict[LoopKey, Graph] = {}
         self._bound: LoopKey | None = None  # the key the step's shapes and addresses were last bound for
@@ -152,12 +157,16 @@ class DenoiseLoop:
         return shapes(self.step.spec, point_dims(self.config, b, lh, lw, slots=slots, context=context))
 
     def prepare(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
-                noise: np.ndarray | None, condition: Any = None) -> Prepared:
+                noise: np.ndarray | None, condition: Any = None, added: Any = None) -> Prepared:
         """Upload one call's data into the buffers of its key (enqueued on the device's stream).
 
         `condition` (sdengine.backends.ImageCondition) for image-to-image and inpainting; its buffers are the
-        same for text to image (zeroed), so one captured graph serves both.
+        same for text to image (zeroed), so one captured graph serves both. `added`
+        (sdengine.backends.AddedConditioning): an SDXL step's text_embeds and time_ids, one row per text row.
         """
+        if bool(self._added) != (added is not None):
+            raise InvalidInputError("an SDXL step graph needs text_embeds and time_ids (AddedConditioning), and only "
+                                    "an SDXL step graph takes them")
         x = np.ascontiguousarray(latents, dtype=np.float32)
         if self.slots is not None:
             schedule = fit_slots(schedule, self.slots, "rebuild the engines from an export with --state-slots "
@@ -196,7 +205,21 @@ class DenoiseLoop:
             for buf, name in zip(cond, self._condition):
                 dev.upload(buf, getattr(condition, name))
             dev.upload(blend, np.asarray(condition.blend, np.float32).reshape(blend.shape))
-        return Prepared(key, bufs, ts, rows, steps_noise, ctx, scale, cond, blend)
+        extra = tuple(self._upload_added(name, getattr(added, name), shp[name], b) for name in self._added)
+        return Prepared(key, bufs, ts, rows, steps_noise, ctx, scale, cond, blend, extra)
+
+    def _upload_added(self, name: str, array: Any, shape: tuple[int, ...], batch: int) -> Any:
+        """SDXL's [2B, n] text_embeds or time_ids into the loop's own buffer (B rows, guidance 1: twice, as the
+        text embeddings are)."""
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if array.ndim == 2 and array.shape[0] == batch:
+            array = np.concatenate([array, array])
+        if array.shape != tuple(shape):
+            raise InvalidInputError(f"{name} has shape {list(array.shape)}; {batch} latents need {list(shape)} "
+                                    f"(or {batch} rows)")
+        buf = self.buffer(name, shape)
+        self.device.upload(buf, array)
+        return buf
 
     def _copy_context(self, dst: Any, context: TextEmbeddings, batch: int) -> None:
         """[2B,77k,D] into the loop's own buffer: 2B rows as given, or B rows twice (guidance 1)."""
@@ -222,10 +245,13 @@ class DenoiseLoop:
         self._bind_fixed(p)
 
     def _bind_fixed(self, p: Prepared) -> None:
-        """Bind the addresses every step shares: the text embeddings, the scale and (no noise) the zeros."""
+        """Bind the addresses every step shares: the text embeddings, the scale, the condition, SDXL's text_embeds
+        and time_ids and (no noise) the zeros."""
         self.step.set_address(self._text, p.context.ptr)
         self.step.set_address(self._scale, p.scale.ptr)
         for name, buf in zip(self._condition, p.condition):
+            self.step.set_address(name, buf.ptr)
+        for name, buf in zip(self._added, p.added):
             self.step.set_address(name, buf.ptr)
         if not p.key.noise:
             self.step.set_address(self._noise, p.noise.ptr)
@@ -275,9 +301,11 @@ class DenoiseLoop:
                 callback(i + 1, p.key.steps)
 
     def run(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
-            noise: np.ndarray | None, callback: StepCallback | None = None, condition: Any = None) -> LatentView:
+            noise: np.ndarray | None, callback: StepCallback | None = None, condition: Any = None,
+            added: Any = None) -> LatentView:
         """prepare + launch: every row of `schedule` from `latents`; a view of the final latents."""
-        return self.launch(self.prepare(latents, context, schedule, guidance_scale, noise, condition), callback)
+        return self.launch(self.prepare(latents, context, schedule, guidance_scale, noise, condition, added),
+                           callback)
 
     def drop_graphs(self) -> None:
         """Destroy the cached graphs, keeping the buffers: after the step's weights change in place (a TensorRT

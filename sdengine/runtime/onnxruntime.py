@@ -172,7 +172,11 @@ class Graph:
                                      f"by another sdengine version: re-export it")
 
     def metadata(self) -> dict[str, str]:
-        return dict(self.session.get_modelmeta().custom_metadata_map)
+        try:
+            return dict(self.session.get_modelmeta().custom_metadata_map)
+        except UnicodeDecodeError:  # a graph damaged where a load's fingerprint does not look
+            raise ModelLoadError(f"{self.path} has unreadable metadata: it is damaged; check the folder with "
+                                 f"sdengine verify and re-export it with sdengine export --force") from None
 
     def bind(self, name: str, ptr: int, shape: Sequence[int], dtype: Any = np.float32) -> None:
         """Bind input `name` to the tensor at `ptr`."""

@@ -18,10 +18,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..engine_manifest import ENGINE_GRAPHS, EngineManifest, check, check_source, read, verify_plans
+from ..engine_manifest import ENGINE_GRAPHS, EngineManifest, check, check_source, engine_graphs, read, verify_plans
 from ..errors import (BackendUnavailableError, CudaError, EngineMismatchError, InvalidInputError, ModelLoadError,
                       SDEngineError)
-from ..specs import GRAPHS, GraphSpec
+from ..specs import GraphSpec, graph_specs
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -241,8 +241,10 @@ def _dtype_name(trt: Any, dtype: Any) -> str:
 def load_engine_set(folder: str | Path, graphs: tuple[str, ...] = ENGINE_GRAPHS, gpu_name: str | None = None,
                     compute_capability: str | None = None,
                     trt: Any = None) -> tuple[EngineManifest, dict[str, TrtEngine]]:
-    """The set's manifest and one engine per graph, after every check (host, source, plan hashes) passes."""
+    """The set's manifest and one engine per graph, after every check (host, source, plan hashes) passes (an SDXL
+    set's text_encoder_2 with its text_encoder)."""
     manifest = read(folder)
+    graphs = engine_graphs(manifest.config, tuple(graphs))
     trt = import_tensorrt() if trt is None else trt
     if gpu_name is None or compute_capability is None:
         gpu_name, compute_capability = gpu_identity()
@@ -252,7 +254,8 @@ def load_engine_set(folder: str | Path, graphs: tuple[str, ...] = ENGINE_GRAPHS,
     engines: dict[str, TrtEngine] = {}
     try:
         for name in graphs:
-            engines[name] = TrtEngine(paths[name], GRAPHS[name], manifest.rebuild_command(), trt)
+            engines[name] = TrtEngine(paths[name], graph_specs(manifest.config)[name], manifest.rebuild_command(),
+                                      trt)
     except BaseException:
         for engine in engines.values():
             engine.close()

@@ -172,6 +172,7 @@ class Service:
                                callback=callback, scheduler=first.scheduler, image=first.image,
                                mask_image=first.mask, strength=first.strength,
                                prompt_weighting=first.prompt_weighting, clip_skip=first.clip_skip,
+                               **dict(first.micro),  # SDXL: one batch shares its micro-conditioning (batch_key)
                                **({} if first.cache_interval == 1 else dict(cache_interval=first.cache_interval,
                                                                             cache_branch=first.cache_branch)))
         if result.vae_fp32_fallback:
@@ -356,10 +357,10 @@ def limits_for(pipeline: Any, settings: ServeSettings) -> tuple[Limits, int]:
                     default_steps=settings.default_steps, max_steps=settings.max_steps,
                     max_prompt_chunks=max_chunks, count_chunks=lambda text, weighting: chunk_prompt(
                         tokenizer, text, weighting, MAX_PROMPT_CHUNKS).chunks,
-                    clip_layers=config.text_encoder.num_hidden_layers,
+                    clip_layers=min(te.num_hidden_layers for te in (config.text_encoder, config.text_encoder_2) if te),
                     scheduler=config.scheduler, slots=None if ranges is None else ranges.slots,
                     inpainting=config.inpainting, loras=settings.lora_names,
-                    default_loras=settings.default_loras, max_cache_branch=max_branch(config.unet),
+                    default_loras=settings.default_loras, sdxl=config.sdxl, max_cache_branch=max_branch(config.unet),
                     cache_branches=_cache_branches(pipeline.backend))
     if size[0] * size[1] > settings.max_pixels:
         raise InvalidInputError(f"--max-pixels {settings.max_pixels} is below the model's own size "

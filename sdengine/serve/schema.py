@@ -68,6 +68,7 @@ class Limits:
     inpainting: bool = False         # a 9-channel U-Net: every request needs an image and a mask (edits)
     loras: tuple[str, ...] = ()      # the LoRAs requests may choose (the server's --lora files, by name)
     default_loras: tuple[tuple[str, float], ...] = ()  # the set of a request without `loras`
+    sdxl: bool = False               # an SDXL model: the micro-conditioning fields (MICRO_FIELDS) are taken
     max_cache_branch: int = 11       # step caching: cache_branch 0 .. 3 x the U-Net's blocks - 1
     cache_branches: tuple[int, ...] | None = None  # the branches the backend runs (an export's); None: any
 
@@ -94,6 +95,7 @@ class GenerationRequest:
     clip_skip: int = 0
     chunks: int = 1                  # prompt chunks of the longer of prompt and negative prompt
     loras: tuple[tuple[str, float], ...] = ()  # the LoRA set: (name, scale), in the server's --lora order
+    micro: tuple[tuple[str, tuple[int, int]], ...] = ()  # SDXL: the micro-conditioning fields given, by name
     cache_interval: int = 1          # step caching (sdengine.stepcache): 1 is off
     cache_branch: int = 0
 
@@ -108,8 +110,14 @@ class GenerationRequest:
         clip_skip, number of chunks: a prompt padded to more chunks than its own would give another image), and the same
         LoRA set (the weights are switched between batches, never within one), and the same step caching."""
         return (self.width, self.height, self.scheduler, self.steps, self.guidance_scale, self.eta, self.strength,
-                self.inputs_key, self.prompt_weighting, self.clip_skip, self.chunks, self.loras, self.cache_interval,
-                self.cache_branch)
+                self.inputs_key, self.prompt_weighting, self.clip_skip, self.chunks, self.loras, self.micro,
+                self.cache_interval, self.cache_branch)
+
+
+# SDXL's micro-conditioning fields (diffusers' names), each an integer pair; MICRO_MAX bounds every number.
+MICRO_FIELDS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                "negative_crops_coords_top_left", "negative_target_size")
+MICRO_MAX = 16384
 
 
 # ---- refusals --------------------------------------------------------------------------------------------------
@@ -174,6 +182,19 @@ class GenerationBody(BaseModel):
     cache_branch: Optional[int] = Field(None, ge=0, description="step caching's branch, as the deepcache package's "
                                         "cache_branch_id (default 0, the shallowest); needs cache_interval >= 2")
 
+    original_size: Optional[list[int]] = Field(None, description="SDXL only: [height, width] the U-Net is told the "
+                                               "training image had (default: the image's size)")
+    crops_coords_top_left: Optional[list[int]] = Field(None, description="SDXL only: [top, left] of the crop the U-Net "
+                                                       "is told was taken (default [0, 0])")
+    target_size: Optional[list[int]] = Field(None, description="SDXL only: [height, width] of the target (default: "
+                                             "the image's size)")
+    negative_original_size: Optional[list[int]] = Field(None, description="SDXL only: original_size of the "
+                                                        "unconditional rows (default: original_size)")
+    negative_crops_coords_top_left: Optional[list[int]] = Field(None, description="SDXL only: crops_coords_top_left "
+                                                                "of the unconditional rows (default: its positive)")
+    negative_target_size: Optional[list[int]] = Field(None, description="SDXL only: target_size of the "
+                                                      "unconditional rows (default: target_size)")
+
     _chunks: int = PrivateAttr(1)  # prompt chunks of the longer prompt, counted once by the validator
 
     @model_validator(mode="before")
@@ -237,6 +258,22 @@ class GenerationBody(BaseModel):
         if width * height > limits.max_pixels:
             raise refuse(f"size {width}x{height} is {width * height} pixels; this server allows at most "
                          f"{limits.max_pixels}", "size")
+        return value
+
+    @field_validator(*MICRO_FIELDS, mode="before")
+    @classmethod
+    def _pair(cls, value: Any, info: ValidationInfo) -> list[int]:
+        """Two integers in 0..MICRO_MAX ([height, width], or [top, left] for a crop); an edit's form text as JSON."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        what = "[top, left]" if "crops" in info.field_name else "[height, width]"
+        if not isinstance(value, list) or len(value) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MICRO_MAX for v in value):
+            raise refuse(f"{info.field_name} must be {what}: two integers in 0..{MICRO_MAX}, got "
+                         f"{json.dumps(value)[:60]}", info.field_name)
         return value
 
     @field_validator("loras", mode="before")
@@ -431,6 +468,10 @@ def validate(data: dict, limits: Limits, edit: Any = None) -> GenerationRequest:
     width, height = limits.default_size if edit is None else edit.default_size
     if body.size is not None:
         width, height = (int(side) for side in body.size.split("x"))
+    micro = tuple((name, tuple(getattr(body, name))) for name in MICRO_FIELDS if getattr(body, name) is not None)
+    if micro and not limits.sdxl:
+        raise RequestError(422, f"{', '.join(name for name, _ in micro)}: SDXL's micro-conditioning; this server's "
+                                f"model is not SDXL: leave the field(s) out", micro[0][0])
     loras = limits.default_loras if body.loras is None else \
         tuple((name, body.loras[name]) for name in limits.loras if body.loras.get(name, 0.0) != 0.0)
     extra = {} if edit is None else dict(image=edit.image, mask=edit.mask, strength=body.effective_strength(edit),
@@ -440,7 +481,7 @@ def validate(data: dict, limits: Limits, edit: Any = None) -> GenerationRequest:
                              guidance_scale=body.guidance_scale, eta=body.eta,
                              seed=secrets.randbelow(2**32) if body.seed is None else body.seed,
                              scheduler=canonical_name(body.scheduler), prompt_weighting=body.prompt_weighting,
-                             clip_skip=body.clip_skip, chunks=body._chunks, loras=loras,
+                             clip_skip=body.clip_skip, chunks=body._chunks, loras=loras, micro=micro,
                              cache_interval=body.cache_interval, cache_branch=body.cache_branch or 0, **extra)
 
 
