@@ -25,7 +25,8 @@ table (--out-dir), both written to a temporary name and renamed.
   python benchmarks/optimum_compare.py --random-model sd15 --size 128 --steps 10 --threads 1 2 --fp16
 
 Peak RSS figures are Linux's VmHWM (peak resident set of that process). All subjects of one thread count
-are alive at once: on SD 1.5 that is several GB each, so run fewer --subjects on a small machine.
+are alive at once: on SD 1.5 that is several GB each, so on a small machine run them in groups that each
+include sdengine-ort (the reference), the later groups with --reuse FIRST_RUN_WORK_FOLDER (no re-export).
 
 This file must import with the standard library only at module level: the optimum venv runs it too
 (worker mode), without sdengine.
@@ -66,6 +67,9 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a report file should have
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -152,7 +156,7 @@ def table(doc: dict[str, Any]) -> str:
             diffs.append("-" if not d else f"max {d['max_abs_255']:.2g}, mean {d['mean_abs_255']:.2g}")
         ex = exports.get(name, {})
         row += [" / ".join(loads), " / ".join(load_peaks), " / ".join(peaks),
-                _fmt(ex.get("export_s"), ".1f") if "error" not in ex else "error",
+                "error" if "error" in ex else "reused" if "reused_from" in ex else _fmt(ex.get("export_s"), ".1f"),
                 _fmt(ex.get("peak_rss_mib"), ".0f"), " / ".join(diffs)]
         lines.append("| " + " | ".join(row) + " |")
     note = ("Ratios: median time per image / sdengine-ort's median in the same run (above 1 is slower). "
@@ -347,6 +351,10 @@ def run_export(subject: str, source: Path, out: Path, args: argparse.Namespace, 
 def prepare_model(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any]]:
     if args.model:
         return Path(args.model).resolve(), {"path": str(Path(args.model).resolve())}
+    if args.reuse and (args.reuse / f"random-{args.random_model}" / "model_index.json").is_file():
+        path = args.reuse / f"random-{args.random_model}"
+        return path, {"random_model": args.random_model, "path": str(path), "reused_from": str(args.reuse),
+                      "seed": "as written by that run"}
     from sdengine.config import ModelConfig
     from sdengine.models.saving import write_random_model
 
@@ -355,6 +363,16 @@ def prepare_model(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str,
                               args.seed)
     return path, {"random_model": args.random_model, "seed": args.seed, "path": str(path),
                   "write_s": round(time.perf_counter() - start, 2)}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if out.returncode == 0 else None
+    except OSError:
+        return None
 
 
 def machine() -> dict[str, Any]:
@@ -440,18 +458,21 @@ def parent(args: argparse.Namespace) -> int:
                          f"--subjects)")
     if REFERENCE not in args.subjects:
         raise SystemExit(f"--subjects must include {REFERENCE} (the reference of the ratios and image comparisons)")
+    if args.reuse is not None and not args.reuse.is_dir():
+        raise SystemExit(f"--reuse {args.reuse}: no such folder (give an earlier run's work folder)")
     work = Path(tempfile.mkdtemp(prefix="optimum-compare-", dir=args.work_dir))
     print(f"work folder (exports, logs, images): {work}", file=sys.stderr)
     doc: dict[str, Any] = {"what": "issue 18: sdengine ONNX Runtime against optimum's ORTStableDiffusionPipeline",
                            "command": [sys.executable, *sys.argv], "machine": machine(), "work_dir": str(work),
                            "settings": {k: v for k, v in vars(args).items() if k != "mode"},
-                           "versions": {"sdengine_venv": versions()}, "exports": {}, "runs": []}
+                           "versions": {"sdengine_venv": versions(), "sdengine_commit": git_commit()},
+                           "exports": {}, "runs": []}
     if any(s in OPTIMUM_SUBJECTS for s in args.subjects):
         doc["versions"]["optimum_venv"] = json.loads(subprocess.run(
             [args.optimum_python, str(HERE), "versions"], capture_output=True, text=True, check=True).stdout)
 
     def save() -> None:
-        write_atomic(out_dir / "optimum_compare.json", json.dumps(doc, indent=1) + "\n")
+        write_atomic(out_dir / "optimum_compare.json", json.dumps(doc, indent=1, default=str) + "\n")
 
     source, doc["model"] = prepare_model(args, work)
     rng = np.random.default_rng(args.seed)
@@ -463,7 +484,11 @@ def parent(args: argparse.Namespace) -> int:
     write_atomic(job_path, json.dumps(job))
     models: dict[str, str] = {}
     for name in args.subjects:
-        if name in EXPORTED:
+        earlier = args.reuse / f"export-{name}" if args.reuse else None
+        if name in EXPORTED and earlier is not None and earlier.is_dir():
+            models[name] = str(earlier)
+            doc["exports"][name] = {"reused_from": str(earlier), "folder": str(earlier)}
+        elif name in EXPORTED:
             result = run_export(name, source, work / f"export-{name}", args, work / f"{name}-export.log")
             doc["exports"][name] = result
             if "error" not in result:
@@ -515,6 +540,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimum-python", default=str(REPO / ".venv-optimum" / "bin" / "python"))
     p.add_argument("--out-dir", default="out/optimum_compare")
     p.add_argument("--work-dir", default=None, help="where exports, logs and images go (default: the temp dir)")
+    p.add_argument("--reuse", type=Path, default=None, metavar="WORK_FOLDER",
+                   help="an earlier run's work folder: its random model and exports are used, not remade "
+                        "(their export figures are in that run's JSON)")
     args = p.parse_args(argv)
     if args.mode is None:
         if not (args.model or args.random_model):
