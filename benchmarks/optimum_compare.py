@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -237,8 +237,8 @@ class Runner:
 
     def generate(self, latents: Any) -> Any:
         j = self.job
-        kwargs = dict(negative_prompt="", num_inference_steps=j["steps"], guidance_scale=j["guidance"],
-                      height=j["height"], width=j["width"], output_type="np")
+        kwargs = {"negative_prompt": "", "num_inference_steps": j["steps"], "guidance_scale": j["guidance"],
+                  "height": j["height"], "width": j["width"], "output_type": "np"}
         if self.subject.startswith("sdengine"):
             images = self.pipe(j["prompt"], latents=latents, eta=0.0, **kwargs).images
         else:
@@ -367,9 +367,9 @@ def prepare_model(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str,
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+                               capture_output=True, text=True, check=False).stdout.strip()
         return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if out.returncode == 0 else None
     except OSError:
         return None
@@ -441,7 +441,7 @@ def compare_images(run: dict[str, Any]) -> None:
     if ref is None:
         return
     reference = np.load(ref)
-    for name, res in run["subjects"].items():
+    for res in run["subjects"].values():
         if res.get("last_image"):
             image = np.load(res["last_image"])
             res["image_vs_reference"] = image_difference(image, reference)
