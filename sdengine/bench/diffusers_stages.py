@@ -18,6 +18,7 @@ The compile happens in the first calls: it shows as the warm-up excess. Unverifi
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,13 @@ def diffusers_folder(path: str | Path) -> Path:
     return path
 
 
+def dtype_argument(version: str, dtype: Any) -> dict[str, Any]:
+    """from_pretrained's precision argument: `dtype` from diffusers 0.36, `torch_dtype` before (an older
+    diffusers ignores `dtype=` with a warning and would load float32: a GPU comparison would then run fp32)."""
+    major_minor = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    return {"dtype": dtype} if major_minor >= (0, 36) else {"torch_dtype": dtype}
+
+
 class DiffusersStages(Stages):
     """Stage and end-to-end calls over diffusers' StableDiffusionPipeline."""
 
@@ -61,13 +69,14 @@ class DiffusersStages(Stages):
         transformers.utils.logging.disable_progress_bar()
         folder = diffusers_folder(model)
         self.sdxl = (folder / "text_encoder_2").is_dir()  # SDXL: StableDiffusionXLPipeline (no safety checker)
+        dtype = dtype_argument(diffusers.__version__, self.dtype)
         if self.sdxl:
-            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, dtype=self.dtype)
+            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, **dtype)
             if self.dtype == torch.float16 and pipe.vae.config.force_upcast:
                 pipe.vae.to(torch.float32)  # its pipeline upcasts the VAE so, as sdengine's torch backend does
         else:
             pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-                folder, safety_checker=None, requires_safety_checker=False, dtype=self.dtype)
+                folder, safety_checker=None, requires_safety_checker=False, **dtype)
         pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
