@@ -74,6 +74,12 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a backend load option (repeatable), e.g. with --backend torch --device cuda: "
                         "channels_last=true compile=true cuda_graph=true")
+    p.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                   help="step caching (DeepCache): the whole U-Net every N steps, its shallow branch in between "
+                        "(default 1: off; README, \"Step caching\"); onnxruntime: an export with --step-cache")
+    p.add_argument("--cache-branch", type=int, default=None, metavar="K",
+                   help="step caching's branch, as the deepcache package's cache_branch_id (default 0: the "
+                        "shallowest, fastest); needs --cache-interval 2 or more")
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
@@ -98,6 +104,9 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unet-graph", action="store_true",
                    help="also write the plain U-Net graph (unet.onnx), for denoise loops of your own; no sdengine "
                         "backend uses it")
+    p.add_argument("--step-cache", type=int, nargs="?", const=0, default=None, metavar="BRANCH",
+                   help="also export step caching's full and shallow step graphs for this branch (default 0), for "
+                        "--cache-interval (README, \"Step caching\"); without it they are not exported")
     p.add_argument("--force", action="store_true", help="re-export graphs that are up to date")
 
 
@@ -214,6 +223,9 @@ def _validate(args: argparse.Namespace) -> None:
     if config is None:  # a single-file checkpoint: the pipeline checks the rest once it is read
         return
     config = config.with_prediction_type(args.prediction_type)
+    from .stepcache import check_step_cache
+
+    check_step_cache(args.cache_interval, args.cache_branch, config.unet)
     for name in ("height", "width"):
         if getattr(args, name) is not None:
             check_size(f"--{name}", getattr(args, name), config.vae.downscale)
@@ -306,7 +318,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       width=args.width, num_images_per_prompt=args.num_images, callback=callback,
                       scheduler=args.scheduler, image=args.image, mask_image=args.mask, strength=args.strength,
                       mask_blur=args.mask_blur, keep_unmasked=args.keep_unmasked,
-                      prompt_weighting=not args.no_prompt_weighting, clip_skip=args.clip_skip)
+                      prompt_weighting=not args.no_prompt_weighting, clip_skip=args.clip_skip,
+                      cache_interval=args.cache_interval, cache_branch=args.cache_branch)
     finally:
         if bar is not None:
             bar.close()
@@ -327,7 +340,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.unet_graph:
         slots["graphs"] = ExportSettings().graphs + (UNET,)
     settings = ExportSettings(precision="fp16" if args.fp16 else "fp32", opset=args.opset, static=args.static,
-                              force=args.force, **ranges, **slots)
+                              force=args.force, step_cache=args.step_cache, **ranges, **slots)
     if args.model is None:
         from .demo import embedded_model_path
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import ModelConfig
 from .errors import ModelLoadError, UnsupportedModelError
-from .specs import Precision, ShapeRanges, graph_specs
+from .specs import Precision, ShapeRanges, spec_of
 
 FORMAT, FORMAT_VERSION = "sdengine-onnx", 3  # 2: the denoise step takes a sampler state; 3: prompt chunks
 MANIFEST, REPORT, TOKENIZER_DIR = "manifest.json", "export-report.json", "tokenizer"
@@ -111,7 +111,7 @@ class Manifest:
         if entry is None:
             raise ModelLoadError(f"{self.folder} has no {name} graph in its manifest (its export may have failed "
                                  f"validation: see {REPORT}); re-export with sdengine export --force")
-        path = self.folder / graph_specs(self.config)[name].file
+        path = self.folder / spec_of(name, self.config).file
         if entry.get("file") != path.name:
             raise ModelLoadError(f"{self.folder / MANIFEST} names {entry.get('file')!r} for {name}; expected "
                                  f"{path.name}: re-export the folder")

@@ -56,6 +56,8 @@ class GenerationInfo:
     # SDXL's micro-conditioning as it reached the U-Net: the 6 add_time_ids of the conditional rows (original_size
     # h, w; crops_coords_top_left top, left; target_size h, w), then the 6 of the unconditional rows; () for SD 1.x/2.x
     time_ids: tuple = ()
+    cache_interval: int = 1              # step caching (sdengine.stepcache): a full U-Net pass every N steps
+    cache_branch: int = 0                # ... and the shallow branch of the other steps (deepcache's meaning)
 
     def infotext(self) -> str:
         """The A1111 `parameters` text."""
@@ -69,6 +71,9 @@ class GenerationInfo:
             fields["Clip skip"] = self.clip_skip + 1
         if self.eta:
             fields["Eta DDIM"] = _number(self.eta)
+        if self.cache_interval > 1:
+            fields["DeepCache interval"] = self.cache_interval
+            fields["DeepCache branch"] = self.cache_branch
         if self.strength is not None:
             fields["Denoising strength"] = _number(self.strength)
             fields["Source image"] = self.source
@@ -113,6 +118,8 @@ class GenerationInfo:
                   "model": self.model, "software": f"sdengine {__version__}"}
         if self.clip_skip:
             fields["clip_skip"] = self.clip_skip
+        if self.cache_interval > 1:
+            fields.update(cache_interval=self.cache_interval, cache_branch=self.cache_branch)
         if self.strength is not None:
             fields.update(strength=_number(self.strength), source_image=self.source)
         if self.mask is not None:

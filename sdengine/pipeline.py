@@ -6,6 +6,7 @@ from numpy generators seeded per image, so a seed gives the same noise on every 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import secrets
@@ -24,6 +25,7 @@ from .metadata import GenerationInfo, save_png
 from .prompts import MAX_PROMPT_CHUNKS, apply_emphasis, check_clip_skip, prompt_batch
 from .samplers import Schedule, build_schedule
 from .specs import MAX_SIDE, MIN_SIDE  # one set of image-side limits for every path
+from .stepcache import StepCache, check_step_cache
 from .tokenizer import check_text
 
 LORA_FILES_KEPT = 8  # parsed LoRA files a pipeline keeps for set switches
@@ -233,7 +235,8 @@ class Pipeline:
                  original_size: Sequence[int] | None = None, crops_coords_top_left: Sequence[int] = (0, 0),
                  target_size: Sequence[int] | None = None, negative_original_size: Sequence[int] | None = None,
                  negative_crops_coords_top_left: Sequence[int] | None = None,
-                 negative_target_size: Sequence[int] | None = None) -> PipelineResult:
+                 negative_target_size: Sequence[int] | None = None, cache_interval: int | None = None,
+                 cache_branch: int | None = None) -> PipelineResult:
         """Generate images; parameters as in diffusers' StableDiffusion(Img2Img|Inpaint)Pipeline.
 
         `scheduler` names the sampler (sdengine.sampler_names(); A1111's names too); `latents` is unit
@@ -253,6 +256,10 @@ class Pipeline:
         (0, 0); the negative_* values condition the unconditional rows and default to their positive
         counterparts. Without a negative prompt (None) the unconditional rows are zeros when the model's
         force_zeros_for_empty_prompt says so (SDXL's default), as in diffusers.
+
+        Step caching (DeepCache, README "Step caching"): cache_interval=N runs the whole U-Net every N steps and
+        only its shallow branch `cache_branch` (default 0, the shallowest) in between, reusing the deep features
+        of the last full step; both mean what they mean in the `deepcache` package. None or 1: no caching.
         """
         zero_negative = negative_prompt is None and self.config.sdxl and self.config.force_zeros_for_empty_prompt
         prompts, negatives = _prompt_pairs(prompt, negative_prompt)
@@ -272,6 +279,8 @@ class Pipeline:
             if given:
                 raise InvalidInputError(f"{', '.join(given)}: SDXL's micro-conditioning; this model is not SDXL")
         n = _check_count(num_images_per_prompt)
+        cache = check_step_cache(cache_interval, cache_branch, self.config.unet)
+        cached = {} if cache is None else {"cache": self._step_cache(cache)}
         if output_type not in OUTPUT_TYPES:
             raise InvalidInputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         factor = self.config.vae.downscale
@@ -298,14 +307,15 @@ class Pipeline:
         if self.config.sdxl:
             context, added = self._condition_sdxl(rows, [p for p in negatives for _ in range(n)] if guided else None,
                                                   zero_negative, prompt_weighting, clip_skip, time_ids)
-            final = self.backend.denoise(init, context, schedule, guidance, noise, callback, condition, added=added)
+            final = self.backend.denoise(init, context, schedule, guidance, noise, callback, condition, added=added,
+                                         **cached)
         else:
             if guided:  # unconditional rows first, as DenoiseStep expects
                 rows = [p for p in negatives for _ in range(n)] + rows
             context = self._encode_prompts(rows, prompt_weighting, clip_skip)
             if self.embedded:
                 _warn_outside_demo_vocabulary(prompts)
-            final = self.backend.denoise(init, context, schedule, guidance, noise, callback, condition)
+            final = self.backend.denoise(init, context, schedule, guidance, noise, callback, condition, **cached)
         images, fallback = self._decode(final)
         if keep_unmasked and inputs is not None and inputs.soft_mask is not None:
             soft = inputs.soft_mask[None, None]
@@ -316,11 +326,20 @@ class Pipeline:
             extra["time_ids"] = tuple(float(v) for v in np.concatenate(time_ids))
         infos = [GenerationInfo(prompt=p, negative_prompt=neg, steps=schedule.steps, sampler=schedule.label,
                                 guidance_scale=guidance, seed=s, width=width, height=height, model=self.model_name,
-                                eta=float(eta), loras=self.loras, clip_skip=clip_skip, **extra)
+                                eta=float(eta), loras=self.loras, clip_skip=clip_skip,
+                                cache_interval=1 if cache is None else cache.interval,
+                                cache_branch=0 if cache is None else cache.branch, **extra)
                  for (p, neg), s in zip([(p, q) for p, q in zip(prompts, negatives) for _ in range(n)], seeds)]
         if output_type == "np":
             return PipelineResult(to_unit_float(images), seeds, infos, fallback)
         return PipelineResult(_pil_images(to_uint8(images), infos), seeds, infos, fallback)
+
+    def _step_cache(self, cache: StepCache) -> StepCache:
+        """`cache` when the backend's denoise takes it (which then checks what it can run), else a refusal."""
+        if "cache" not in inspect.signature(self.backend.denoise).parameters:
+            raise InvalidInputError(f"step caching (cache_interval) is not supported on the "
+                                    f"{type(self.backend).__name__} backend yet: use the torch or onnxruntime backend")
+        return cache
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> list[str]:
         """Add a textual inversion embedding (A1111 or diffusers safetensors; README, "Prompts"): its trigger (`token`,

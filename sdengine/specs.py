@@ -33,6 +33,8 @@ STATE_SLOTS = 4  # the denoise step's state by default: enough for every sampler
 TEXT_ENCODER, DENOISE_STEP, UNET, VAE_DECODER, VAE_ENCODER = (
     "text_encoder", "denoise_step", "unet", "vae_decoder", "vae_encoder")
 TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second text encoder (sdxl_graphs)
+# step caching (sdengine.stepcache): exported only when asked (sdengine export --step-cache BRANCH)
+DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, DEEP_FEATURE = "denoise_step_full", "denoise_step_shallow", "deep_feature"
 
 
 class Precision(str, enum.Enum):
@@ -88,6 +90,7 @@ class ShapeRanges:
     static: bool = False
     slots: int = STATE_SLOTS
     chunks: int | None = None  # None: MAX_PROMPT_CHUNKS, or 1 when static
+    cache_branch: int | None = None  # step caching's branch of the export's full/shallow step graphs, if any
 
     def __post_init__(self) -> None:
         if self.chunks is None:
@@ -135,13 +138,17 @@ class ShapeRanges:
             check_dim(value, r, what, f"re-export with sdengine export --{option} MIN:MAX covering it")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batch": _range_list(self.batch), "height": _range_list(self.height),
-                "width": _range_list(self.width), "static": self.static, "slots": self.slots, "chunks": self.chunks}
+        out = {"batch": _range_list(self.batch), "height": _range_list(self.height),
+               "width": _range_list(self.width), "static": self.static, "slots": self.slots, "chunks": self.chunks}
+        if self.cache_branch is not None:
+            out["cache_branch"] = self.cache_branch
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ShapeRanges":
         return cls(Range(*d["batch"]), Range(*d["height"]), Range(*d["width"]), bool(d["static"]), int(d["slots"]),
-                   None if d.get("chunks") is None else int(d["chunks"]))
+                   None if d.get("chunks") is None else int(d["chunks"]),
+                   None if d.get("cache_branch") is None else int(d["cache_branch"]))
 
     def check_context(self, length: int, sequence: int, hint: str) -> None:
         """InvalidInputError unless text embeddings of `length` tokens (k chunks of `sequence`) fit the export."""
@@ -210,7 +217,8 @@ class GraphSpec:
 
 # Symbols of the dynamic dimensions. `rows` is B, or 2B with guidance (unconditional rows first); `context` is the
 # text embeddings' length in the step graphs: 77 x k for a prompt of k chunks.
-DYNAMIC_DIMS = ("batch", "batch_x2", "rows", "latent_height", "latent_width", "height", "width", "context")
+DYNAMIC_DIMS = ("batch", "batch_x2", "rows", "latent_height", "latent_width", "height", "width", "context",
+                "feature_height", "feature_width")
 _LATENT = ("batch", "channels", "latent_height", "latent_width")
 _STATE = ("slots", *_LATENT)
 
@@ -266,6 +274,20 @@ GRAPHS: dict[str, GraphSpec] = {
         doc="VAE encoder: image -> scaled latent Gaussian (sample = mean + std * noise)"),
 }
 
+_FEATURE = TensorSpec(DEEP_FEATURE, "float32", ("batch_x2", "feature_channels", "feature_height", "feature_width"),
+                      doc="step caching's deep feature: the input of the up-path layer where the shallow branch joins")
+CACHE_GRAPHS: dict[str, GraphSpec] = {
+    DENOISE_STEP_FULL: GraphSpec(
+        DENOISE_STEP_FULL, "unet", inputs=GRAPHS[DENOISE_STEP].inputs,
+        outputs=GRAPHS[DENOISE_STEP].outputs + (_FEATURE,),
+        doc="the denoise step, also returning the deep feature step caching reuses (sdengine.stepcache)",
+        fp32_inputs=GRAPHS[DENOISE_STEP].fp32_inputs),
+    DENOISE_STEP_SHALLOW: GraphSpec(
+        DENOISE_STEP_SHALLOW, "unet", inputs=GRAPHS[DENOISE_STEP].inputs + (_FEATURE,),
+        outputs=GRAPHS[DENOISE_STEP].outputs,
+        doc="the denoise step through the U-Net's shallow branch only, reading the last full step's deep feature",
+        fp32_inputs=GRAPHS[DENOISE_STEP].fp32_inputs),
+}
 
 # SDXL (Podell et al. 2023): two text encoders whose hidden states of layer -2-clip_skip (no final layer norm) are
 # concatenated into the context, the second's pooled projection `text_embeds`, and the micro-conditioning `time_ids`
@@ -327,7 +349,21 @@ def sdxl_fixed_dims(config: ModelConfig) -> dict[str, int]:
     return {"hidden_2": te2.hidden_size, "pooled": te2.projection_dim, "cross_attention": config.unet.cross_attention_dim}
 
 
-def fixed_dims(config: ModelConfig, slots: int | None = None) -> dict[str, int]:
+def spec_of(name: str, config: ModelConfig | None = None) -> GraphSpec:
+    """The spec of any graph an export may hold: the model's (graph_specs; GRAPHS without a config), or step
+    caching's CACHE_GRAPHS (SD 1.x/2.x exports only)."""
+    if name in CACHE_GRAPHS:
+        return CACHE_GRAPHS[name]
+    return (GRAPHS if config is None else graph_specs(config))[name]
+
+
+def _cache_split(config: ModelConfig, branch: int) -> Any:
+    from .stepcache import cache_split
+
+    return cache_split(config.unet, branch)
+
+
+def fixed_dims(config: ModelConfig, slots: int | None = None, branch: int | None = None) -> dict[str, int]:
     """The dimensions a model fixes: CLIP's sequence, the text width, the latent channels; with `slots`
     (an export's state size) also the state's slots and the coefficient row's width."""
     out = {"sequence": config.text_encoder.max_position_embeddings,
@@ -337,6 +373,8 @@ def fixed_dims(config: ModelConfig, slots: int | None = None) -> dict[str, int]:
         out.update(sdxl_fixed_dims(config))
     if slots is not None:
         out.update(slots=slots, row=row_width(slots))
+    if branch is not None:
+        out["feature_channels"] = _cache_split(config, branch).channels
     return out
 
 
@@ -346,9 +384,14 @@ def dim_ranges(config: ModelConfig, ranges: ShapeRanges) -> dict[str, Range]:
     out = {"batch": b, "batch_x2": b.scaled(2), "rows": Range(b.min, 2 * b.opt, 2 * b.max),
            "height": ranges.height, "width": ranges.width,
            "latent_height": ranges.height.divided(f), "latent_width": ranges.width.divided(f)}
-    out.update({k: Range(v, v, v) for k, v in fixed_dims(config, ranges.slots).items()})
+    out.update({k: Range(v, v, v) for k, v in fixed_dims(config, ranges.slots, ranges.cache_branch).items()})
     seq = out["sequence"].min
     out["context"] = Range(seq, seq, seq * ranges.chunks)
+    if ranges.cache_branch is not None:
+        split = _cache_split(config, ranges.cache_branch)
+        for side in ("height", "width"):
+            r = out[f"latent_{side}"]
+            out[f"feature_{side}"] = Range(split.side(r.min), split.side(r.opt), split.side(r.max))
     return out
 
 
@@ -363,15 +406,21 @@ def profile(spec: GraphSpec, config: ModelConfig, ranges: ShapeRanges) -> dict[s
 
 
 def point_dims(config: ModelConfig, batch: int, latent_height: int, latent_width: int,
-               rows: int | None = None, slots: int | None = None, context: int | None = None) -> dict[str, int]:
+               rows: int | None = None, slots: int | None = None, context: int | None = None,
+               branch: int | None = None) -> dict[str, int]:
     """Values of every symbol at one shape point (`rows` defaults to 2B, the guided case; `slots`, the
-    state size, is needed for the denoise step only; `context` defaults to one prompt chunk, 77)."""
+    state size, is needed for the denoise step only; `context` defaults to one prompt chunk, 77; `branch`, step
+    caching's, for its full and shallow step graphs only)."""
     f = config.vae.downscale
-    fixed = fixed_dims(config, slots)
-    return {"batch": batch, "batch_x2": 2 * batch, "rows": 2 * batch if rows is None else rows,
-            "latent_height": latent_height, "latent_width": latent_width,
-            "height": latent_height * f, "width": latent_width * f,
-            "context": fixed["sequence"] if context is None else context, **fixed}
+    fixed = fixed_dims(config, slots, branch)
+    out = {"batch": batch, "batch_x2": 2 * batch, "rows": 2 * batch if rows is None else rows,
+           "latent_height": latent_height, "latent_width": latent_width,
+           "height": latent_height * f, "width": latent_width * f,
+           "context": fixed["sequence"] if context is None else context, **fixed}
+    if branch is not None:
+        split = _cache_split(config, branch)
+        out.update(feature_height=split.side(latent_height), feature_width=split.side(latent_width))
+    return out
 
 
 def shapes(spec: GraphSpec, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
@@ -388,13 +437,14 @@ def validation_points(config: ModelConfig, ranges: ShapeRanges) -> list[dict[str
     two prompt chunks where the export reads them."""
     d = dim_ranges(config, ranges)
     b, lh, lw = d["batch"], d["latent_height"], d["latent_width"]
-    first = point_dims(config, b.opt, lh.opt, lw.opt, slots=ranges.slots)
+    first = point_dims(config, b.opt, lh.opt, lw.opt, slots=ranges.slots, branch=ranges.cache_branch)
     h2 = lh.min if lh.min != lh.opt else lh.max
     w2 = next((w for w in (lw.opt + 1, lw.opt - 1) if lw.min <= w <= lw.max), lw.opt)
     b2 = min(b.max, b.opt + 1)
     rows2 = 2 * b2 if ranges.static else min(d["rows"].max, max(d["rows"].min, 2 * b2 - 1))  # an odd row count
     context2 = d["context"].min * min(2, ranges.chunks)
-    return [first, point_dims(config, b2, h2, w2, rows=rows2, slots=ranges.slots, context=context2)]
+    return [first, point_dims(config, b2, h2, w2, rows=rows2, slots=ranges.slots, context=context2,
+                              branch=ranges.cache_branch)]
 
 
 def sample_inputs(spec: GraphSpec, config: ModelConfig, dims: Mapping[str, int],

@@ -269,7 +269,8 @@ def test_batch_key_separates_sampler_tables():
                   GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.0, 1, "ddim", chunks=2),
                   GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.0, 1, "ddim", clip_skip=1),
                   GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.0, 1, "ddim", prompt_weighting=False),
-                  GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.0, 1, "ddim", loras=(("style", 1.0),))):
+                  GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.0, 1, "ddim", loras=(("style", 1.0),)),
+                  GenerationRequest("a", "", 1, 64, 64, 20, 7.5, 0.0, 1, "ddim", cache_interval=2)):
         assert other.batch_key != base.batch_key
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 GENERATION_FIELDS = {"prompt", "negative_prompt", "n", "size", "response_format", "seed", "steps", "guidance_scale",
                      "eta", "scheduler", "prompt_weighting", "clip_skip", "loras", "model", "user", "quality", "style",
                      "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
-                     "negative_crops_coords_top_left", "negative_target_size"}
+                     "negative_crops_coords_top_left", "negative_target_size", "cache_interval", "cache_branch"}
 ERROR_CODES = {"400", "413", "422", "429", "500", "503", "504"}
 
 

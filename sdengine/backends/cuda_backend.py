@@ -17,10 +17,11 @@ from ..config import ModelConfig
 from ..errors import InvalidInputError, ModelLoadError
 from ..runtime.device import CudaDevice, run_all
 from ..runtime.executor import Executor
-from ..runtime.loop import DenoiseLoop, StepCallback, TextEmbeddings, bind_shapes
+from ..runtime.loop import CachedDenoiseLoop, DenoiseLoop, StepCallback, TextEmbeddings, bind_shapes
 from ..samplers.table import Schedule
-from ..specs import DENOISE_STEP, TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, VAE_ENCODER, Range, ShapeRanges, check_dim, \
-    dim_ranges, point_dims, shapes
+from ..specs import DENOISE_STEP, DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, \
+    VAE_ENCODER, Range, ShapeRanges, check_dim, dim_ranges, point_dims, shapes
+from ..stepcache import StepCache
 from ..tokenizer import ClipTokenizer
 
 NETWORKS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER, VAE_ENCODER)  # the encoder: image inputs only
@@ -48,6 +49,25 @@ class CudaBackend:
         self.loop = DenoiseLoop(device, self.executors[DENOISE_STEP], config, use_graph,
                                 slots=None if ranges is None else ranges.slots)
         self._buffers: dict[tuple, Any] = {}
+        self._use_graph = use_graph
+        self._cached_loops: dict[StepCache, CachedDenoiseLoop] = {}  # step caching: one loop per StepCache
+
+    @property
+    def cache_branches(self) -> tuple[int, ...]:
+        """Step caching's branches these executors run: the export's, when its full and shallow steps are here."""
+        have = DENOISE_STEP_FULL in self.executors and DENOISE_STEP_SHALLOW in self.executors
+        branch = None if self.ranges is None else self.ranges.cache_branch
+        return (branch,) if have and branch is not None else ()
+
+    def _cached_loop(self, cache: StepCache) -> CachedDenoiseLoop:
+        if cache.branch not in self.cache_branches:
+            raise InvalidInputError(f"these engines hold no step caching steps for cache_branch {cache.branch} "
+                                    f"(branches: {list(self.cache_branches) or 'none'}); run without cache_interval")
+        if cache not in self._cached_loops:
+            self._cached_loops[cache] = CachedDenoiseLoop(
+                self.device, self.executors[DENOISE_STEP_FULL], self.executors[DENOISE_STEP_SHALLOW], self.config,
+                cache, self._use_graph, slots=None if self.ranges is None else self.ranges.slots)
+        return self._cached_loops[cache]
 
     def _buffer(self, role: str, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
         """The buffer for `role` at `shape`, allocated on first use and reused after."""
@@ -151,18 +171,20 @@ class CudaBackend:
 
     def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None, condition: Any = None,
-                added: Any = None) -> Any:
+                added: Any = None, cache: StepCache | None = None) -> Any:
         """Every row of `schedule`; a view of the final latents on the device (valid until the next call).
 
         `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts); `added`: an
-        SDXL model's text_embeds and time_ids (sdengine.backends.AddedConditioning), bound once per call."""
+        SDXL model's text_embeds and time_ids (sdengine.backends.AddedConditioning), bound once per call; `cache`:
+        step caching, over the full and shallow step executors (CachedDenoiseLoop; unverified on a GPU)."""
         if isinstance(context, np.ndarray):
             context = self._host_context(context)
         if not isinstance(context, TextEmbeddings):
             raise InvalidInputError("context must be what this backend's encode_text returned")
         x = np.ascontiguousarray(latents, dtype=np.float32)
         self._check_latents(x.shape)
-        return self.loop.run(x, context, schedule, guidance_scale, noise, callback, condition, added)
+        loop = self.loop if cache is None else self._cached_loop(cache)
+        return loop.run(x, context, schedule, guidance_scale, noise, callback, condition, added)
 
     can_decode_fp32 = False  # one fp16 decoder engine per set
     fp32_advice = "the engine set's decoder is fp16; run the model with --backend torch or an fp32 ONNX export"
@@ -210,7 +232,8 @@ class CudaBackend:
 
     def close(self) -> None:
         """Wait, then graphs, executors, every device allocation and the stream; the first error raised last."""
-        steps = [self.device.synchronize, self.loop.close] + [e.close for e in self.executors.values()]
+        steps = [self.device.synchronize, self.loop.close] + [loop.close for loop in self._cached_loops.values()] \
+            + [e.close for e in self.executors.values()]
         steps.append(self.device.close)
         self._buffers = {}
         run_all(steps)

@@ -24,8 +24,9 @@ from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_2_DIR, TOKENIZER_DIR, 
 from ..runtime.onnx_files import read_initializers, with_initializers
 from ..runtime.onnxruntime import TENSORRT, Buffer, BufferView, Graph, resolve_providers, tensorrt_options
 from ..samplers.table import Schedule, fit_slots
-from ..specs import DENOISE_STEP, TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER, VAE_ENCODER, Precision, check_dim, \
-    dim_ranges, graph_specs, point_dims, profile
+from ..specs import DEEP_FEATURE, DENOISE_STEP, DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, TEXT_ENCODER, TEXT_ENCODER_2, \
+    VAE_DECODER, VAE_ENCODER, Precision, check_dim, dim_ranges, graph_specs, point_dims, profile, spec_of
+from ..stepcache import StepCache, cache_split
 from ..tokenizer import ClipTokenizer
 from . import AddedConditioning, ImageCondition, StepCallback, reject_unknown_options
 
@@ -102,8 +103,11 @@ class OnnxRuntimeBackend:
         return tuple(starts) if sdxl else starts[0]
 
     def _graph(self, name: str) -> Graph:
-        """A graph's session, created on first use (the VAE encoder: only image inputs need it)."""
+        """A graph's session, created on first use (the VAE encoder: only image inputs need it; step caching's
+        graphs, verified then)."""
         if name not in self.graphs:
+            if name not in self._paths:
+                self._paths[name] = self.manifest.graph_path(name)
             self.graphs[name] = self._session(name, self._paths[name], self._threads)
         return self.graphs[name]
 
@@ -191,12 +195,13 @@ class OnnxRuntimeBackend:
     def _session(self, name: str, path: Path, threads: int | None, initializers: dict[str, np.ndarray] | None = None,
                  external: frozenset[str] = frozenset(), model_bytes: bytes | None = None) -> Graph:
         options = {}
+        spec = spec_of(name, self.config)
         if TENSORRT in self.providers:  # an SDXL VAE kept fp32 in an fp16 export (force_upcast) stays fp32
             fp16 = self.manifest.precision is Precision.FP16 and \
                 self.manifest.graphs[name].get("precision", Precision.FP16.value) == Precision.FP16.value
-            options[TENSORRT] = tensorrt_options(profile(self.specs[name], self.config, self.ranges), fp16,
+            options[TENSORRT] = tensorrt_options(profile(spec, self.config, self.ranges), fp16,
                                                  self.manifest.folder / "trt-cache")
-        graph = Graph(path, self.specs[name], self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
+        graph = Graph(path, spec, self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
                       options, initializers, external, model_bytes)
         meta = graph.metadata()
         if meta.get(META_GRAPH) != name or meta.get(META_SOURCE) != self.manifest.source_sha256:
@@ -275,14 +280,18 @@ class OnnxRuntimeBackend:
 
     def denoise(self, latents: np.ndarray, context: TextEmbeddings, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None,
-                condition: ImageCondition | None = None, added: AddedConditioning | None = None) -> BufferView:
+                condition: ImageCondition | None = None, added: AddedConditioning | None = None,
+                cache: StepCache | None = None) -> BufferView:
         """Every row of `schedule` through the step graph; returns a view of the final latents (slot 0).
 
         `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts); `added`: an
-        SDXL model's pooled text and time ids, one row per context row."""
+        SDXL model's pooled text and time ids, one row per context row; `cache`: step caching, over the export's
+        full and shallow step graphs (_denoise_cached; SD 1.x/2.x exports)."""
         if self.config.sdxl != (added is not None):
             raise InvalidInputError("an SDXL model needs text_embeds and time_ids (AddedConditioning), and only an "
                                     "SDXL model takes them")
+        if cache is not None:
+            return self._denoise_cached(latents, context, schedule, guidance_scale, noise, callback, condition, cache)
         if isinstance(context, np.ndarray):
             context = self._host_context(context)
         latents = np.ascontiguousarray(latents, dtype=np.float32)
@@ -316,6 +325,73 @@ class OnnxRuntimeBackend:
             if callback is not None:
                 callback(i + 1, n)
         del kept
+        return ping.first(latents.shape)
+
+    @property
+    def cache_branches(self) -> tuple[int, ...]:
+        """Step caching's branches this export runs (its --step-cache branch), or none."""
+        return () if self.ranges.cache_branch is None else (self.ranges.cache_branch,)
+
+    def _check_step_cache(self, cache: StepCache) -> None:
+        """InvalidInputError unless this export holds step caching's graphs for cache.branch, unmodified."""
+        branch = self.ranges.cache_branch
+        if branch is None:
+            raise InvalidInputError(f"{self.manifest.folder} has no step caching graphs: export it with sdengine "
+                                    f"export --step-cache {cache.branch}, or run without cache_interval")
+        if branch != cache.branch:
+            raise InvalidInputError(f"{self.manifest.folder} holds step caching graphs for cache_branch {branch}, not "
+                                    f"{cache.branch}: use cache_branch {branch} or re-export with --step-cache "
+                                    f"{cache.branch}")
+        if self._lora_inits.get(DENOISE_STEP):
+            raise InvalidInputError("step caching with U-Net LoRAs is not supported on the onnxruntime backend yet "
+                                    "(the full and shallow step graphs keep the exported weights): use the torch "
+                                    "backend")
+
+    def _denoise_cached(self, latents: np.ndarray, context: Any, schedule: Schedule, guidance_scale: float,
+                        noise: np.ndarray | None, callback: StepCallback | None, condition: ImageCondition | None,
+                        cache: StepCache) -> BufferView:
+        """denoise alternating the full step graph (which also writes the deep feature into a buffer kept across
+        rows) and the shallow one (which reads it), as cache.full(i) says; the same IO binding otherwise."""
+        self._check_step_cache(cache)
+        if isinstance(context, np.ndarray):
+            context = self._host_context(context)
+        latents = np.ascontiguousarray(latents, dtype=np.float32)
+        self._check_latents(latents.shape)
+        schedule = fit_slots(schedule, self.ranges.slots, _REEXPORT_SLOTS)
+        b, n, slots = latents.shape[0], schedule.num_rows, schedule.slots
+        full, shallow = self._graph(DENOISE_STEP_FULL), self._graph(DENOISE_STEP_SHALLOW)
+        state_shape = (slots, *latents.shape)
+        ping, pong = self._buffer("state_a", state_shape), self._buffer("state_b", state_shape)
+        first = np.zeros(state_shape, np.float32)
+        first[0] = latents
+        ping.write(first)
+        feature = self._buffer(DEEP_FEATURE, cache_split(self.config.unet, cache.branch).feature_shape(
+            2 * b, *latents.shape[2:]))
+        timesteps = Buffer.holding(schedule.timesteps.astype(np.float32).reshape(n, 1), self._where)
+        rows = Buffer.holding(schedule.coefficients.astype(np.float32), self._where)
+        steps_noise = None if noise is None else Buffer.holding(np.asarray(noise, np.float32), self._where)
+        zeros = self._buffer("zeros", latents.shape)
+        scale = Buffer.holding(np.array([guidance_scale], np.float32), self._where)
+        text = self._guided_context(context, b)
+        blend_row = None
+        for step in (full, shallow):
+            step.bind_buffer("text_embeddings", text)
+            step.bind_buffer("guidance_scale", scale)
+            blend_row = self._bind_condition(step, condition, latents.shape, n, zeros)
+        full.bind_output(DEEP_FEATURE, feature)
+        shallow.bind_buffer(DEEP_FEATURE, feature)
+        for i in range(n):
+            step = full if cache.full(i) else shallow
+            step.bind("state", ping.ptr, ping.shape)
+            step.bind("timestep", timesteps.row(i), (1,))
+            step.bind("coefficients", rows.row(i), rows.shape[1:])
+            step.bind("noise", zeros.ptr if steps_noise is None else steps_noise.row(i), latents.shape)
+            step.bind("blend", blend_row(i), (3,))
+            step.bind_output("next_state", pong)
+            step.run()
+            ping, pong = pong, ping
+            if callback is not None:
+                callback(i + 1, n)
         return ping.first(latents.shape)
 
     def _bind_condition(self, step: Graph, condition: ImageCondition | None, shape: tuple[int, ...], rows: int,

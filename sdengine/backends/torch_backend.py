@@ -13,10 +13,11 @@ from .. import lora as sdlora
 from ..errors import InvalidInputError
 from ..lora import LoraFile
 from ..models.loading import Components, load_components
-from ..models.step import DenoiseStep
+from ..models.step import CachedStep, DenoiseStep
 from ..samplers import Schedule
+from ..stepcache import StepCache, cache_split
 from . import AddedConditioning, ImageCondition, StepCallback, reject_unknown_options
-from .torch_fast import OPTION_NAMES, FastOptions, FastPath, LoopInputs, parse_options, run_loop
+from .torch_fast import OPTION_NAMES, FastOptions, FastPath, LoopInputs, parse_options, run_cached_loop, run_loop
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -47,6 +48,7 @@ class TorchBackend:
         self.device = torch.device(device)
         self.dtype = next(components.unet.parameters()).dtype
         self.step = DenoiseStep(components.unet)
+        self._cached_steps: dict[int, tuple[CachedStep, CachedStep]] = {}  # step caching: branch -> (full, shallow)
         self.options = options or FastOptions()
         self.fast = None
         self._vae_fp32: Any = None  # a float32 copy of the VAE, made on the first non-finite fp16 decode
@@ -153,11 +155,12 @@ class TorchBackend:
     @torch.inference_mode()
     def denoise(self, latents: np.ndarray, context: Any, schedule: Schedule, guidance_scale: float,
                 noise: np.ndarray | None, callback: StepCallback | None = None,
-                condition: ImageCondition | None = None, added: AddedConditioning | None = None) -> torch.Tensor:
+                condition: ImageCondition | None = None, added: AddedConditioning | None = None,
+                cache: StepCache | None = None) -> torch.Tensor:
         """Every row of `schedule` from the initial latents [B,C,h,w]; the final latents on the device.
 
         `context`: encode_text's output, or host embeddings [R, 77k, D] (long or weighted prompts); `added`:
-        an SDXL U-Net's pooled text and time ids."""
+        an SDXL U-Net's pooled text and time ids; `cache`: step caching (sdengine.stepcache)."""
         if self.config.sdxl != (added is not None):
             raise InvalidInputError("an SDXL model needs text_embeds and time_ids (AddedConditioning), and only an "
                                     "SDXL model takes them")
@@ -173,8 +176,22 @@ class TorchBackend:
                                                              f32(c.blend))),
                             *((None, None) if added is None else (self._tensor(added.text_embeds, self.dtype),
                                                                   f32(added.time_ids))))
-        final = run_loop(self.step, inputs, callback) if self.fast is None else self.fast.denoise(inputs, callback)
+        if cache is not None:
+            final = self._denoise_cached(inputs, cache, callback)
+        else:
+            final = run_loop(self.step, inputs, callback) if self.fast is None else self.fast.denoise(inputs, callback)
         return final[0]
+
+    def _denoise_cached(self, inputs: LoopInputs, cache: StepCache, callback: StepCallback | None) -> torch.Tensor:
+        """The loop alternating the full and shallow steps of `cache` (built once per branch)."""
+        if self.fast is not None:
+            return self.fast.denoise_cached(inputs, cache, callback)
+        if cache.branch not in self._cached_steps:
+            split = cache_split(self.config.unet, cache.branch)
+            self._cached_steps[cache.branch] = (CachedStep(self.components.unet, split, shallow=False),
+                                                CachedStep(self.components.unet, split, shallow=True))
+        full, shallow = self._cached_steps[cache.branch]
+        return run_cached_loop(full, shallow, inputs, cache, callback)
 
     @torch.inference_mode()
     def encode_image(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

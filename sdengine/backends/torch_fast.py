@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailableError, CudaError, InvalidInputError
-from ..models.step import DenoiseStep
+from ..models.step import CachedStep, DenoiseStep
+from ..stepcache import StepCache, cache_split
 from . import StepCallback
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -116,6 +117,19 @@ class GraphStep(nn.Module):
                          blend, text_embeds, time_ids).contiguous()
 
 
+class CachedGraphStep(nn.Module):
+    """GraphStep for step caching's full and shallow steps (models.step.CachedStep): outputs in the standard
+    layout; the shallow step takes the deep feature as its last argument."""
+
+    def __init__(self, step: CachedStep) -> None:
+        super().__init__()
+        self.step = step
+
+    def forward(self, *args: torch.Tensor | None) -> Any:
+        out = self.step(*args)
+        return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
+
+
 class LatentDecoder(nn.Module):
     """Scaled latents -> float32 images in about [-1, 1] (the reference backend's decode, as one module)."""
 
@@ -172,6 +186,24 @@ def run_loop(step: Callable[..., torch.Tensor], inputs: LoopInputs,
     return x
 
 
+def run_cached_loop(full: Callable[..., tuple[torch.Tensor, torch.Tensor]], shallow: Callable[..., torch.Tensor],
+                    inputs: LoopInputs, cache: StepCache, callback: StepCallback | None = None) -> torch.Tensor:
+    """run_loop with step caching (sdengine.stepcache): row i runs `full` (which also returns the deep feature)
+    when cache.full(i), else `shallow` with the feature of the last full row."""
+    x, n, feature = inputs.state, int(inputs.timesteps.shape[0]), None
+    for i in range(n):
+        args = (x, inputs.timesteps[i], inputs.context, inputs.scale, inputs.rows[i],
+                None if inputs.noise is None else inputs.noise[i], inputs.mask, inputs.known, inputs.known_noise,
+                None if inputs.blend is None else inputs.blend[i], inputs.text_embeds, inputs.time_ids)
+        if cache.full(i):
+            x, feature = full(*args)
+        else:
+            x = shallow(*args, feature)
+        if callback is not None:
+            callback(i + 1, n)
+    return x
+
+
 Replay = Callable[[], None]
 Capture = Callable[[Callable[[], torch.Tensor]], tuple[Replay, torch.Tensor, Callable[[], None]]]
 
@@ -210,8 +242,10 @@ class LoopGraphs:
     """Captured denoise loops keyed by LoopInputs.key(); least recently used released past `capacity`."""
 
     def __init__(self, step: Callable[..., torch.Tensor], capture: Capture = cuda_capture,
-                 capacity: int = MAX_GRAPHS) -> None:
+                 capacity: int = MAX_GRAPHS, loop: Callable[[LoopInputs], torch.Tensor] | None = None) -> None:
+        """`loop` runs the whole loop over static inputs (default: run_loop over `step`)."""
         self.step, self._capture, self.capacity = step, capture, capacity
+        self._loop = loop or (lambda static: run_loop(self.step, static))
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._lock = threading.Lock()
         self.captures = 0
@@ -239,7 +273,7 @@ class LoopGraphs:
             self._graphs.popitem(last=False)[1].release()
         static = inputs.cloned()
         start = time.perf_counter()
-        replay, out, release = self._capture(lambda: run_loop(self.step, static))
+        replay, out, release = self._capture(lambda: self._loop(static))
         self.capture_seconds += time.perf_counter() - start
         self.captures += 1
         self._graphs[key] = _Captured(static, replay, out, release)
@@ -277,6 +311,8 @@ class FastPath:
         self.step = self._compiled(GraphStep(DenoiseStep(unet)))
         self.decoder = self._compiled(LatentDecoder(vae, scaling_factor, dtype))
         self.graphs = LoopGraphs(self.step) if options.cuda_graph else None
+        self.unet = unet
+        self._cached: dict[StepCache, tuple[Any, Any, LoopGraphs | None]] = {}  # step caching's steps and graphs
 
     def _compiled(self, module: nn.Module) -> Callable[..., torch.Tensor]:
         o = self.options
@@ -298,6 +334,28 @@ class FastPath:
                 callback(i + 1, n)
         return out
 
+    def denoise_cached(self, inputs: LoopInputs, cache: StepCache,
+                       callback: StepCallback | None = None) -> torch.Tensor:
+        """denoise with step caching: the full and shallow steps compiled like the plain one, and with
+        cuda_graph the whole alternating loop captured once per shape and StepCache (unverified on a GPU)."""
+        if cache not in self._cached:
+            split = cache_split(self.unet.cfg, cache.branch)
+            full = self._compiled(CachedGraphStep(CachedStep(self.unet, split, shallow=False)))
+            shallow = self._compiled(CachedGraphStep(CachedStep(self.unet, split, shallow=True)))
+            graphs = None if not self.options.cuda_graph else LoopGraphs(
+                full, loop=lambda static: run_cached_loop(full, shallow, static, cache))
+            self._cached[cache] = (full, shallow, graphs)
+        full, shallow, graphs = self._cached[cache]
+        with _compile_guard(self.options):
+            if graphs is None:
+                return run_cached_loop(full, shallow, inputs, cache, callback)
+            out = graphs.run(inputs)
+        if callback is not None:
+            n = int(inputs.timesteps.shape[0])
+            for i in range(n):
+                callback(i + 1, n)
+        return out
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with _compile_guard(self.options):
             return self.decoder(latents)
@@ -305,6 +363,9 @@ class FastPath:
     def close(self) -> None:
         if self.graphs is not None:
             self.graphs.close()
+        for _, _, graphs in self._cached.values():
+            if graphs is not None:
+                graphs.close()
 
 
 @contextlib.contextmanager

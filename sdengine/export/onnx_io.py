@@ -45,6 +45,7 @@ def trace(gm: GraphModule, dims: dict[str, int], opset: int, static: bool) -> on
 
 def declare_io(model: onnx.ModelProto, spec: GraphSpec, dims: dict[str, int], static: bool) -> None:
     """Declared input/output shapes exactly as the spec says (the exporter names dims it cannot infer)."""
+    keep_unused_inputs(model, spec)
     declared = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
     for t in spec.inputs + spec.outputs:
         shape = declared[t.name].type.tensor_type.shape
@@ -55,6 +56,23 @@ def declare_io(model: onnx.ModelProto, spec: GraphSpec, dims: dict[str, int], st
                 dim.dim_param = d
             else:
                 dim.dim_value = d if isinstance(d, int) else dims[d]
+
+
+def keep_unused_inputs(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Give back the spec's inputs the exporter dropped because no node reads them (step caching's shallow step on a
+    U-Net whose shallow branch has no cross-attention never reads the text), in the spec's order: every graph
+    keeps its spec's inputs, so one loop binds them all."""
+    present = {v.name for v in model.graph.input}
+    if all(t.name in present for t in spec.inputs):
+        return
+    kept = {v.name: onnx.ValueInfoProto.FromString(v.SerializeToString()) for v in model.graph.input}
+    for t in spec.inputs:
+        if t.name not in kept:
+            kept[t.name] = onnx.helper.make_tensor_value_info(
+                t.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), [None] * len(t.dims))
+    order = [t.name for t in spec.inputs] + [name for name in kept if name not in {t.name for t in spec.inputs}]
+    del model.graph.input[:]
+    model.graph.input.extend(kept[name] for name in order)
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:

@@ -23,8 +23,8 @@ from ..files import write_json_atomic
 from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_KEY, META_SOURCE, REPORT, TOKENIZER_2_DIR,
                         file_record, sha256_file)
 from ..models.loading import Components, load_components
-from ..specs import VAE_DECODER, VAE_ENCODER, ShapeRanges, graph_specs, profile, validation_points
-from .settings import GRAPH_ORDER, ExportSettings
+from ..specs import VAE_DECODER, VAE_ENCODER, ShapeRanges, graph_specs, profile, spec_of, validation_points
+from .settings import CACHE_GRAPH_ORDER, GRAPH_ORDER, ExportSettings
 from .tokenizer_files import write_tokenizer
 from .validate import GraphResult, compare, format_table, structural_checks
 
@@ -119,10 +119,10 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
 
     start, entry = time.perf_counter(), None
     precision = graph_precision(name, c.config, settings)
-    result = GraphResult(name, precision, file=graph_specs(c.config)[name].file)
+    result = GraphResult(name, precision, file=spec_of(name, c.config).file)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
     try:
-        gm = build(name, c)
+        gm = build(name, c, ranges.cache_branch)
         model = trace(gm, validation_points(c.config, ranges)[0], settings.opset, ranges.static)
         if precision == "fp16":
             model = to_fp16(model, gm.spec, gm.body, gm.fp32_attention)
@@ -168,11 +168,11 @@ def export_model(model: str | Path, out: str | Path, settings: ExportSettings,
     old, previous = _old_manifest(out), _previous_results(out)
     entries: dict[str, Any] = {}
     results: list[GraphResult] = []
-    for name in (n for n in GRAPH_ORDER if n in specs):
-        key = settings.key(name, ranges, weights[specs[name].component], tools)
+    for name in (n for n in GRAPH_ORDER + CACHE_GRAPH_ORDER if n in specs or n in CACHE_GRAPH_ORDER):
+        key = settings.key(name, ranges, weights[spec_of(name, c.config).component], tools)
         if graph_precision(name, c.config, settings) != settings.precision.value:
             key = hashlib.sha256(f"{key}|vae fp32 (force_upcast)".encode()).hexdigest()
-        wanted, current = name in settings.graphs, _up_to_date(old, out, name, key)
+        wanted, current = settings.wants(name), _up_to_date(old, out, name, key)
         if current and not (settings.force and wanted):
             entries[name] = old["graphs"][name]
             if wanted:
@@ -218,9 +218,9 @@ def _manifest(c: Components, settings: ExportSettings, ranges: ShapeRanges, tool
         "model_config": c.config.to_dict(), "precision": settings.precision.value, "opset": settings.opset,
         "shapes": ranges.to_dict(),
         "profiles": {name: {k: [list(s) for s in v]
-                            for k, v in profile(graph_specs(c.config)[name], c.config, ranges).items()}
+                            for k, v in profile(spec_of(name, c.config), c.config, ranges).items()}
                      for name in entries},
         "source": {"path": str(c.source), "sha256": source, "weights_sha256": weights},
         "tools": tools, "exporter": "torch.onnx TorchScript (dynamo=False)",
-        "graphs": {name: entries[name] for name in GRAPH_ORDER if name in entries},
+        "graphs": {name: entries[name] for name in GRAPH_ORDER + CACHE_GRAPH_ORDER if name in entries},
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -9,12 +10,13 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import InvalidInputError
-from ..specs import ALL_GRAPHS, MAX_BATCH, STATE_SLOTS, UNET, Precision, Range, ShapeRanges
+from ..specs import ALL_GRAPHS, CACHE_GRAPHS, MAX_BATCH, STATE_SLOTS, UNET, Precision, Range, ShapeRanges
 
 DEFAULT_OPSET = 17
 OPSETS = range(17, 21)  # LayerNormalization needs 17; the TorchScript exporter stops at 20
 GRAPH_ORDER = ALL_GRAPHS  # text_encoder_2: SDXL models only
 DEFAULT_GRAPHS = tuple(g for g in GRAPH_ORDER if g != UNET)  # the plain U-Net on request only (--unet-graph)
+CACHE_GRAPH_ORDER = tuple(CACHE_GRAPHS)  # exported after the others, only with step_cache
 
 
 def parse_range(text: str, what: str) -> tuple[int, ...]:
@@ -54,6 +56,7 @@ class ExportSettings:
     graphs: tuple[str, ...] = field(default=DEFAULT_GRAPHS)
     state_slots: int = STATE_SLOTS  # the denoise step's sampler state (README, "Samplers")
     max_prompt_chunks: int | None = None  # prompt chunks the step graph reads (None: 8, or 1 when static)
+    step_cache: int | None = None  # step caching's branch: also export the full and shallow step graphs (README)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision(self.precision))
@@ -72,6 +75,10 @@ class ExportSettings:
             raise InvalidInputError("--static takes one value for --batch, --height and --width, not a range")
         if isinstance(self.state_slots, bool) or self.state_slots not in range(1, STATE_SLOTS + 1):
             raise InvalidInputError(f"--state-slots must be between 1 and {STATE_SLOTS}, got {self.state_slots!r}")
+        if self.step_cache is not None and (isinstance(self.step_cache, bool) or not isinstance(self.step_cache, int)
+                                            or self.step_cache < 0):
+            raise InvalidInputError(f"--step-cache takes step caching's branch, an integer >= 0 (0: the shallowest, "
+                                    f"deepcache's default), got {self.step_cache!r}")
 
     def ranges(self, config: ModelConfig) -> ShapeRanges:
         """The shape ranges for `config`, checked against its latent factor."""
@@ -89,10 +96,25 @@ class ExportSettings:
                                  _range(self.width, default.width, "width"), slots=self.state_slots,
                                  chunks=default.chunks if self.max_prompt_chunks is None else self.max_prompt_chunks)
         ranges.check_sides(config.vae.downscale)
+        if self.step_cache is not None:
+            from ..stepcache import cache_split
+
+            if config.sdxl:
+                raise InvalidInputError("--step-cache: step caching's graphs for SDXL exports are not supported yet; "
+                                        "SDXL caches on the torch backend (--backend torch --cache-interval N)")
+            cache_split(config.unet, self.step_cache)  # InvalidInputError for a branch this U-Net lacks
+            ranges = dataclasses.replace(ranges, cache_branch=self.step_cache)
         return ranges
+
+    def wants(self, graph: str) -> bool:
+        """Whether `graph` is exported: one of `graphs`, or a step caching graph when step_cache is given."""
+        return graph in self.graphs or (graph in CACHE_GRAPHS and self.step_cache is not None)
 
     def key(self, graph: str, ranges: ShapeRanges, weights_sha256: str, tools: dict[str, str]) -> str:
         """sha256 of everything a graph depends on: it is up to date when this key is unchanged."""
+        shapes = ranges.to_dict()
+        if graph not in CACHE_GRAPHS:  # step caching's branch changes its own graphs only
+            shapes.pop("cache_branch", None)
         stamp = {"graph": graph, "precision": self.precision.value, "opset": self.opset,
-                 "shapes": ranges.to_dict(), "weights": weights_sha256, "sdengine": __version__, "tools": tools}
+                 "shapes": shapes, "weights": weights_sha256, "sdengine": __version__, "tools": tools}
         return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()

@@ -68,9 +68,9 @@ def psnr_db(got: np.ndarray, ref: np.ndarray) -> float:
 
 
 def check_io(model: onnx.ModelProto, spec: GraphSpec, config: ModelConfig, static_dims: dict[str, int] | None,
-             slots: int | None = None) -> None:
+             slots: int | None = None, cache_branch: int | None = None) -> None:
     """Names, element types and dimensions of the graph's inputs and outputs as the spec says."""
-    fixed = fixed_dims(config, slots)
+    fixed = fixed_dims(config, slots, cache_branch)
     for declared, wanted in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
         names = [v.name for v in declared]
         if names != [t.name for t in wanted]:
@@ -104,7 +104,8 @@ def structural_checks(path: Path, spec: GraphSpec, config: ModelConfig, ranges: 
                                                data_prop=True)
         inferred = onnx.load(str(out), load_external_data=False)
     checks["shape_inference"] = "ok"
-    check_io(inferred, spec, config, validation_points(config, ranges)[0] if ranges.static else None, ranges.slots)
+    check_io(inferred, spec, config, validation_points(config, ranges)[0] if ranges.static else None, ranges.slots,
+             ranges.cache_branch)
     checks["io_matches_spec"] = "ok"
     return checks
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ..models.loading import Components
-from ..models.step import DenoiseStep
-from ..specs import DENOISE_STEP, GRAPHS, SDXL_GRAPHS, TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER, \
-    GraphSpec
+from ..models.step import CachedStep, DenoiseStep
+from ..specs import DENOISE_STEP, DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, GRAPHS, SDXL_GRAPHS, TEXT_ENCODER, \
+    TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER, GraphSpec, spec_of
 
 
 class TextEncoderGraph(nn.Module):
@@ -78,8 +78,33 @@ class GraphModule:
     reference: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-def build(name: str, c: Components) -> GraphModule:
-    """The GraphModule of graph `name` over loaded components (fp32, CPU)."""
+class ShallowStepGraph(CachedStep):
+    """Step caching's shallow step with the spec's inputs: the denoise step's, then the deep feature."""
+
+    def forward(self, state: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor,
+                guidance_scale: torch.Tensor, coefficients: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
+                known: torch.Tensor, known_noise: torch.Tensor, blend: torch.Tensor,
+                deep_feature: torch.Tensor) -> torch.Tensor:
+        return super().forward(state, timestep, text_embeddings, guidance_scale, coefficients, noise, mask, known,
+                               known_noise, blend, None, None, deep_feature)
+
+
+def _cached_step(name: str, c: Components, branch: int | None) -> GraphModule:
+    """Step caching's full or shallow step graph for `branch` (sdengine.stepcache)."""
+    from ..stepcache import cache_split
+
+    if branch is None:
+        raise ValueError(f"the {name} graph needs step caching's branch (ExportSettings.step_cache)")
+    split = cache_split(c.config.unet, branch)
+    module = CachedStep(c.unet, split, False) if name == DENOISE_STEP_FULL else ShallowStepGraph(c.unet, split, True)
+    spec = spec_of(name)
+    return GraphModule(spec, module, ("unet",), c.config.unet.upcast_attention, _runner(spec, module))
+
+
+def build(name: str, c: Components, cache_branch: int | None = None) -> GraphModule:
+    """The GraphModule of graph `name` over loaded components (fp32, CPU); `cache_branch` for step caching's."""
+    if name in (DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW):
+        return _cached_step(name, c, cache_branch)
     if c.config.sdxl:
         return build_sdxl(name, c)
     spec = GRAPHS[name]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
+from ..stepcache import CacheSplit
 from .layers import Attention, Downsample, ResnetBlock, Upsample
 
 
@@ -194,9 +195,47 @@ class UNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 timestep_cond: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
-                time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                time_ids: torch.Tensor | None = None, split: CacheSplit | None = None,
+                feature: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """timestep_cond: an LCM U-Net's guidance embedding [B, time_cond_proj_dim] (guidance_embedding);
-        text_embeds [B, P] and time_ids [B, 6]: an SDXL U-Net's pooled text and micro-conditioning."""
+        text_embeds [B, P] and time_ids [B, 6]: an SDXL U-Net's pooled text and micro-conditioning. With `split`
+        (step caching): forward_full, or forward_shallow given the `feature`, called through the module so that
+        tracing names their nodes as the U-Net's (an fp16 export finds its body by that name)."""
+        if split is not None:
+            if feature is None:
+                return self.forward_full(sample, timestep, context, timestep_cond, text_embeds, time_ids, split=split)
+            return self.forward_shallow(sample, timestep, context, timestep_cond, text_embeds, time_ids, split=split,
+                                        feature=feature)
+        temb = self._embedding(sample, timestep, timestep_cond, text_embeds, time_ids)
+        skips = self._down(self.conv_in(sample), temb, context)
+        x, _ = self._up(self.mid_block(skips[-1], temb, context), skips, temb, context)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def forward_full(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                     timestep_cond: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                     time_ids: torch.Tensor | None = None, *, split: CacheSplit) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward, and the deep feature step caching keeps: the input of up-path op split.up_start
+        (sdengine.stepcache; DeepCache's full step)."""
+        temb = self._embedding(sample, timestep, timestep_cond, text_embeds, time_ids)
+        skips = self._down(self.conv_in(sample), temb, context)
+        x = self.mid_block(skips[-1], temb, context)
+        x, feature = self._up(x, skips, temb, context, capture=split.up_start)
+        return self.conv_out(F.silu(self.conv_norm_out(x))), feature
+
+    def forward_shallow(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                        timestep_cond: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                        time_ids: torch.Tensor | None = None, *, split: CacheSplit,
+                        feature: torch.Tensor) -> torch.Tensor:
+        """The shallow branch: conv_in, the first split.down_ops down layers, then the up path from op
+        split.up_start on, reading the cached `feature` where the deeper layers' output would be."""
+        temb = self._embedding(sample, timestep, timestep_cond, text_embeds, time_ids)
+        skips = self._down(self.conv_in(sample), temb, context, split.down_ops)
+        x, _ = self._up(feature.to(sample.dtype), skips, temb, context, start=split.up_start)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def _embedding(self, sample: torch.Tensor, timestep: torch.Tensor, timestep_cond: torch.Tensor | None,
+                   text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None) -> torch.Tensor:
+        """The timestep embedding (plus LCM's guidance and SDXL's added embedding) every resnet reads."""
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         t = timestep_embedding(timestep, self.cfg.block_out_channels[0], self.cfg.flip_sin_to_cos,
                                self.cfg.freq_shift)
@@ -204,22 +243,45 @@ class UNet(nn.Module):
         temb = self.time_embedding(t.to(sample.dtype), cond)
         if self.cfg.text_time:
             temb = temb + self.added_embedding(text_embeds, time_ids, sample.dtype)
-        x = self.conv_in(sample)
+        return temb
+
+    def _down(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
+              count: int | None = None) -> list[torch.Tensor]:
+        """conv_in's output and each down layer's (resnet+attention, or downsampler): the skips; only the
+        first `count` down layers when given. The last skip is the mid block's input."""
         skips = [x]
         for block in self.down_blocks:
             for i in range(len(block.resnets)):
+                if count is not None and len(skips) > count:
+                    return skips
                 x = block.layer(i, x, temb, context)
                 skips.append(x)
             if hasattr(block, "downsamplers"):
+                if count is not None and len(skips) > count:
+                    return skips
                 x = block.downsamplers[0](x)
                 skips.append(x)
-        x = self.mid_block(x, temb, context)
+        return skips
+
+    def _up(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
+            start: int = 0, capture: int = -1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The up path from op `start` on (earlier ops are skipped, their skips not read), popping `skips`;
+        with `capture`, also the input of op number `capture`."""
+        index, feature = 0, None
         for block in self.up_blocks:
             for i in range(len(block.resnets)):
-                x = block.layer(i, torch.cat([x, skips.pop()], dim=1), temb, context)
+                if index == capture:
+                    feature = x
+                if index >= start:
+                    x = block.layer(i, torch.cat([x, skips.pop()], dim=1), temb, context)
+                index += 1
             if hasattr(block, "upsamplers"):
-                x = block.upsamplers[0](x, size=tuple(skips[-1].shape[-2:]))
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+                if index == capture:
+                    feature = x
+                if index >= start:
+                    x = block.upsamplers[0](x, size=tuple(skips[-1].shape[-2:]))
+                index += 1
+        return x, feature
 
     def added_embedding(self, text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None,
                         dtype: torch.dtype) -> torch.Tensor:

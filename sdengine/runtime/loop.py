@@ -31,7 +31,9 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import EngineMismatchError, InvalidInputError
 from ..samplers.table import Schedule, fit_slots
-from ..specs import ADDED_INPUTS, DENOISE_STEP, point_dims, shapes
+from ..specs import ADDED_INPUTS, DEEP_FEATURE, DENOISE_STEP, DENOISE_STEP_FULL, DENOISE_STEP_SHALLOW, point_dims, \
+    shapes
+from ..stepcache import StepCache, cache_split
 from .executor import Executor
 
 StepCallback = Callable[[int, int], None]
@@ -124,17 +126,19 @@ def bind_shapes(executor: Executor, values: Mapping[str, tuple[int, ...]]) -> No
 class DenoiseLoop:
     """N denoise steps over one step executor, eager or as one cached CUDA graph per LoopKey."""
 
+    STEP = DENOISE_STEP  # the graph this loop runs
+
     def __init__(self, device: Device, step: Executor, config: ModelConfig, use_graph: bool = True,
                  slots: int | None = None) -> None:
         """`slots`: the step graph's fixed state size (an engine's), or None for a step that takes any."""
-        if step.spec.name != DENOISE_STEP:
-            raise InvalidInputError(f"the denoise loop runs the {DENOISE_STEP} graph, not {step.spec.name}")
+        if step.spec.name != self.STEP:
+            raise InvalidInputError(f"the denoise loop runs the {self.STEP} graph, not {step.spec.name}")
         self.device, self.step, self.config, self.use_graph = device, step, config, use_graph
         self.slots = slots
         (self._state, self._timestep, self._text, self._scale, self._coefficients, self._noise,
          *self._condition, self._blend) = [n for n in step.spec.input_names if n not in ADDED_INPUTS]
         self._added = tuple(n for n in step.spec.input_names if n in ADDED_INPUTS)  # SDXL's step only
-        (self._next,) = step.spec.output_names
+        self._next = step.spec.output_names[0]  # step caching's full step also writes the deep feature
         self._buffers: dict[tuple, Any] = {}
         self.graphs: dict[LoopKey, Graph] = {}
         self._bound: LoopKey | None = None  # the key the step's shapes and addresses were last bound for
@@ -231,6 +235,15 @@ class DenoiseLoop:
         else:
             raise InvalidInputError(f"{context.rows} text rows for {batch} latents: give B or 2B rows")
 
+    def _executors(self) -> tuple[Executor, ...]:
+        return (self.step,)
+
+    def _bind(self, p: Prepared) -> None:
+        """Bind the step's shapes for p's key and the addresses every row shares."""
+        bind_shapes(self.step, self._shapes(p.key.shape, p.key.context))
+        self._bound = p.key
+        self._bind_fixed(p)
+
     def _bind_fixed(self, p: Prepared) -> None:
         """Bind the addresses every step shares: the text embeddings, the scale, the condition, SDXL's text_embeds
         and time_ids and (no noise) the zeros."""
@@ -262,15 +275,13 @@ class DenoiseLoop:
         shape. With the graph, `callback` is called once, with (N, N), after the launch is enqueued.
         """
         n = p.key.steps
-        if p.key != self._bound and getattr(self.step, "graphs_follow_shapes", False):
+        if p.key != self._bound and any(getattr(e, "graphs_follow_shapes", False) for e in self._executors()):
             self.drop_graphs()  # a graph captured under the context's old shapes must never replay
-        bind_shapes(self.step, self._shapes(p.key.shape, p.key.context))
-        self._bound = p.key
-        self._bind_fixed(p)
+        self._bind(p)
         if self.use_graph if graph is None else graph:
             cached = self.graphs.get(p.key)
             if cached is None:
-                self._enqueue_step(p, 0)  # warm-up, as TensorRT asks before a capture; leaves buffer 0 as is
+                self._warm_up(p)  # as TensorRT asks before a capture; leaves buffer 0 as is
                 cached = self.graphs[p.key] = self.device.capture(lambda: self._enqueue_steps(p))
             cached.launch()
             if callback is not None:
@@ -278,6 +289,10 @@ class DenoiseLoop:
         else:
             self._enqueue_steps(p, callback)
         return LatentView(p.latents[n % 2], p.key.shape[1:])
+
+    def _warm_up(self, p: Prepared) -> None:
+        """Row 0 once: it reads buffer 0 and writes buffer 1, which the captured row 0 writes again."""
+        self._enqueue_step(p, 0)
 
     def _enqueue_steps(self, p: Prepared, callback: StepCallback | None = None) -> None:
         for i in range(p.key.steps):
@@ -307,3 +322,65 @@ class DenoiseLoop:
         self.drop_graphs()
         for b in buffers:
             b.free()
+
+
+class CachedDenoiseLoop(DenoiseLoop):
+    """DenoiseLoop with step caching (sdengine.stepcache): row i runs the full step executor when cache.full(i),
+    which also writes the deep feature into a loop-owned buffer, else the shallow one, which reads it. Every
+    address still depends only on the LoopKey (the pattern of full rows is fixed by `cache`), so the whole
+    alternating loop is captured as one CUDA graph like the plain one. Tested on the host-memory stand-in only."""
+
+    STEP = DENOISE_STEP_FULL
+
+    def __init__(self, device: Device, full: Executor, shallow: Executor, config: ModelConfig, cache: StepCache,
+                 use_graph: bool = True, slots: int | None = None) -> None:
+        super().__init__(device, full, config, use_graph, slots)
+        if shallow.spec.name != DENOISE_STEP_SHALLOW:
+            raise InvalidInputError(f"step caching's shallow step is the {DENOISE_STEP_SHALLOW} graph, not "
+                                    f"{shallow.spec.name}")
+        self.shallow, self.cache, self.split = shallow, cache, cache_split(config.unet, cache.branch)
+        self._feature: Any = None
+
+    def _executors(self) -> tuple[Executor, ...]:
+        return (self.step, self.shallow)
+
+    def _shapes(self, state_shape: tuple[int, ...], context: int | None = None,
+                spec: Any = None) -> dict[str, tuple[int, ...]]:
+        slots, b, _, lh, lw = state_shape
+        dims = point_dims(self.config, b, lh, lw, slots=slots, context=context, branch=self.cache.branch)
+        return shapes(spec or self.step.spec, dims)
+
+    def _bind(self, p: Prepared) -> None:
+        for executor in self._executors():
+            bind_shapes(executor, self._shapes(p.key.shape, p.key.context, executor.spec))
+        self._bound = p.key
+        _, b, _, lh, lw = p.key.shape
+        self._feature = self.buffer(DEEP_FEATURE, self.split.feature_shape(2 * b, lh, lw))
+        plain = self.step
+        try:
+            for executor in self._executors():
+                self.step = executor
+                self._bind_fixed(p)
+        finally:
+            self.step = plain
+        self.step.set_address(DEEP_FEATURE, self._feature.ptr)
+        self.shallow.set_address(DEEP_FEATURE, self._feature.ptr)
+
+    def _enqueue_step(self, p: Prepared, i: int, shallow: bool | None = None) -> None:
+        """Row i on the full or (`shallow`, by default as the cache says) the shallow executor, with row i's
+        own addresses."""
+        if not ((not self.cache.full(i)) if shallow is None else shallow):
+            super()._enqueue_step(p, i)
+            return
+        plain = self.step
+        self.step = self.shallow
+        try:
+            super()._enqueue_step(p, i)
+        finally:
+            self.step = plain
+
+    def _warm_up(self, p: Prepared) -> None:
+        """Both executors once on row 0's addresses (the shallow one reads a feature not yet written: its output,
+        buffer 1, is written again by the captured row 0)."""
+        self._enqueue_step(p, 0, shallow=False)
+        self._enqueue_step(p, 0, shallow=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from ..lora import lora_specs, read_lora
 from ..metadata import GenerationInfo, png_bytes
 from ..pipeline import model_name
 from ..prompts import MAX_PROMPT_CHUNKS, chunk_prompt
+from ..stepcache import max_branch
 from .batcher import Batcher, BatchAbandoned, Job, ModelThread, QueueFull, Unavailable
 from .edits import MAX_UPLOAD_BYTES, parse_edit
 from .metrics import CONTENT_TYPE, ServeMetrics
@@ -170,7 +172,9 @@ class Service:
                                callback=callback, scheduler=first.scheduler, image=first.image,
                                mask_image=first.mask, strength=first.strength,
                                prompt_weighting=first.prompt_weighting, clip_skip=first.clip_skip,
-                               **dict(first.micro))  # SDXL: one batch shares its micro-conditioning (batch_key)
+                               **dict(first.micro),  # SDXL: one batch shares its micro-conditioning (batch_key)
+                               **({} if first.cache_interval == 1 else dict(cache_interval=first.cache_interval,
+                                                                            cache_branch=first.cache_branch)))
         if result.vae_fp32_fallback:
             self.metrics.vae_fp32_fallbacks.inc()
         return list(zip(result.images, result.infos))
@@ -325,6 +329,14 @@ def _load_pipeline(settings: ServeSettings) -> Any:
     return pipe
 
 
+def _cache_branches(backend: Any) -> tuple[int, ...] | None:
+    """Step caching's branches the backend runs: any (None) on torch, an export's own, none without support."""
+    denoise = getattr(backend, "denoise", None)
+    if denoise is not None and "cache" not in inspect.signature(denoise).parameters:
+        return ()
+    return getattr(backend, "cache_branches", None)
+
+
 def limits_for(pipeline: Any, settings: ServeSettings) -> tuple[Limits, int]:
     """Request limits from the loaded model (VAE factor, engine profile, tokenizer) and the settings."""
     config, tokenizer = pipeline.config, pipeline.tokenizer
@@ -348,7 +360,8 @@ def limits_for(pipeline: Any, settings: ServeSettings) -> tuple[Limits, int]:
                     clip_layers=min(te.num_hidden_layers for te in (config.text_encoder, config.text_encoder_2) if te),
                     scheduler=config.scheduler, slots=None if ranges is None else ranges.slots,
                     inpainting=config.inpainting, loras=settings.lora_names,
-                    default_loras=settings.default_loras, sdxl=config.sdxl)
+                    default_loras=settings.default_loras, sdxl=config.sdxl, max_cache_branch=max_branch(config.unet),
+                    cache_branches=_cache_branches(pipeline.backend))
     if size[0] * size[1] > settings.max_pixels:
         raise InvalidInputError(f"--max-pixels {settings.max_pixels} is below the model's own size "
                                 f"{size[0]}x{size[1]}; raise it")

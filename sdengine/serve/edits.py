@@ -19,7 +19,8 @@ from ..images import load_image, load_mask
 from .schema import GenerationRequest, Limits, RequestError, validate
 
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # a multipart body: the image, the mask and the fields
-_INTS, _FLOATS = ("n", "steps", "seed", "clip_skip"), ("guidance_scale", "eta", "strength")
+_INTS, _FLOATS = ("n", "steps", "seed", "clip_skip", "cache_interval", "cache_branch"), \
+    ("guidance_scale", "eta", "strength")
 
 
 @dataclass(frozen=True)

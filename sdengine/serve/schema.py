@@ -69,6 +69,8 @@ class Limits:
     loras: tuple[str, ...] = ()      # the LoRAs requests may choose (the server's --lora files, by name)
     default_loras: tuple[tuple[str, float], ...] = ()  # the set of a request without `loras`
     sdxl: bool = False               # an SDXL model: the micro-conditioning fields (MICRO_FIELDS) are taken
+    max_cache_branch: int = 11       # step caching: cache_branch 0 .. 3 x the U-Net's blocks - 1
+    cache_branches: tuple[int, ...] | None = None  # the branches the backend runs (an export's); None: any
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class GenerationRequest:
     chunks: int = 1                  # prompt chunks of the longer of prompt and negative prompt
     loras: tuple[tuple[str, float], ...] = ()  # the LoRA set: (name, scale), in the server's --lora order
     micro: tuple[tuple[str, tuple[int, int]], ...] = ()  # SDXL: the micro-conditioning fields given, by name
+    cache_interval: int = 1          # step caching (sdengine.stepcache): 1 is off
+    cache_branch: int = 0
 
     @property
     def seeds(self) -> list[int]:
@@ -104,9 +108,10 @@ class GenerationRequest:
         """Requests with equal keys share one denoise loop: the same sampler table (sampler, steps, eta,
         strength), guidance scale, size, for edits the same image and mask, and the same prompt reading (weighting,
         clip_skip, number of chunks: a prompt padded to more chunks than its own would give another image), and the same
-        LoRA set (the weights are switched between batches, never within one)."""
+        LoRA set (the weights are switched between batches, never within one), and the same step caching."""
         return (self.width, self.height, self.scheduler, self.steps, self.guidance_scale, self.eta, self.strength,
-                self.inputs_key, self.prompt_weighting, self.clip_skip, self.chunks, self.loras, self.micro)
+                self.inputs_key, self.prompt_weighting, self.clip_skip, self.chunks, self.loras, self.micro,
+                self.cache_interval, self.cache_branch)
 
 
 # SDXL's micro-conditioning fields (diffusers' names), each an integer pair; MICRO_MAX bounds every number.
@@ -172,6 +177,10 @@ class GenerationBody(BaseModel):
     loras: Optional[dict[str, float]] = Field(None, description="the LoRA set {NAME: scale}: NAME a --lora of the "
                                               "server (GET /v1/models lists them); {} is none; scale 0 leaves one "
                                               "out; absent: the server's default set")
+    cache_interval: int = Field(1, ge=1, le=MAX_STEPS, description="step caching (DeepCache): the whole U-Net every "
+                                "N steps, its shallow branch in between; 1 (default) is off")
+    cache_branch: Optional[int] = Field(None, ge=0, description="step caching's branch, as the deepcache package's "
+                                        "cache_branch_id (default 0, the shallowest); needs cache_interval >= 2")
 
     original_size: Optional[list[int]] = Field(None, description="SDXL only: [height, width] the U-Net is told the "
                                                "training image had (default: the image's size)")
@@ -316,6 +325,7 @@ class GenerationBody(BaseModel):
             self._chunks = max(self._chunks, chunks)
         if self.seed is not None and self.seed > MAX_SEED - self.n + 1:
             raise _between("seed", 0, MAX_SEED - self.n + 1, self.seed)
+        self._check_cache(limits)
         try:
             name = canonical_name(self.scheduler)
             if limits.scheduler is not None:  # the table's own limits: steps within the training steps, eta's range
@@ -330,6 +340,21 @@ class GenerationBody(BaseModel):
                 "steps" if "step" in text else "scheduler"
             raise refuse(text, param) from None
         return self
+
+    def _check_cache(self, limits: Limits) -> None:
+        """cache_branch within the U-Net's and with cache_interval >= 2; a branch the backend runs."""
+        if self.cache_branch is not None:
+            if self.cache_interval == 1:
+                raise refuse("cache_branch takes effect only with step caching: give cache_interval >= 2 too",
+                             "cache_branch")
+            if self.cache_branch > limits.max_cache_branch:
+                raise _between("cache_branch", 0, limits.max_cache_branch, self.cache_branch)
+        branch = self.cache_branch or 0
+        if self.cache_interval > 1 and limits.cache_branches is not None and branch not in limits.cache_branches:
+            runs = f"cache_branch {', '.join(map(str, limits.cache_branches))} only" if limits.cache_branches \
+                else "no step caching (an export without --step-cache, or a TensorRT engine set)"
+            raise refuse(f"this server runs {runs}: change cache_branch or leave out cache_interval",
+                         "cache_branch" if limits.cache_branches else "cache_interval")
 
     def effective_strength(self, edit: Any) -> float:
         """1 for a generation; an edit's strength, by default 1 with a mask and 0.8 without."""
@@ -456,7 +481,8 @@ def validate(data: dict, limits: Limits, edit: Any = None) -> GenerationRequest:
                              guidance_scale=body.guidance_scale, eta=body.eta,
                              seed=secrets.randbelow(2**32) if body.seed is None else body.seed,
                              scheduler=canonical_name(body.scheduler), prompt_weighting=body.prompt_weighting,
-                             clip_skip=body.clip_skip, chunks=body._chunks, loras=loras, micro=micro, **extra)
+                             clip_skip=body.clip_skip, chunks=body._chunks, loras=loras, micro=micro,
+                             cache_interval=body.cache_interval, cache_branch=body.cache_branch or 0, **extra)
 
 
 # ---- response bodies -------------------------------------------------------------------------------------------
