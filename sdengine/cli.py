@@ -87,7 +87,8 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="diffusers folder or single-file .safetensors checkpoint "
                    "(default: the embedded demo model)")
     p.add_argument("--out", required=True, help="folder to write the graphs, manifest and report to")
-    p.add_argument("--fp16", action="store_true", help="fp16 network bodies; inputs, outputs and the update stay fp32")
+    p.add_argument("--fp16", action="store_true", help="fp16 network bodies, for GPUs (the CPU runs them slower than fp32); inputs, "
+                   "outputs and the update stay fp32")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17-20, default 17)")
     p.add_argument("--batch", default=None, help="images per call: N, MIN:MAX or MIN:OPT:MAX (default 1:4)")
     p.add_argument("--height", default=None, help="pixels: N, MIN:MAX or MIN:OPT:MAX (default: half to twice "

@@ -45,10 +45,17 @@ def test_pipeline_matches_torch_at_odd_size_and_prompt_lists(ort_pipeline, tiny_
     assert got.shape == (2, 72, 120, 3) and np.abs(got - ref).max() <= 2
 
 
-def test_fp16_generation_close_to_fp32(onnx_fp16_dir, tiny_pipeline):
+def test_fp16_generation_close_to_fp32(onnx_fp16_dir, onnx_fp32_dir, tiny_pipeline, caplog):
     """fp16 network bodies against the fp32 reference, 20 steps. Measured on the tiny model: max 1/255, mean
-    0.03/255 (ONNX Runtime's CPU provider computes fp16 nodes in fp32: the weights are what differs here)."""
-    fp16 = sdengine.load_pipeline(onnx_fp16_dir, backend="onnxruntime")
+    0.03/255 (ONNX Runtime's CPU provider computes fp16 nodes in fp32: the weights are what differs here).
+    Loading an fp16 export on the CPU says once that fp16 is for GPUs; an fp32 export says nothing."""
+    with caplog.at_level("WARNING", logger="sdengine"):
+        sdengine.load_pipeline(onnx_fp32_dir, backend="onnxruntime")
+    assert not [r for r in caplog.records if "fp16" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="sdengine"):
+        fp16 = sdengine.load_pipeline(onnx_fp16_dir, backend="onnxruntime")
+    warned = [r.getMessage() for r in caplog.records if "fp16 is for GPUs" in r.getMessage()]
+    assert len(warned) == 1 and "export without --fp16" in warned[0], caplog.text
     got, ref = _same_call(fp16, tiny_pipeline, num_inference_steps=20, seed=3, num_images_per_prompt=2)
     diff = np.abs(got - ref)
     print(f"\nparity onnxruntime fp16 vs torch fp32: max pixel difference {diff.max()}/255, mean {diff.mean():.2f}")

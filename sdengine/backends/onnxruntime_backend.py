@@ -13,6 +13,7 @@ of your own can run the plain `unet` graph instead.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,6 +30,8 @@ from ..specs import DEEP_FEATURE, DENOISE_STEP, DENOISE_STEP_FULL, DENOISE_STEP_
 from ..stepcache import StepCache, cache_split
 from ..tokenizer import ClipTokenizer
 from . import AddedConditioning, ImageCondition, StepCallback, reject_unknown_options
+
+log = logging.getLogger("sdengine")
 
 _SESSIONS = (TEXT_ENCODER, DENOISE_STEP, VAE_DECODER)  # what txt2img runs, opened at load
 _CHECKED = (*_SESSIONS, VAE_ENCODER)  # checked at load (image inputs open the encoder); the plain U-Net is unused
@@ -53,6 +56,10 @@ class OnnxRuntimeBackend:
     def __init__(self, manifest: Manifest, device: str, providers: Sequence[str], threads: int | None,
                  prediction_type: str | None = None) -> None:
         self.manifest, self.device, self.providers = manifest, device, list(providers)
+        if manifest.precision is Precision.FP16 and device != "cuda":
+            log.warning("%s is an fp16 export: fp16 is for GPUs; ONNX Runtime's CPU provider runs it slower than "
+                        "fp32 and holds more memory (benchmarks/RESULTS.md); for CPU serving export without --fp16",
+                        manifest.folder)
         self.config = config = manifest.config.with_prediction_type(prediction_type)  # the graphs stay valid
         self.ranges, self.dims = manifest.ranges, dim_ranges(config, manifest.ranges)
         self.tokenizer = ClipTokenizer.from_folder(manifest.folder / TOKENIZER_DIR)
