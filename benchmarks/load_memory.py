@@ -82,13 +82,16 @@ def child(model: str, dtype: str, run: bool, threads: int) -> dict[str, Any]:
     return out
 
 
+def child_env(threads: int) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads),
+                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
 def measure(model: Path, dtype: str, run: bool, threads: int) -> dict[str, Any]:
     """One case in a fresh process; its figures and ru_maxrss."""
     cmd = [sys.executable, str(HERE), "child", "--model", str(model), "--dtype", dtype, "--threads", str(threads)]
     cmd += ["--run"] if run else []
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=f"{REPO}{os.pathsep}"
-               f"{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=child_env(threads))
     text = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
@@ -140,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--dtype", required=True)
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--run", action="store_true")
+    w = sub.add_parser("write")
+    w.add_argument("--out", type=Path, required=True)
+    w.add_argument("--config")
+    w.add_argument("--fp16-of", type=Path)
     parser.add_argument("--model", type=Path, default=Path("/tmp/sd15-random"))
     parser.add_argument("--write-random", metavar="CONFIG", help="write a random model of this ModelConfig factory "
                         "(sd15, tiny, ...) at --model first, unless it exists")
@@ -153,13 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "child":
         print(json.dumps(child(args.model, args.dtype, args.run, args.threads)))
         return 0
-    if args.write_random and not (args.model / "model_index.json").is_file():
-        from sdengine.config import ModelConfig
-        from sdengine.models.saving import write_random_model
+    if args.command == "write":
+        if args.fp16_of:
+            write_fp16(args.fp16_of, args.out)
+        else:
+            from sdengine.config import ModelConfig
+            from sdengine.models.saving import write_random_model
 
-        write_random_model(args.model, getattr(ModelConfig, args.write_random)(), seed=0)
+            write_random_model(args.out, getattr(ModelConfig, args.config)(), seed=0)
+        return 0
+    # Written in child processes: a parent's resident size before fork and exec counts in its children's ru_maxrss.
+    if args.write_random and not (args.model / "model_index.json").is_file():
+        subprocess.run([sys.executable, str(HERE), "write", "--config", args.write_random, "--out", str(args.model)],
+                       check=True, env=child_env(1))
     if args.write_fp16 and args.fp16_model and not (args.fp16_model / "model_index.json").is_file():
-        write_fp16(args.model, args.fp16_model)
+        subprocess.run([sys.executable, str(HERE), "write", "--fp16-of", str(args.model), "--out",
+                        str(args.fp16_model)], check=True, env=child_env(1))
     rows = []
     for case in args.cases:
         folder = getattr(args, CASES[case][0])
