@@ -55,9 +55,9 @@ def load_components(path: str | Path, device: str = "cpu", dtype: torch.dtype = 
         raise ModelLoadError(f"model path {path} does not exist: give a diffusers folder (with model_index.json) "
                              f"or a single-file .safetensors checkpoint")
     if path.is_dir():
-        config, parts, tokenizer = _read_folder(path)
+        config, parts, tokenizer = _read_folder(path, dtype)
     else:
-        config, parts, tokenizer = _read_single_file(path)
+        config, parts, tokenizer = _read_single_file(path, dtype)
     config = config.with_prediction_type(prediction_type)
     builders = {"unet": lambda: UNet(config.unet), "vae": lambda: AutoencoderKL(config.vae),
                 "text_encoder": lambda: TextEncoder(config.text_encoder)}
@@ -65,8 +65,9 @@ def load_components(path: str | Path, device: str = "cpu", dtype: torch.dtype = 
         builders["text_encoder_2"] = lambda: TextEncoder(config.text_encoder_2, projection=True)
     modules = {}
     for name, build in builders.items():
-        # Built without memory (meta tensors) and given the file's tensors, cast to `dtype` (no copy where the file
-        # has it already): the host never holds a second copy of a network, nor spends time on random init.
+        # Built without memory (meta tensors) and given the file's tensors, read as `dtype` (memory-mapped where the
+        # file has it already, else cast one tensor at a time as they are read): the host never holds a second copy
+        # of a network, nor spends time on random init.
         with torch.device("meta"):
             module = build()
         state = {k: v.to(dtype) if v.is_floating_point() else v
@@ -94,8 +95,8 @@ def _fill_buffers(module: torch.nn.Module) -> None:
         owner.register_buffer(leaf, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
 
 
-def _read_folder(root: Path) -> tuple[ModelConfig, dict[str, dict], ClipTokenizer]:
-    """Configs, weights and tokenizer of a diffusers folder."""
+def _read_folder(root: Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, dict], ClipTokenizer]:
+    """Configs, weights (floating-point ones as `dtype`) and tokenizer of a diffusers folder."""
     if not (root / "model_index.json").is_file():
         raise ModelLoadError(f"{root} is a folder without model_index.json: give a diffusers model folder "
                              f"or a single-file .safetensors checkpoint")
@@ -113,7 +114,7 @@ def _read_folder(root: Path) -> tuple[ModelConfig, dict[str, dict], ClipTokenize
                              f"folder is incomplete")
     config = ModelConfig.from_diffusers_folder(root)
     names = dict(_WEIGHT_FILES, **({"text_encoder_2": "model"} if sdxl else {}))
-    parts = {name: _read_folder_weights(root / name, stem) for name, stem in names.items()}
+    parts = {name: _read_folder_weights(root / name, stem, dtype) for name, stem in names.items()}
     for name in ("text_encoder", "text_encoder_2"):
         if name in parts:
             parts[name] = _prefixed_text_keys(parts[name])
@@ -137,11 +138,11 @@ def _folder_tokenizer(folder: Path, pad_token: str) -> ClipTokenizer:
     return ClipTokenizer.default(pad_token=pad_token)
 
 
-def _read_folder_weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+def _read_folder_weights(folder: Path, stem: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """One component's safetensors (plain, fp16 variant or sharded); pickle-only folders are refused."""
     for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.safetensors.index.json"):
         if (folder / name).is_file():
-            return read_safetensors(folder / name)
+            return read_safetensors(folder / name, dtype)
     for suffix in (".bin", ".ckpt", ".pt"):
         if (folder / f"{stem}{suffix}").is_file():
             refuse_pickle(folder / f"{stem}{suffix}")
@@ -154,7 +155,8 @@ def _prefixed_text_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             for k, v in state.items()}
 
 
-def _read_single_file(path: Path) -> tuple[ModelConfig, dict[str, dict], ClipTokenizer]:
+def _read_single_file(path: Path,
+                      dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, dict], ClipTokenizer]:
     """Config inferred from tensor shapes, weights mapped from the original CompVis/Stability layout.
 
     v-prediction (SD 2.x 768-v) is not visible in the weights: pass prediction_type to load_components.
@@ -162,7 +164,7 @@ def _read_single_file(path: Path) -> tuple[ModelConfig, dict[str, dict], ClipTok
     refuse_pickle(path)
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"{path} is not a .safetensors file or a diffusers folder")
-    state = read_safetensors(path)
+    state = read_safetensors(path, dtype)
     family = convert.detect_family(state.keys())
     config = convert.infer_config(state)
     parts = convert.original_to_diffusers(state, config)  # the file's tensors, renamed (views, no copies)
