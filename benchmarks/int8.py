@@ -1,6 +1,7 @@
 """int8 (`sdengine export --int8`) against fp32 on the CPU: speed beside quality, in two parts.
 
     python benchmarks/int8.py demo --work DIR [--threads 1] [--repeats 7] [--ops matmul matmul+conv]
+    python benchmarks/int8.py qdq --work DIR [--threads 1] [--repeats 7] [--calibration 16]
     flock /tmp/sdengine-bigmem.lock python benchmarks/int8.py step --model /tmp/sd15-random --work DIR \
         [--threads 1] [--repeats 5] [--ops matmul matmul+conv]
 
@@ -16,6 +17,9 @@ static at 128x128, one image (a 16x16 latent, CFG batch 2) at fp32 and with `--i
 through sdengine.export.export_model, into DIR). Seconds per step through ONNX Runtime sessions at --threads
 threads, the subjects interleaved per repeat, on one fixed random input (sdengine.specs.sample_inputs); the
 relative L2 of each int8 output to fp32's; the graph's size on disk; the session's load time.
+
+`qdq` (after `demo`, same --work): the demo's step graph alone, fp32 and the two dynamic int8 graphs against a
+static QDQ quantization (see its docstring), seconds per step call, interleaved.
 
 Prints one JSON line per measurement and a JSON summary (`--json FILE` writes it too).
 """
@@ -137,21 +141,81 @@ def step(args: argparse.Namespace) -> dict:
             "graph_bytes": sizes, "session_load_s": loads}
 
 
+def qdq(args: argparse.Namespace) -> dict:
+    """The demo's step graph alone: fp32, the two dynamic int8 graphs (from `demo`'s folders in --work) and a
+    static QDQ graph (QLinearConv-capable: MatMul and Conv, per-channel int8 weights, uint8 activations calibrated
+    with MinMax on --calibration random step inputs drawn like the export's validation inputs). Not a flag yet."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from sdengine.export.int8 import quantized_ops
+    from sdengine.manifest import Manifest
+    from sdengine.specs import DENOISE_STEP, sample_inputs, spec_of, validation_points
+
+    manifest = Manifest.read(args.work / "demo-fp32")
+    spec = spec_of(DENOISE_STEP, manifest.config)
+    dims = validation_points(manifest.config, manifest.ranges)[0]
+    rng = np.random.default_rng(1)
+    calibration = [sample_inputs(spec, manifest.config, dims, rng) for _ in range(args.calibration)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(calibration)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    paths = {"fp32": manifest.graph_path(DENOISE_STEP)}
+    for ops in ("matmul", "matmul+conv"):
+        paths[f"int8 {ops} (dynamic)"] = Manifest.read(args.work / f"demo-int8-{ops}").graph_path(DENOISE_STEP)
+    static = args.work / "qdq" / "denoise_step.onnx"
+    static.parent.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    quantize_static(paths["fp32"], static, Reader(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Conv"], per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    quantize_s = round(time.perf_counter() - start, 1)
+    paths["int8 matmul+conv (static QDQ)"] = static
+    sessions = {}
+    for name, path in paths.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inputs = sample_inputs(spec, manifest.config, dims, np.random.default_rng(0))  # not a calibration sample
+    outputs = {name: s.run(spec.output_names, inputs)[0] for name, s in sessions.items()}
+    ref = outputs["fp32"].astype(np.float64)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(args.repeats):
+        for name, s in sessions.items():
+            start = time.perf_counter()
+            for _ in range(10):
+                s.run(spec.output_names, inputs)
+            times[name].append((time.perf_counter() - start) / 10)
+    med = {n: round(statistics.median(t), 5) for n, t in times.items()}
+    return {"threads": args.threads, "repeats": args.repeats, "dims": dims, "load_average": os.getloadavg(),
+            "calibration_samples": args.calibration, "static_quantize_s": quantize_s, "seconds_per_step": med,
+            "ratio_to_fp32": {n: round(s / med["fp32"], 3) for n, s in med.items()},
+            "rel_l2_to_fp32": {n: float(np.linalg.norm(o.astype(np.float64) - ref) / np.linalg.norm(ref))
+                               for n, o in outputs.items() if n != "fp32"},
+            "integer_ops": {n: quantized_ops(p) for n, p in paths.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=("demo", "step"))
+    p.add_argument("part", choices=("demo", "step", "qdq"))
     p.add_argument("--work", type=Path, required=True, help="export folders are made here (and reused)")
     p.add_argument("--model", type=Path, help="step: a diffusers folder (e.g. SD 1.5-shaped random weights)")
     p.add_argument("--size", type=int, default=128, help="step: image side in pixels (default 128)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--ops", nargs="+", default=["matmul", "matmul+conv"])
+    p.add_argument("--calibration", type=int, default=16, help="qdq: calibration samples")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.part == "step" and args.model is None:
         p.error("step needs --model")
     args.work.mkdir(parents=True, exist_ok=True)
-    result = {"part": args.part, "argv": os.sys.argv[1:], **(demo(args) if args.part == "demo" else step(args))}
+    result = {"part": args.part, "argv": os.sys.argv[1:], **{"demo": demo, "step": step, "qdq": qdq}[args.part](args)}
     import onnxruntime
 
     result["onnxruntime"] = onnxruntime.__version__

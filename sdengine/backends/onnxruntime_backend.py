@@ -130,8 +130,8 @@ class OnnxRuntimeBackend:
 
     def _lora_map(self, graph: str) -> dict[str, dict[str, Any]]:
         if self.manifest.int8(graph):
-            raise LoraError(f"{self.manifest.folder} holds an int8 {graph} graph (sdengine export --int8): a LoRA cannot "
-                            f"be merged into its quantized weights; export without --int8 for LoRAs")
+            raise LoraError(f"{self.manifest.folder} holds an int8 {graph} graph (sdengine export --int8): a LoRA "
+                            f"cannot be merged into its quantized weights; export without --int8 for LoRAs")
         params = self.manifest.graphs[graph].get("parameters")
         if params is None:
             raise LoraError(f"{self.manifest.folder} was exported by an sdengine without LoRA support (its manifest "

@@ -20,8 +20,8 @@ import torch
 from .. import __version__
 from ..errors import SDEngineError
 from ..files import write_json_atomic
-from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_INT8, META_KEY, META_SOURCE, REPORT, TOKENIZER_2_DIR,
-                        file_record, sha256_file)
+from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_INT8, META_KEY, META_SOURCE, REPORT,
+                        TOKENIZER_2_DIR, file_record, sha256_file)
 from ..models.loading import Components, load_components
 from ..specs import VAE_DECODER, VAE_ENCODER, ShapeRanges, graph_specs, profile, spec_of, validation_points
 from .settings import CACHE_GRAPH_ORDER, GRAPH_ORDER, INT8_OPS, ExportSettings
