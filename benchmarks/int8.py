@@ -50,6 +50,11 @@ def _export(model: Path, out: Path, int8: str | None, **settings) -> Path:
     return out
 
 
+def _paired(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median over repeats of each subject's time over fp32's in the same repeat (drift cancels within a repeat)."""
+    return {n: round(statistics.median(x / f for x, f in zip(t, times["fp32"])), 3) for n, t in times.items()}
+
+
 def _subjects(ops: list[str]) -> list[tuple[str, str | None]]:
     return [("fp32", None)] + [(f"int8 {o}", o) for o in ops]
 
@@ -81,6 +86,7 @@ def demo(args: argparse.Namespace) -> dict:
                  "seconds_all": {n: [round(x, 4) for x in t] for n, t in times.items()}}
     out["ratio_to_fp32"] = {n: round(s / out["seconds_per_image"]["fp32"], 3)
                             for n, s in out["seconds_per_image"].items()}
+    out["paired_ratio_to_fp32"] = _paired(times)
     print(json.dumps({"timing": out}), flush=True)
 
     cases = list(product(COLOURS, SHAPES, BACKGROUNDS))
@@ -136,6 +142,7 @@ def step(args: argparse.Namespace) -> dict:
     return {"threads": args.threads, "repeats": args.repeats, "dims": dims, "load_average": os.getloadavg(),
             "seconds_per_step": med, "seconds_all": {n: [round(x, 4) for x in t] for n, t in times.items()},
             "ratio_to_fp32": {n: round(s / med["fp32"], 3) for n, s in med.items()},
+            "paired_ratio_to_fp32": _paired(times),
             "rel_l2_to_fp32": {n: float(np.linalg.norm(o.astype(np.float64) - ref) / np.linalg.norm(ref))
                                for n, o in outputs.items() if n != "fp32"},
             "graph_bytes": sizes, "session_load_s": loads}
@@ -195,6 +202,7 @@ def qdq(args: argparse.Namespace) -> dict:
     return {"threads": args.threads, "repeats": args.repeats, "dims": dims, "load_average": os.getloadavg(),
             "calibration_samples": args.calibration, "static_quantize_s": quantize_s, "seconds_per_step": med,
             "ratio_to_fp32": {n: round(s / med["fp32"], 3) for n, s in med.items()},
+            "paired_ratio_to_fp32": _paired(times),
             "rel_l2_to_fp32": {n: float(np.linalg.norm(o.astype(np.float64) - ref) / np.linalg.norm(ref))
                                for n, o in outputs.items() if n != "fp32"},
             "integer_ops": {n: quantized_ops(p) for n, p in paths.items()}}
