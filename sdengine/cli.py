@@ -14,6 +14,7 @@ from .errors import InvalidInputError, SDEngineError
 from . import build_cli  # loads no tensorrt or torch
 from .bench import cli as bench_cli  # loads no torch
 from .bench.settings import load_options
+from .export.settings import DEFAULT_INT8, INT8_OPS  # loads no torch
 from .samplers import build_schedule, canonical_name, sampler_names  # numpy only
 from .serve import cli as serve_cli  # loads no uvicorn, starlette or torch
 
@@ -108,6 +109,10 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step-cache", type=int, nargs="?", const=0, default=None, metavar="BRANCH",
                    help="also export step caching's full and shallow step graphs for this branch (default 0), for "
                         "--cache-interval (README, \"Step caching\"); without it they are not exported")
+    p.add_argument("--int8", nargs="?", const=DEFAULT_INT8, default=None, choices=tuple(INT8_OPS), metavar="OPS",
+                   help=f"quantize the U-Net's weights to int8 for the CPU (ONNX Runtime dynamic quantization): "
+                        f"{' or '.join(INT8_OPS)} (default {DEFAULT_INT8}); the text encoder and VAE stay fp32 "
+                        f"(README, \"int8\")")
     p.add_argument("--force", action="store_true", help="re-export graphs that are up to date")
 
 
@@ -341,7 +346,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.unet_graph:
         slots["graphs"] = ExportSettings().graphs + (UNET,)
     settings = ExportSettings(precision="fp16" if args.fp16 else "fp32", opset=args.opset, static=args.static,
-                              force=args.force, step_cache=args.step_cache, **ranges, **slots)
+                              force=args.force, step_cache=args.step_cache, int8=args.int8, **ranges, **slots)
     if args.model is None:
         from .demo import embedded_model_path
 

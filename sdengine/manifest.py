@@ -20,6 +20,7 @@ FORMAT, FORMAT_VERSION = "sdengine-onnx", 3  # 2: the denoise step takes a sampl
 MANIFEST, REPORT, TOKENIZER_DIR = "manifest.json", "export-report.json", "tokenizer"
 TOKENIZER_2_DIR = "tokenizer_2"  # SDXL's second tokenizer (pads with '!')
 META_GRAPH, META_SOURCE, META_KEY = "sdengine.graph", "sdengine.source_sha256", "sdengine.export_key"
+META_INT8 = "sdengine.int8"  # the --int8 op set of a quantized graph (absent: a float graph)
 _CHUNK = 1 << 22
 
 
@@ -132,6 +133,10 @@ class Manifest:
                 raise ModelLoadError(f"{self.folder / rel} (external data of {path.name}) differs from the one "
                                      f"exported (sha256 mismatch); re-export the folder")
         return path
+
+    def int8(self, name: str) -> str | None:
+        """The --int8 op set graph `name` was quantized with (None: a float graph)."""
+        return ((self.graphs.get(name) or {}).get("int8") or {}).get("ops")
 
     def verify(self) -> list[Path]:
         """Every graph's files against their full sha256 (ModelLoadError at the first that differs); the files."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import lora as sdlora
 from ..errors import InvalidInputError, LoraError, ModelLoadError
-from ..manifest import META_GRAPH, META_SOURCE, TOKENIZER_2_DIR, TOKENIZER_DIR, Manifest
+from ..manifest import META_GRAPH, META_INT8, META_SOURCE, TOKENIZER_2_DIR, TOKENIZER_DIR, Manifest
 from ..runtime.onnx_files import read_initializers, with_initializers
 from ..runtime.onnxruntime import TENSORRT, Buffer, BufferView, Graph, resolve_providers, tensorrt_options
 from ..samplers.table import Schedule, fit_slots
@@ -67,6 +67,10 @@ class OnnxRuntimeBackend:
         self.tokenizer_2 = ClipTokenizer.from_folder(manifest.folder / TOKENIZER_2_DIR) if config.sdxl else None
         self._lora_graphs = _LORA_GRAPHS + ((TEXT_ENCODER_2,) if config.sdxl else ())
         checked = _CHECKED + ((TEXT_ENCODER_2,) if config.sdxl else ())
+        self.int8 = manifest.int8(DENOISE_STEP)  # the step's --int8 op set, or None
+        if self.int8 and device != "cpu":
+            raise InvalidInputError(f"{manifest.folder} holds an int8 U-Net (sdengine export --int8), a CPU path: run "
+                                    f"it with --device cpu, or export without --int8 for the GPU")
         self._paths = {name: manifest.graph_path(name) for name in checked}  # present, size and fingerprint
         self._threads = threads
         self.graphs = {name: self._session(name, self._paths[name], threads) for name in _SESSIONS + (
@@ -132,6 +136,9 @@ class OnnxRuntimeBackend:
         return cls(Manifest.read(path), device, chosen, threads, prediction_type)
 
     def _lora_map(self, graph: str) -> dict[str, dict[str, Any]]:
+        if self.manifest.int8(graph):
+            raise LoraError(f"{self.manifest.folder} holds an int8 {graph} graph (sdengine export --int8): a LoRA "
+                            f"cannot be merged into its quantized weights; export without --int8 for LoRAs")
         params = self.manifest.graphs[graph].get("parameters")
         if params is None:
             raise LoraError(f"{self.manifest.folder} was exported by an sdengine without LoRA support (its manifest "
@@ -211,7 +218,8 @@ class OnnxRuntimeBackend:
         graph = Graph(path, spec, self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
                       options, initializers, external, model_bytes)
         meta = graph.metadata()
-        if meta.get(META_GRAPH) != name or meta.get(META_SOURCE) != self.manifest.source_sha256:
+        if meta.get(META_GRAPH) != name or meta.get(META_SOURCE) != self.manifest.source_sha256 \
+                or meta.get(META_INT8) != self.manifest.int8(name):
             raise ModelLoadError(f"{path} is not the {name} graph of the model this folder's manifest describes; "
                                  f"re-export the folder with sdengine export --force")
         return graph

@@ -20,11 +20,11 @@ import torch
 from .. import __version__
 from ..errors import SDEngineError
 from ..files import write_json_atomic
-from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_KEY, META_SOURCE, REPORT, TOKENIZER_2_DIR,
-                        file_record, sha256_file)
+from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_INT8, META_KEY, META_SOURCE, REPORT,
+                        TOKENIZER_2_DIR, file_record, sha256_file)
 from ..models.loading import Components, load_components
 from ..specs import VAE_DECODER, VAE_ENCODER, ShapeRanges, graph_specs, profile, spec_of, validation_points
-from .settings import CACHE_GRAPH_ORDER, GRAPH_ORDER, ExportSettings
+from .settings import CACHE_GRAPH_ORDER, GRAPH_ORDER, INT8_OPS, ExportSettings
 from .tokenizer_files import write_tokenizer
 from .validate import GraphResult, compare, format_table, structural_checks
 
@@ -78,7 +78,8 @@ def _previous_results(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def _up_to_date_result(record: dict[str, Any] | None, name: str, settings: ExportSettings) -> GraphResult:
-    result = GraphResult(name, settings.precision.value, file=f"{name}.onnx")
+    int8 = settings.quantized(name)
+    result = GraphResult(name, settings.precision.value if int8 is None else f"int8 ({int8})", file=f"{name}.onnx")
     for key, value in (record or {}).items():
         if hasattr(result, key) and key not in ("graph", "precision", "seconds", "error"):
             setattr(result, key, value)
@@ -113,13 +114,15 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
     `c` needs `config` and the modules the graph is built from (a Components, or any object with them).
     """
     from .fp16 import to_fp16
+    from .int8 import WEIGHT_TYPE, quantize, quantized_ops
     from .onnx_io import save, set_metadata, trace
     from .params import LORA_COMPONENTS, parameter_map
     from .wrappers import build
 
     start, entry = time.perf_counter(), None
     precision = graph_precision(name, c.config, settings)
-    result = GraphResult(name, precision, file=spec_of(name, c.config).file)
+    int8 = settings.quantized(name)
+    result = GraphResult(name, precision if int8 is None else f"int8 ({int8})", file=spec_of(name, c.config).file)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
     try:
         gm = build(name, c, ranges.cache_branch)
@@ -127,19 +130,37 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
         if precision == "fp16":
             model = to_fp16(model, gm.spec, gm.body, gm.fp32_attention)
         set_metadata(model, {META_GRAPH: name, META_SOURCE: source, META_KEY: key,
-                             "sdengine.precision": precision, "sdengine.version": __version__})
+                             "sdengine.precision": precision, "sdengine.version": __version__,
+                             **({META_INT8: int8} if int8 else {})})
         component = gm.spec.component
         params = parameter_map(model, component, getattr(c, component)) if component in LORA_COMPONENTS else None
-        location = save(model, tmp / gm.spec.file)
-        del model
-        result.checks = structural_checks(tmp / gm.spec.file, gm.spec, c.config, ranges)
-        compare(tmp / gm.spec.file, gm, c.config, ranges, settings.precision, seed, result)
+        path = tmp / gm.spec.file
+        if int8:  # the fp32 graph passes first, then goes through the quantizer (its weights get other names)
+            (tmp / "fp32").mkdir()
+            save(model, tmp / "fp32" / gm.spec.file)
+            del model
+            compare(tmp / "fp32" / gm.spec.file, gm, c.config, ranges, settings.precision, seed, result)
+            if result.status != "passed":
+                raise RuntimeError(f"the fp32 graph before quantization: {result.error}")
+            result.checks["fp32_before_int8"] = f"max rel L2 {result.max_rel_l2:.2e}"
+            result.points.clear()
+            location, params = quantize(tmp / "fp32" / gm.spec.file, path, int8), None
+            shutil.rmtree(tmp / "fp32")
+        else:
+            location = save(model, path)
+            del model
+        result.checks.update(structural_checks(path, gm.spec, c.config, ranges))
+        compare(path, gm, c.config, ranges, settings.precision, seed, result, int8=int8 is not None)
         if result.status == "passed":
             entry = _install(tmp, out, gm.spec.file, location, key)
             if precision != settings.precision.value:  # an SDXL VAE kept fp32 (force_upcast)
                 entry["precision"] = precision
             if params is not None:  # where LoRA merges go (sdengine.lora, the onnxruntime backend)
                 entry["parameters"] = params
+            if int8:  # the backend reads it (no LoRA on int8 weights); quantized_ops is what the graph holds
+                entry["int8"] = {"ops": int8, "op_types": list(INT8_OPS[int8]), "weight_type": WEIGHT_TYPE,
+                                 "method": "onnxruntime.quantization.quantize_dynamic",
+                                 "integer_ops": quantized_ops(out / gm.spec.file)}
     except Exception as exc:  # any failure of one graph is reported, and the others still export
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
@@ -181,7 +202,8 @@ def export_model(model: str | Path, out: str | Path, settings: ExportSettings,
         if not current:
             _remove_stale(out, old, name)
         if wanted:
-            log(f"exporting {name} ({settings.precision.value}) ...")
+            int8 = settings.quantized(name)
+            log(f"exporting {name} ({settings.precision.value if int8 is None else f'int8, {int8}'}) ...")
             result, entry = export_graph(name, c, settings, ranges, out, source, key, seed)
             results.append(result)
             if entry is not None or current:  # a forced re-export that fails leaves the valid graph
@@ -221,6 +243,6 @@ def _manifest(c: Components, settings: ExportSettings, ranges: ShapeRanges, tool
                             for k, v in profile(spec_of(name, c.config), c.config, ranges).items()}
                      for name in entries},
         "source": {"path": str(c.source), "sha256": source, "weights_sha256": weights},
-        "tools": tools, "exporter": "torch.onnx TorchScript (dynamo=False)",
+        "tools": tools, "exporter": "torch.onnx TorchScript (dynamo=False)", "int8": settings.int8,
         "graphs": {name: entries[name] for name in GRAPH_ORDER + CACHE_GRAPH_ORDER if name in entries},
     }

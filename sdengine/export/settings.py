@@ -10,13 +10,17 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import InvalidInputError
-from ..specs import ALL_GRAPHS, CACHE_GRAPHS, MAX_BATCH, STATE_SLOTS, UNET, Precision, Range, ShapeRanges
+from ..specs import ALL_GRAPHS, CACHE_GRAPHS, DENOISE_STEP, MAX_BATCH, STATE_SLOTS, UNET, Precision, Range, ShapeRanges
 
 DEFAULT_OPSET = 17
 OPSETS = range(17, 21)  # LayerNormalization needs 17; the TorchScript exporter stops at 20
 GRAPH_ORDER = ALL_GRAPHS  # text_encoder_2: SDXL models only
 DEFAULT_GRAPHS = tuple(g for g in GRAPH_ORDER if g != UNET)  # the plain U-Net on request only (--unet-graph)
 CACHE_GRAPH_ORDER = tuple(CACHE_GRAPHS)  # exported after the others, only with step_cache
+# --int8: the op types whose weights ONNX Runtime's dynamic quantization stores as int8 (export/int8.py)
+INT8_OPS = {"matmul": ("MatMul",), "matmul+conv": ("MatMul", "Conv")}
+DEFAULT_INT8 = "matmul"
+INT8_GRAPHS = (DENOISE_STEP, UNET) + tuple(CACHE_GRAPHS)  # the graphs holding the U-Net: the others stay fp32
 
 
 def parse_range(text: str, what: str) -> tuple[int, ...]:
@@ -57,6 +61,7 @@ class ExportSettings:
     state_slots: int = STATE_SLOTS  # the denoise step's sampler state (README, "Samplers")
     max_prompt_chunks: int | None = None  # prompt chunks the step graph reads (None: 8, or 1 when static)
     step_cache: int | None = None  # step caching's branch: also export the full and shallow step graphs (README)
+    int8: str | None = None  # a key of INT8_OPS: the U-Net graphs quantized to int8 for the CPU (README, "int8")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision(self.precision))
@@ -80,6 +85,16 @@ class ExportSettings:
             raise InvalidInputError(f"--step-cache takes step caching's branch, an integer >= 0 (0: the shallowest, "
                                     f"deepcache's default), got {self.step_cache!r}")
 
+        if self.int8 is not None and self.int8 not in INT8_OPS:
+            raise InvalidInputError(f"--int8 takes one of {', '.join(INT8_OPS)}, got {self.int8!r}")
+        if self.int8 is not None and self.precision is not Precision.FP32:
+            raise InvalidInputError("--int8 quantizes the fp32 U-Net for the CPU and cannot be combined with --fp16 "
+                                    "(a GPU choice): drop one of them")
+
+    def quantized(self, graph: str) -> str | None:
+        """The --int8 op set `graph` is quantized with, or None (graphs without the U-Net stay fp32)."""
+        return self.int8 if graph in INT8_GRAPHS else None
+
     def ranges(self, config: ModelConfig) -> ShapeRanges:
         """The shape ranges for `config`, checked against its latent factor."""
         default = ShapeRanges.default(config, self.static)
@@ -96,6 +111,9 @@ class ExportSettings:
                                  _range(self.width, default.width, "width"), slots=self.state_slots,
                                  chunks=default.chunks if self.max_prompt_chunks is None else self.max_prompt_chunks)
         ranges.check_sides(config.vae.downscale)
+        if self.int8 is not None and config.sdxl:
+            raise InvalidInputError("--int8 is not supported for SDXL exports yet (its quality and the quantizer's "
+                                    "memory on a 10 GB U-Net are unmeasured); export SDXL without --int8")
         if self.step_cache is not None:
             from ..stepcache import cache_split
 
@@ -117,4 +135,6 @@ class ExportSettings:
             shapes.pop("cache_branch", None)
         stamp = {"graph": graph, "precision": self.precision.value, "opset": self.opset,
                  "shapes": shapes, "weights": weights_sha256, "sdengine": __version__, "tools": tools}
+        if self.quantized(graph):  # an fp32 graph keeps its key, so adding or dropping --int8 re-exports the U-Net only
+            stamp["int8"] = self.quantized(graph)
         return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()

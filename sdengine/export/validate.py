@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from ..config import ModelConfig
-from ..specs import MIN_PSNR_DB, TOLERANCE, GraphSpec, Precision, ShapeRanges, fixed_dims, \
+from ..specs import INT8_TOLERANCE, MIN_PSNR_DB, TOLERANCE, GraphSpec, Precision, ShapeRanges, fixed_dims, \
     sample_inputs, validation_points
 from .wrappers import GraphModule
 
@@ -111,14 +111,16 @@ def structural_checks(path: Path, spec: GraphSpec, config: ModelConfig, ranges: 
 
 
 def compare(path: Path, gm: GraphModule, config: ModelConfig, ranges: ShapeRanges, precision: Precision,
-            seed: int, result: GraphResult) -> None:
-    """ORT (CPU) against the fp32 reference on fresh random inputs at two shapes; fills `result`."""
+            seed: int, result: GraphResult, int8: bool = False) -> None:
+    """ORT (CPU) against the fp32 reference on fresh random inputs at two shapes; fills `result` (`int8`: a
+    graph quantized by --int8, held to INT8_TOLERANCE)."""
     import onnxruntime as ort
 
     spec = gm.spec
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
-    result.tolerance, result.psnr_floor_db = TOLERANCE[precision], MIN_PSNR_DB[precision]
+    result.tolerance, result.psnr_floor_db = (INT8_TOLERANCE, None) if int8 else \
+        (TOLERANCE[precision], MIN_PSNR_DB[precision])
     errors, psnrs = [], []
     for dims in validation_points(config, ranges):
         inputs = sample_inputs(spec, config, dims, rng)
@@ -141,9 +143,10 @@ def compare(path: Path, gm: GraphModule, config: ModelConfig, ranges: ShapeRange
         ok = ok and all(p >= result.psnr_floor_db for p in psnrs)
     result.status = "passed" if ok else "failed"
     if not ok:
+        floor = (f", min PSNR {result.min_psnr_db:.1f} dB (floor {result.psnr_floor_db:g} dB)"
+                 if psnrs and result.psnr_floor_db is not None else "")
         result.error = (f"outputs differ from the reference: max relative L2 {result.max_rel_l2:.3g} "
-                        f"(tolerance {result.tolerance:g})" + (f", min PSNR {result.min_psnr_db:.1f} dB "
-                                                               f"(floor {result.psnr_floor_db:g} dB)" if psnrs else ""))
+                        f"(tolerance {result.tolerance:g})" + floor)
 
 
 def format_table(results: list[GraphResult]) -> str:
