@@ -86,7 +86,8 @@ def cpu_kernel_gaps(path: Path) -> list[str]:
     import onnx
     import onnxruntime.capi.onnxruntime_pybind11_state as C
 
-    have = {(d.domain or "ai.onnx", d.op_name) for d in C.get_all_opkernel_def() if d.provider == "CPUExecutionProvider"}
+    have = {(d.domain or "ai.onnx", d.op_name) for d in C.get_all_opkernel_def()
+            if d.provider == "CPUExecutionProvider"}
     model = onnx.load(str(path), load_external_data=False)
     missing = set()
     for n in model.graph.node:
@@ -396,15 +397,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = {name: source for name in SESSION_VARIANTS}
     for name in GRAPH_VARIANTS:
         if name in wanted or (name == "fused-default" and args.check_default):
-            log(f"optimize_model ({name}) ...")
+            log(f"writing the {name} graph ...")
             kept = work / name / source.name
             if args.reuse_graphs and kept.is_file() and kept.stat().st_mtime > source.stat().st_mtime:
-                info = {"path": str(kept), "reused": True, "ops": op_counts(kept), "cpu_kernel_gaps": cpu_kernel_gaps(kept),
-                        "fused": {}, "seconds": 0.0}
+                info = {"path": str(kept), "reused": True, "ops": op_counts(kept),
+                        "cpu_kernel_gaps": cpu_kernel_gaps(kept), "fused": {}, "seconds": 0.0}
             else:
                 info = write_mha(source, work) if name == "mha" else write_fused(source, name, work)
             doc["graphs"][name] = info
-            log(f"  {info['seconds']} s; fused {info['fused']}; ops the CPU EP lacks: {info['cpu_kernel_gaps'] or 'none'}")
+            log(f"  {info['seconds']} s; fused {info['fused']}; "
+                f"ops the CPU EP lacks: {info['cpu_kernel_gaps'] or 'none'}")
             paths[name] = Path(info["path"])
             if info["cpu_kernel_gaps"]:  # never time a graph the CPU EP cannot run as if it were a result
                 wanted.discard(name)

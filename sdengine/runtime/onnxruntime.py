@@ -129,9 +129,10 @@ class Graph:
                  model_bytes: bytes | None = None, spinning: bool = True) -> None:
         """`spinning` False: the intra-op threads sleep between calls instead of spinning (ONNX Runtime's
         session.intra_op.allow_spinning 0), which keeps a team of threads from collapsing on a machine whose cores
-        are shared (benchmarks/RESULTS.md, "ONNX Runtime's own levers"). `initializers` replace the graph's own of those names (LoRA-merged weights) in this session; those
-        named in `external` are stored as external data in the graph file. `model_bytes`: the graph (`path`)
-        serialized with some initializers already replaced (sdengine.backends.onnxruntime_backend)."""
+        are shared (benchmarks/RESULTS.md, "ONNX Runtime's own levers"). `initializers` replace the graph's own
+        of those names (LoRA-merged weights) in this session; those named in `external` are stored as external
+        data in the graph file. `model_bytes`: the graph (`path`) serialized with some initializers already
+        replaced (sdengine.backends.onnxruntime_backend)."""
         ort = import_ort()
         options = ort.SessionOptions()
         if threads:
