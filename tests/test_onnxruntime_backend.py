@@ -72,6 +72,22 @@ def test_buffers_and_sessions_are_reused(ort_pipeline):
     assert {name: g.session for name, g in backend.graphs.items()} == sessions
 
 
+def test_spinning_off_sets_the_session_option_and_keeps_the_image(onnx_fp32_dir, ort_pipeline):
+    """spinning=False (`--option spinning=false`): every session's intra-op threads sleep between calls; the
+    image is the default session's (same kernels, same thread count)."""
+    from sdengine.runtime.onnxruntime import SPINNING
+
+    spin = sdengine.load_pipeline(onnx_fp32_dir, backend="onnxruntime", threads=2)
+    quiet = sdengine.load_pipeline(onnx_fp32_dir, backend="onnxruntime", threads=2, spinning=False)
+    assert {g.session.get_session_options().get_session_config_entry(SPINNING)
+            for g in quiet.backend.graphs.values()} == {"0"}
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default: spinning
+        spin.backend.graphs["denoise_step"].session.get_session_options().get_session_config_entry(SPINNING)
+    got, ref = _same_call(quiet, spin, num_inference_steps=4, seed=3)
+    assert ref.std() > 5 and np.abs(got - ref).max() == 0
+    with pytest.raises(InvalidInputError, match="spinning must be true or false"):
+        sdengine.load_pipeline(onnx_fp32_dir, backend="onnxruntime", spinning="no")
+
 def test_generate_in_a_process_without_torch(onnx_fp32_dir, ort_pipeline):
     code = BLOCK_TORCH + f"""
 import numpy as np, sdengine

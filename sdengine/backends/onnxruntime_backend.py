@@ -54,7 +54,7 @@ class OnnxRuntimeBackend:
     """encode_text / denoise / decode over ONNX Runtime sessions created once."""
 
     def __init__(self, manifest: Manifest, device: str, providers: Sequence[str], threads: int | None,
-                 prediction_type: str | None = None) -> None:
+                 prediction_type: str | None = None, spinning: bool = True) -> None:
         self.manifest, self.device, self.providers = manifest, device, list(providers)
         if manifest.precision is Precision.FP16 and device != "cuda":
             log.warning("%s is an fp16 export: fp16 is for GPUs; ONNX Runtime's CPU provider runs it slower than "
@@ -72,7 +72,7 @@ class OnnxRuntimeBackend:
             raise InvalidInputError(f"{manifest.folder} holds an int8 U-Net (sdengine export --int8), a CPU path: run "
                                     f"it with --device cpu, or export without --int8 for the GPU")
         self._paths = {name: manifest.graph_path(name) for name in checked}  # present, size and fingerprint
-        self._threads = threads
+        self._threads, self._spinning = threads, spinning
         self.graphs = {name: self._session(name, self._paths[name], threads) for name in _SESSIONS + (
             (TEXT_ENCODER_2,) if config.sdxl else ())}
         self._buffers: dict[tuple, Buffer] = {}
@@ -124,16 +124,19 @@ class OnnxRuntimeBackend:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", providers: Sequence[str] | None = None,
-             threads: int | None = None, prediction_type: str | None = None,
+             threads: int | None = None, prediction_type: str | None = None, spinning: bool = True,
              **unknown: Any) -> "OnnxRuntimeBackend":
-        """Verify the export folder at `path` (manifest, graph hashes, external data) and open its sessions."""
-        reject_unknown_options("onnxruntime", unknown, ("providers", "threads", "prediction_type"))
+        """Verify the export folder at `path` (manifest, graph hashes, external data) and open its sessions.
+        `spinning=False`: ONNX Runtime's intra-op threads sleep between calls (for machines whose cores are shared)."""
+        reject_unknown_options("onnxruntime", unknown, ("providers", "threads", "prediction_type", "spinning"))
+        if not isinstance(spinning, bool):
+            raise InvalidInputError(f"onnxruntime option spinning must be true or false, got {spinning!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InvalidInputError(f"onnxruntime option threads must be an integer >= 1, got {threads!r}")
         if path is None:
             raise InvalidInputError("the onnxruntime backend needs --model: a folder written by sdengine export")
         chosen = resolve_providers(device, providers)
-        return cls(Manifest.read(path), device, chosen, threads, prediction_type)
+        return cls(Manifest.read(path), device, chosen, threads, prediction_type, spinning)
 
     def _lora_map(self, graph: str) -> dict[str, dict[str, Any]]:
         if self.manifest.int8(graph):
@@ -216,7 +219,7 @@ class OnnxRuntimeBackend:
             options[TENSORRT] = tensorrt_options(profile(spec, self.config, self.ranges), fp16,
                                                  self.manifest.folder / "trt-cache")
         graph = Graph(path, spec, self.providers, "cuda" if self.device == "cuda" else "cpu", threads,
-                      options, initializers, external, model_bytes)
+                      options, initializers, external, model_bytes, spinning=self._spinning)
         meta = graph.metadata()
         if meta.get(META_GRAPH) != name or meta.get(META_SOURCE) != self.manifest.source_sha256 \
                 or meta.get(META_INT8) != self.manifest.int8(name):

@@ -17,6 +17,7 @@ from ..specs import GraphSpec
 
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 DEVICE_PROVIDERS = {"cpu": (CPU,), "cuda": (CUDA, CPU)}
+SPINNING = "session.intra_op.allow_spinning"  # ONNX Runtime's session config key
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int32": "tensor(int32)",
               "int64": "tensor(int64)"}
 
@@ -125,14 +126,19 @@ class Graph:
     def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[str], device: str, threads: int | None,
                  provider_options: Mapping[str, dict[str, Any]] | None = None,
                  initializers: Mapping[str, np.ndarray] | None = None, external: frozenset[str] = frozenset(),
-                 model_bytes: bytes | None = None) -> None:
-        """`initializers` replace the graph's own of those names (LoRA-merged weights) in this session; those
-        named in `external` are stored as external data in the graph file. `model_bytes`: the graph (`path`)
-        serialized with some initializers already replaced (sdengine.backends.onnxruntime_backend)."""
+                 model_bytes: bytes | None = None, spinning: bool = True) -> None:
+        """`spinning` False: the intra-op threads sleep between calls instead of spinning (ONNX Runtime's
+        session.intra_op.allow_spinning 0), which keeps a team of threads from collapsing on a machine whose cores
+        are shared (benchmarks/RESULTS.md, "ONNX Runtime's own levers"). `initializers` replace the graph's own
+        of those names (LoRA-merged weights) in this session; those named in `external` are stored as external
+        data in the graph file. `model_bytes`: the graph (`path`) serialized with some initializers already
+        replaced (sdengine.backends.onnxruntime_backend)."""
         ort = import_ort()
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry(SPINNING, "0")
         self.initializers: dict[str, Any] = {}  # the OrtValues given: they must outlive the session
         inline = {k: v for k, v in (initializers or {}).items() if k not in external}
         if inline:
