@@ -15,6 +15,7 @@ from . import build_cli  # loads no tensorrt or torch
 from .bench import cli as bench_cli  # loads no torch
 from .bench.settings import load_options
 from .samplers import build_schedule, canonical_name, sampler_names  # numpy only
+from .specs import VALIDATE_QUICK, VALIDATION_MODES  # numpy only
 from .serve import cli as serve_cli  # loads no uvicorn, starlette or torch
 
 MAX_STEPS = 1000
@@ -107,6 +108,10 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step-cache", type=int, nargs="?", const=0, default=None, metavar="BRANCH",
                    help="also export step caching's full and shallow step graphs for this branch (default 0), for "
                         "--cache-interval (README, \"Step caching\"); without it they are not exported")
+    p.add_argument("--validate", choices=VALIDATION_MODES, default=VALIDATE_QUICK,
+                   help="shape points ONNX Runtime is checked at against torch: quick (default: the smallest shape "
+                        "and one with another batch, odd non-square sides and two prompt chunks), or full (also the "
+                        "opt shape and the largest: slow, and the memory of running the largest shape)")
     p.add_argument("--force", action="store_true", help="re-export graphs that are up to date")
 
 
@@ -340,7 +345,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.unet_graph:
         slots["graphs"] = ExportSettings().graphs + (UNET,)
     settings = ExportSettings(precision="fp16" if args.fp16 else "fp32", opset=args.opset, static=args.static,
-                              force=args.force, step_cache=args.step_cache, **ranges, **slots)
+                              force=args.force, step_cache=args.step_cache, validate=args.validate, **ranges, **slots)
     if args.model is None:
         from .demo import embedded_model_path
 

@@ -23,7 +23,7 @@ from ..files import write_json_atomic
 from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_KEY, META_SOURCE, REPORT, TOKENIZER_2_DIR,
                         file_record, sha256_file)
 from ..models.loading import Components, load_components
-from ..specs import VAE_DECODER, VAE_ENCODER, ShapeRanges, graph_specs, profile, spec_of, validation_points
+from ..specs import VAE_DECODER, VAE_ENCODER, ShapeRanges, graph_specs, profile, spec_of, trace_point
 from .settings import CACHE_GRAPH_ORDER, GRAPH_ORDER, ExportSettings
 from .tokenizer_files import write_tokenizer
 from .validate import GraphResult, compare, format_table, structural_checks
@@ -123,17 +123,17 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
     try:
         gm = build(name, c, ranges.cache_branch)
-        model = trace(gm, validation_points(c.config, ranges)[0], settings.opset, ranges.static)
+        traced = trace(gm, trace_point(c.config, ranges), settings.opset, ranges.static)
         if precision == "fp16":
-            model = to_fp16(model, gm.spec, gm.body, gm.fp32_attention)
-        set_metadata(model, {META_GRAPH: name, META_SOURCE: source, META_KEY: key,
-                             "sdengine.precision": precision, "sdengine.version": __version__})
+            traced = to_fp16(traced, gm.spec, gm.body, gm.fp32_attention)
+        set_metadata(traced.model, {META_GRAPH: name, META_SOURCE: source, META_KEY: key,
+                                    "sdengine.precision": precision, "sdengine.version": __version__})
         component = gm.spec.component
-        params = parameter_map(model, component, getattr(c, component)) if component in LORA_COMPONENTS else None
-        location = save(model, tmp / gm.spec.file)
-        del model
+        params = parameter_map(traced, component, getattr(c, component)) if component in LORA_COMPONENTS else None
+        location = save(traced, tmp / gm.spec.file)
+        del traced
         result.checks = structural_checks(tmp / gm.spec.file, gm.spec, c.config, ranges)
-        compare(tmp / gm.spec.file, gm, c.config, ranges, settings.precision, seed, result)
+        compare(tmp / gm.spec.file, gm, c.config, ranges, settings.precision, seed, result, settings.validate)
         if result.status == "passed":
             entry = _install(tmp, out, gm.spec.file, location, key)
             if precision != settings.precision.value:  # an SDXL VAE kept fp32 (force_upcast)

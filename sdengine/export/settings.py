@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import InvalidInputError
-from ..specs import ALL_GRAPHS, CACHE_GRAPHS, MAX_BATCH, STATE_SLOTS, UNET, Precision, Range, ShapeRanges
+from ..specs import (ALL_GRAPHS, CACHE_GRAPHS, MAX_BATCH, STATE_SLOTS, UNET, VALIDATE_QUICK, VALIDATION_MODES, Precision,
+                     Range, ShapeRanges)
 
 DEFAULT_OPSET = 17
 OPSETS = range(17, 21)  # LayerNormalization needs 17; the TorchScript exporter stops at 20
@@ -57,6 +58,7 @@ class ExportSettings:
     state_slots: int = STATE_SLOTS  # the denoise step's sampler state (README, "Samplers")
     max_prompt_chunks: int | None = None  # prompt chunks the step graph reads (None: 8, or 1 when static)
     step_cache: int | None = None  # step caching's branch: also export the full and shallow step graphs (README)
+    validate: str = VALIDATE_QUICK  # shape points checked (specs.validation_points); not part of a graph's key
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision(self.precision))
@@ -79,6 +81,9 @@ class ExportSettings:
                                             or self.step_cache < 0):
             raise InvalidInputError(f"--step-cache takes step caching's branch, an integer >= 0 (0: the shallowest, "
                                     f"deepcache's default), got {self.step_cache!r}")
+
+        if self.validate not in VALIDATION_MODES:
+            raise InvalidInputError(f"--validate takes {' or '.join(VALIDATION_MODES)}, got {self.validate!r}")
 
     def ranges(self, config: ModelConfig) -> ShapeRanges:
         """The shape ranges for `config`, checked against its latent factor."""
