@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -283,3 +284,46 @@ def test_fp16_conversion_without_copies_gives_the_converters_graph(tiny_componen
         assert value.dtype == ref.dtype and value.tobytes() == ref.tobytes(), got.name
         halves += got.name in new.arrays and value.dtype == np.float16
     assert halves > 0 and set(new.arrays) <= {t.name for t in new.model.graph.initializer}
+
+
+def test_detach_reads_external_and_inline_tensors_and_save_streams_them(tmp_path):
+    """`detach` holds every external initializer (the exporter writes graphs over 2 GB so) and every inline one over
+    4 KiB as a numpy array, and `save` writes them back, inline or streamed: the values survive both ways."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdengine.export import onnx_io
+
+    rng = np.random.default_rng(0)
+    values = {"big": rng.standard_normal((64, 48)).astype(np.float32), "half": rng.standard_normal(3000).astype(
+        np.float16), "small": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    inits = [numpy_helper.from_array(v, k) for k, v in values.items()]
+    nodes = [helper.make_node("Identity", [k], [f"{k}_out"]) for k in values]
+    outs = [helper.make_tensor_value_info(f"{k}_out", helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+            for k, v in values.items()]
+    for external in (True, False):
+        model = helper.make_model(helper.make_graph(nodes, "g", [], outs, inits))  # onnx.save_model changes it
+        src = tmp_path / f"src-{external}" / "g.onnx"
+        src.parent.mkdir()
+        onnx.save_model(model, str(src), save_as_external_data=external, all_tensors_to_one_file=False,
+                        size_threshold=0)
+        traced = onnx_io.detach(src)
+        held = ["big", "half", "small"] if external else ["big", "half"]  # external, or inline over 4 KiB
+        assert sorted(traced.arrays) == held
+        assert not any(t.raw_data or t.external_data for t in traced.model.graph.initializer if t.name in traced.arrays)
+        for t in traced.model.graph.initializer:
+            assert np.array_equal(traced.value(t), values[t.name]) and traced.value(t).dtype == values[t.name].dtype
+        for limit in (0, onnx_io.PROTO_LIMIT):
+            again = onnx_io.detach(src)
+            dst = tmp_path / f"dst-{external}-{limit}"
+            dst.mkdir()
+            with mock.patch.object(onnx_io, "PROTO_LIMIT", limit):
+                location = onnx_io.save(again, dst / "g.onnx")
+            assert again.arrays == {} and location == (None if limit else "g.onnx.data")
+            saved = onnx.load(str(dst / "g.onnx"))  # reads the external data back
+            assert {t.name: numpy_helper.to_array(t).tolist() for t in saved.graph.initializer} == \
+                {k: v.tolist() for k, v in values.items()}
+            if location:
+                offsets = [int({e.key: e.value for e in t.external_data}["offset"])
+                           for t in onnx.load(str(dst / "g.onnx"), load_external_data=False).graph.initializer
+                           if t.external_data]
+                assert len(offsets) == len(held) and all(o % onnx_io.ALIGN == 0 for o in offsets)
