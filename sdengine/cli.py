@@ -16,6 +16,7 @@ from .bench import cli as bench_cli  # loads no torch
 from .bench.settings import load_options
 from .export.settings import DEFAULT_INT8, INT8_OPS  # loads no torch
 from .samplers import build_schedule, canonical_name, sampler_names  # numpy only
+from .specs import VALIDATE_QUICK, VALIDATION_MODES  # numpy only
 from .serve import cli as serve_cli  # loads no uvicorn, starlette or torch
 
 MAX_STEPS = 1000
@@ -113,6 +114,10 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"quantize the U-Net's weights to int8 for the CPU (ONNX Runtime dynamic quantization): "
                         f"{' or '.join(INT8_OPS)} (default {DEFAULT_INT8}); the text encoder and VAE stay fp32 "
                         f"(README, \"int8\")")
+    p.add_argument("--validate", choices=VALIDATION_MODES, default=VALIDATE_QUICK,
+                   help="shape points ONNX Runtime is checked at against torch: quick (default: the smallest shape "
+                        "and one with another batch, odd non-square sides and two prompt chunks), or full (also the "
+                        "opt shape and the largest: slow, and the memory of running the largest shape)")
     p.add_argument("--force", action="store_true", help="re-export graphs that are up to date")
 
 
@@ -346,7 +351,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.unet_graph:
         slots["graphs"] = ExportSettings().graphs + (UNET,)
     settings = ExportSettings(precision="fp16" if args.fp16 else "fp32", opset=args.opset, static=args.static,
-                              force=args.force, step_cache=args.step_cache, int8=args.int8, **ranges, **slots)
+                              force=args.force, step_cache=args.step_cache, int8=args.int8, validate=args.validate,
+                              **ranges, **slots)
     if args.model is None:
         from .demo import embedded_model_path
 

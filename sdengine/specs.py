@@ -436,19 +436,51 @@ def shapes(spec: GraphSpec, dims: Mapping[str, int]) -> dict[str, tuple[int, ...
             for t in spec.inputs + spec.outputs}
 
 
-def validation_points(config: ModelConfig, ranges: ShapeRanges) -> list[dict[str, int]]:
-    """Two shape points: the opt shape, and one more image with other (odd where possible) sides and rows, and
-    two prompt chunks where the export reads them."""
+VALIDATE_QUICK, VALIDATE_FULL = "quick", "full"
+VALIDATION_MODES = (VALIDATE_QUICK, VALIDATE_FULL)  # `sdengine export --validate`
+
+
+def _side(r: Range, base: int, offsets: tuple[int, ...], avoid: tuple[int, ...] = ()) -> int:
+    """The first `base + offset` inside `r` and not in `avoid` (else the first inside `r`, else `base`)."""
+    inside = [base + o for o in offsets if base + o in r]
+    return next((v for v in inside if v not in avoid), inside[0] if inside else base)
+
+
+def trace_point(config: ModelConfig, ranges: ShapeRanges) -> dict[str, int]:
+    """The shape point a graph is traced at: the smallest of the range (guided rows, one prompt chunk)."""
+    d = dim_ranges(config, ranges)
+    return point_dims(config, d["batch"].min, d["latent_height"].min, d["latent_width"].min, slots=ranges.slots,
+                      branch=ranges.cache_branch)
+
+
+def validation_points(config: ModelConfig, ranges: ShapeRanges, mode: str = VALIDATE_QUICK) -> list[dict[str, int]]:
+    """The shape points ONNX Runtime is checked at against the reference.
+
+    quick (the default): the trace point (the smallest shape), and a point that moves every dynamic axis away
+    from it: one more image, an odd row count, two prompt chunks where the export reads them, and odd,
+    non-square sides other than the trace point's (264x280 on SD 1.5 against 256x256). Both are cheap: the
+    networks run at the bottom of the range. full adds the opt shape and the largest (every axis at its max).
+    A static export has one shape: the trace point twice, with other random inputs.
+    """
+    if mode not in VALIDATION_MODES:
+        raise InvalidInputError(f"validation mode must be one of {', '.join(VALIDATION_MODES)}, got {mode!r}")
     d = dim_ranges(config, ranges)
     b, lh, lw = d["batch"], d["latent_height"], d["latent_width"]
-    first = point_dims(config, b.opt, lh.opt, lw.opt, slots=ranges.slots, branch=ranges.cache_branch)
-    h2 = lh.min if lh.min != lh.opt else lh.max
-    w2 = next((w for w in (lw.opt + 1, lw.opt - 1) if lw.min <= w <= lw.max), lw.opt)
-    b2 = min(b.max, b.opt + 1)
+    first = trace_point(config, ranges)
+    h2 = _side(lh, lh.min, (1, 3, 2))
+    w2 = _side(lw, lw.min, (3, 1, 5, 2), avoid=(h2,))
+    b2 = min(b.max, b.min + 1)
     rows2 = 2 * b2 if ranges.static else min(d["rows"].max, max(d["rows"].min, 2 * b2 - 1))  # an odd row count
     context2 = d["context"].min * min(2, ranges.chunks)
-    return [first, point_dims(config, b2, h2, w2, rows=rows2, slots=ranges.slots, context=context2,
-                              branch=ranges.cache_branch)]
+    other = point_dims(config, b2, h2, w2, rows=rows2, slots=ranges.slots, context=context2,
+                       branch=ranges.cache_branch)
+    points = [first, other]
+    if mode == VALIDATE_FULL:
+        opt = point_dims(config, b.opt, lh.opt, lw.opt, slots=ranges.slots, branch=ranges.cache_branch)
+        top = point_dims(config, b.max, lh.max, lw.max, rows=d["rows"].max, slots=ranges.slots,
+                         context=d["context"].max, branch=ranges.cache_branch)
+        points += [p for p in (opt, top) if p not in points]
+    return points
 
 
 def sample_inputs(spec: GraphSpec, config: ModelConfig, dims: Mapping[str, int],

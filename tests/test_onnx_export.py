@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -18,7 +19,9 @@ import onnxruntime as ort
 from sdengine.errors import InvalidInputError, SDEngineError
 from sdengine.export import ExportSettings, export_model
 from sdengine.manifest import Manifest, sha256_file
-from sdengine.specs import GRAPHS, TOLERANCE, Precision, ShapeRanges, point_dims, sample_inputs
+from sdengine.config import ModelConfig
+from sdengine.specs import (GRAPHS, TOLERANCE, Precision, ShapeRanges, point_dims, sample_inputs, trace_point,
+                            validation_points)
 
 ALL = tuple(GRAPHS)
 DEFAULT = tuple(g for g in ALL if g in ExportSettings().graphs)  # all but the plain U-Net (--unet-graph)
@@ -36,6 +39,7 @@ def test_every_graph_passes_and_is_recorded(request, precision):
         assert g["status"] == "passed" and g["max_rel_l2"] < TOLERANCE[Precision(precision)]
         assert g["checks"] == {"onnx.checker": "ok", "shape_inference": "ok", "io_matches_spec": "ok"}
         assert len(g["points"]) == 2 and g["points"][0]["dims"] != g["points"][1]["dims"]
+        assert g["validation"] == "quick"
     assert graphs["vae_decoder"]["min_psnr_db"] >= 35
     manifest = Manifest.read(folder)
     assert manifest.precision.value == precision and manifest.ranges == ShapeRanges.default(manifest.config)
@@ -125,6 +129,10 @@ def test_large_graph_goes_to_one_external_data_file(onnx_fp32_dir, tiny_model_di
     entry = Manifest.read(folder).graphs["vae_decoder"]
     assert list(entry["external_data"]) == ["vae_decoder.onnx.data"]
     assert (folder / "vae_decoder.onnx").stat().st_size < 100_000 < (folder / "vae_decoder.onnx.data").stat().st_size
+    from sdengine.files import umask_mode
+
+    for name in ("vae_decoder.onnx", "vae_decoder.onnx.data"):  # what open() gives, not a writer's 0o600
+        assert (folder / name).stat().st_mode & 0o777 == umask_mode(0o666), name
     import sdengine
 
     image = sdengine.load_pipeline(folder, backend="onnxruntime")("a cat", num_inference_steps=2, seed=0).images[0]
@@ -191,3 +199,135 @@ def test_export_script_is_the_cli(tiny_model_dir, tmp_path):
                         "--opset", "3"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(script.parent.parent)})
     assert r.returncode == 2 and "--opset must be between 17 and 20" in r.stderr
+
+
+def test_quick_validation_points_are_small_and_move_every_dynamic_axis():
+    """SD 1.5's default ranges (1-4 images, 256-1024 px): the trace point is the smallest shape, and the second
+    point differs from it in every dynamic axis while staying at the bottom of the range (no 512 or 1024 px run)."""
+    config = ModelConfig.sd15()
+    ranges = ShapeRanges.default(config)
+    first, other = validation_points(config, ranges)
+    assert first == trace_point(config, ranges)
+    assert (first["batch"], first["height"], first["width"], first["rows"], first["context"]) == (1, 256, 256, 2, 77)
+    assert (other["batch"], other["height"], other["width"], other["rows"], other["context"]) == (2, 264, 280, 3, 154)
+    for dim in ("batch", "rows", "latent_height", "latent_width", "context"):
+        assert other[dim] != first[dim], dim
+    assert other["latent_height"] % 2 and other["latent_width"] % 2  # odd latent sides: the U-Net's padded path
+
+
+def test_full_validation_adds_the_opt_and_largest_shapes():
+    config = ModelConfig.sd15()
+    ranges = ShapeRanges.default(config)
+    quick, full = validation_points(config, ranges), validation_points(config, ranges, "full")
+    assert full[:2] == quick and len(full) == 4
+    assert (full[2]["batch"], full[2]["height"], full[2]["width"]) == (1, 512, 512)
+    assert (full[3]["batch"], full[3]["height"], full[3]["width"], full[3]["rows"], full[3]["context"]) == \
+        (4, 1024, 1024, 8, 77 * 8)
+    static = ShapeRanges.default(config, static=True)
+    assert validation_points(config, static, "full") == validation_points(config, static)  # one shape: no more
+    assert validation_points(config, static)[0] == validation_points(config, static)[1]
+    with pytest.raises(InvalidInputError, match="quick, full"):
+        validation_points(config, ranges, "all")
+
+
+def test_validate_setting_and_flag():
+    from sdengine.cli import build_parser
+
+    assert ExportSettings().validate == "quick"
+    with pytest.raises(InvalidInputError, match="--validate takes quick or full"):
+        ExportSettings(validate="all")
+    parser = build_parser()
+    assert parser.parse_args(["export", "--out", "x"]).validate == "quick"
+    assert parser.parse_args(["export", "--out", "x", "--validate", "full"]).validate == "full"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["export", "--out", "x", "--validate", "all"])
+
+
+def test_full_validation_runs_every_point(tiny_model_dir, tmp_path):
+    out = tmp_path / "full"
+    (result,) = export_model(tiny_model_dir, out, ExportSettings(graphs=("vae_decoder",), validate="full"),
+                             log=lambda line: None)
+    ranges = ShapeRanges.default(ModelConfig.tiny())
+    wanted = [{"batch": p["batch"], "latent_height": p["latent_height"], "latent_width": p["latent_width"]}
+              for p in validation_points(ModelConfig.tiny(), ranges, "full")]
+    assert result.status == "passed" and report(out)["graphs"][0]["validation"] == "full"
+    assert [p["dims"] for p in report(out)["graphs"][0]["points"]] == wanted and len(wanted) >= 3
+    assert wanted[-1] == {"batch": 4, "latent_height": 16, "latent_width": 16}  # the largest shape
+
+
+@pytest.mark.parametrize("name", ["vae_decoder", "denoise_step"])
+def test_fp16_conversion_without_copies_gives_the_converters_graph(tiny_components, tmp_path, name):
+    """The fp16 graph built from a protobuf without the large tensors' data (Traced) is the graph ONNX Runtime's
+    converter makes from the whole protobuf, as before: the same nodes, and every initializer bit for bit."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from sdengine.export import fp16, onnx_io
+    from sdengine.export.wrappers import build
+
+    gm = build(name, tiny_components)
+    ranges = ShapeRanges.default(tiny_components.config)
+    traced = onnx_io.trace(gm, trace_point(tiny_components.config, ranges), 17, False)
+    assert traced.arrays and not any(t.raw_data for t in traced.model.graph.initializer if t.name in traced.arrays)
+    onnx_io.save(onnx_io.Traced(onnx.ModelProto.FromString(traced.model.SerializeToString()), dict(traced.arrays)),
+                 tmp_path / "fp32.onnx")
+    whole = onnx.load(str(tmp_path / "fp32.onnx"))  # the old path: every tensor inside the protobuf
+    fp16.fold_constant_nodes(whole)
+    keep = fp16.fp32_nodes(whole, gm.spec, gm.body, gm.fp32_attention)
+    whole = convert_float_to_float16(fp16._with_value_info(whole), keep_io_types=True,
+                                     op_block_list=list(fp16.FP32_OPS), node_block_list=keep, disable_shape_infer=True)
+    fp16.toposort(whole.graph)
+    fp16.collapse_casts(whole)
+
+    new = fp16.to_fp16(traced, gm.spec, gm.body, gm.fp32_attention)
+    assert [n.SerializeToString() for n in new.model.graph.node] == [n.SerializeToString() for n in whole.graph.node]
+    assert len(new.model.graph.initializer) == len(whole.graph.initializer)
+    halves = 0
+    for got, want in zip(new.model.graph.initializer, whole.graph.initializer):
+        assert (got.name, got.data_type, list(got.dims)) == (want.name, want.data_type, list(want.dims))
+        value, ref = new.value(got), onnx.numpy_helper.to_array(want)
+        assert value.dtype == ref.dtype and value.tobytes() == ref.tobytes(), got.name
+        halves += got.name in new.arrays and value.dtype == np.float16
+    assert halves > 0 and set(new.arrays) <= {t.name for t in new.model.graph.initializer}
+
+
+def test_detach_reads_external_and_inline_tensors_and_save_streams_them(tmp_path):
+    """`detach` holds every external initializer (the exporter writes graphs over 2 GB so) and every inline one over
+    4 KiB as a numpy array, and `save` writes them back, inline or streamed: the values survive both ways."""
+    from onnx import helper, numpy_helper
+
+    from sdengine.export import onnx_io
+
+    rng = np.random.default_rng(0)
+    values = {"big": rng.standard_normal((64, 48)).astype(np.float32), "half": rng.standard_normal(3000).astype(
+        np.float16), "small": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    inits = [numpy_helper.from_array(v, k) for k, v in values.items()]
+    nodes = [helper.make_node("Identity", [k], [f"{k}_out"]) for k in values]
+    outs = [helper.make_tensor_value_info(f"{k}_out", helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+            for k, v in values.items()]
+    for external in (True, False):
+        model = helper.make_model(helper.make_graph(nodes, "g", [], outs, inits))  # onnx.save_model changes it
+        src = tmp_path / f"src-{external}" / "g.onnx"
+        src.parent.mkdir()
+        onnx.save_model(model, str(src), save_as_external_data=external, all_tensors_to_one_file=False,
+                        size_threshold=0)
+        traced = onnx_io.detach(src)
+        held = ["big", "half", "small"] if external else ["big", "half"]  # external, or inline over 4 KiB
+        assert sorted(traced.arrays) == held
+        assert not any(t.raw_data or t.external_data for t in traced.model.graph.initializer if t.name in traced.arrays)
+        for t in traced.model.graph.initializer:
+            assert np.array_equal(traced.value(t), values[t.name]) and traced.value(t).dtype == values[t.name].dtype
+        for limit in (0, onnx_io.PROTO_LIMIT):
+            again = onnx_io.detach(src)
+            dst = tmp_path / f"dst-{external}-{limit}"
+            dst.mkdir()
+            with mock.patch.object(onnx_io, "PROTO_LIMIT", limit):
+                location = onnx_io.save(again, dst / "g.onnx")
+            assert again.arrays == {} and location == (None if limit else "g.onnx.data")
+            saved = onnx.load(str(dst / "g.onnx"))  # reads the external data back
+            assert {t.name: numpy_helper.to_array(t).tolist() for t in saved.graph.initializer} == \
+                {k: v.tolist() for k, v in values.items()}
+            if location:
+                offsets = [int({e.key: e.value for e in t.external_data}["offset"])
+                           for t in onnx.load(str(dst / "g.onnx"), load_external_data=False).graph.initializer
+                           if t.external_data]
+                assert len(offsets) == len(held) and all(o % onnx_io.ALIGN == 0 for o in offsets)

@@ -14,12 +14,14 @@ is one explicit Cast: a strongly typed TensorRT build follows these types exactl
 from __future__ import annotations
 
 from typing import Iterable
+from unittest import mock
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
 from ..specs import GraphSpec
-from .onnx_io import value_types
+from .onnx_io import Traced, value_types
 
 FP32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "Softmax")
 _SHAPE_OPS = ("Shape", "Size")  # integer outputs: no float data flows through them
@@ -153,19 +155,37 @@ def toposort(g: onnx.GraphProto) -> None:
     g.node.extend(ordered)
 
 
-def to_fp16(model: onnx.ModelProto, spec: GraphSpec, body: tuple[str, ...] | None,
-            fp32_attention: bool) -> onnx.ModelProto:
-    """The fp16 graph of an fp32 trace (see the module docstring for what stays fp32)."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+def to_fp16(traced: Traced, spec: GraphSpec, body: tuple[str, ...] | None, fp32_attention: bool) -> Traced:
+    """The fp16 graph of an fp32 trace (see the module docstring for what stays fp32), converted in place.
 
+    The converter sees the protobuf without the large initializers' data and only retypes those it converts;
+    each of their arrays is then rounded by the converter's own function, one at a time, the fp32 array dropped.
+    """
+    from onnxruntime.transformers import float16
+
+    model = traced.model
     fold_constant_nodes(model)
     keep = fp32_nodes(model, spec, body, fp32_attention)
     model = _with_value_info(model)
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP32_OPS),
-                                     node_block_list=keep, disable_shape_infer=True)
+    # The converter reads a converted initializer's shape through numpy_helper.to_array, which needs its data:
+    # the held ones have none in the protobuf, so their shape comes from their dims (the same value).
+    with mock.patch.object(float16, "make_value_info_from_tensor", _value_info_from_dims):
+        model = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP32_OPS),
+                                                 node_block_list=keep, disable_shape_infer=True)
+    for t in model.graph.initializer:
+        held = traced.arrays.get(t.name)
+        if held is not None and t.data_type == TensorProto.FLOAT16 and held.dtype == np.float32:
+            traced.arrays[t.name] = float16.convert_np_to_float16(held)
+        del held
     toposort(model.graph)
     collapse_casts(model)
-    return model
+    traced.model = model
+    traced.drop_unused()
+    return traced
+
+
+def _value_info_from_dims(tensor: TensorProto) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
 
 def _with_value_info(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -13,9 +13,10 @@ import hashlib
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 from torch import nn
+
+from .onnx_io import Traced
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -25,8 +26,8 @@ def _key(array: np.ndarray) -> tuple:
     return array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).digest()
 
 
-def parameter_map(model: onnx.ModelProto, component: str, module: nn.Module) -> dict[str, dict[str, Any]]:
-    """The initializers of `model` that hold `module`'s weights (ndim >= 2), by their checkpoint names."""
+def parameter_map(traced: Traced, component: str, module: nn.Module) -> dict[str, dict[str, Any]]:
+    """The initializers of the graph that hold `module`'s weights (ndim >= 2), by their checkpoint names."""
     index: dict[tuple, set[tuple[str, bool]]] = {}
     for name, p in module.named_parameters():
         if p.ndim < 2:
@@ -36,10 +37,10 @@ def parameter_map(model: onnx.ModelProto, component: str, module: nn.Module) -> 
             for dtype in (np.float32, np.float16):
                 index.setdefault(_key(arr.astype(dtype)), set()).add((f"{component}.{name}", transposed))
     out: dict[str, dict[str, Any]] = {}
-    for init in model.graph.initializer:
+    for init in traced.model.graph.initializer:
         if init.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or len(init.dims) < 2:
             continue
-        hits = index.get(_key(numpy_helper.to_array(init)))
+        hits = index.get(_key(traced.value(init)))
         if not hits or len(hits) > 1:
             continue
         (param, transposed), = hits

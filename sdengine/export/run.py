@@ -19,11 +19,11 @@ import torch
 
 from .. import __version__
 from ..errors import SDEngineError
-from ..files import write_json_atomic
+from ..files import umask_mode, write_json_atomic
 from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_INT8, META_KEY, META_SOURCE, REPORT,
                         TOKENIZER_2_DIR, file_record, sha256_file)
 from ..models.loading import Components, load_components
-from ..specs import VAE_DECODER, VAE_ENCODER, ShapeRanges, graph_specs, profile, spec_of, validation_points
+from ..specs import VAE_DECODER, VAE_ENCODER, ShapeRanges, graph_specs, profile, spec_of, trace_point
 from .settings import CACHE_GRAPH_ORDER, GRAPH_ORDER, INT8_OPS, ExportSettings
 from .tokenizer_files import write_tokenizer
 from .validate import GraphResult, compare, format_table, structural_checks
@@ -101,6 +101,8 @@ def _install(tmp: Path, out: Path, file: str, location: str | None, key: str) ->
     external = {location: records[location]["sha256"]} if location else {}
     entry = {"file": file, "sha256": records[file]["sha256"], "external_data": external, "key": key,
              "files": {f: {"size": r["size"], "fingerprint": r["fingerprint"]} for f, r in records.items()}}
+    for f in records:  # what open() gives (umask applied): some writers (onnx's external data) create files 0o600
+        (tmp / f).chmod(umask_mode(0o666))
     if location:
         (tmp / location).replace(out / location)
     (tmp / file).replace(out / file)
@@ -126,20 +128,21 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
     try:
         gm = build(name, c, ranges.cache_branch)
-        model = trace(gm, validation_points(c.config, ranges)[0], settings.opset, ranges.static)
+        traced = trace(gm, trace_point(c.config, ranges), settings.opset, ranges.static)
         if precision == "fp16":
-            model = to_fp16(model, gm.spec, gm.body, gm.fp32_attention)
-        set_metadata(model, {META_GRAPH: name, META_SOURCE: source, META_KEY: key,
-                             "sdengine.precision": precision, "sdengine.version": __version__,
-                             **({META_INT8: int8} if int8 else {})})
+            traced = to_fp16(traced, gm.spec, gm.body, gm.fp32_attention)
+        set_metadata(traced.model, {META_GRAPH: name, META_SOURCE: source, META_KEY: key,
+                                    "sdengine.precision": precision, "sdengine.version": __version__,
+                                    **({META_INT8: int8} if int8 else {})})
         component = gm.spec.component
-        params = parameter_map(model, component, getattr(c, component)) if component in LORA_COMPONENTS else None
+        params = parameter_map(traced, component, getattr(c, component)) if component in LORA_COMPONENTS else None
         path = tmp / gm.spec.file
         if int8:  # the fp32 graph passes first, then goes through the quantizer (its weights get other names)
             (tmp / "fp32").mkdir()
-            save(model, tmp / "fp32" / gm.spec.file)
-            del model
-            compare(tmp / "fp32" / gm.spec.file, gm, c.config, ranges, settings.precision, seed, result)
+            save(traced, tmp / "fp32" / gm.spec.file)
+            del traced
+            compare(tmp / "fp32" / gm.spec.file, gm, c.config, ranges, settings.precision, seed, result,
+                    settings.validate)
             if result.status != "passed":
                 raise RuntimeError(f"the fp32 graph before quantization: {result.error}")
             result.checks["fp32_before_int8"] = f"max rel L2 {result.max_rel_l2:.2e}"
@@ -147,10 +150,10 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
             location, params = quantize(tmp / "fp32" / gm.spec.file, path, int8), None
             shutil.rmtree(tmp / "fp32")
         else:
-            location = save(model, path)
-            del model
+            location = save(traced, path)
+            del traced
         result.checks.update(structural_checks(path, gm.spec, c.config, ranges))
-        compare(path, gm, c.config, ranges, settings.precision, seed, result, int8=int8 is not None)
+        compare(path, gm, c.config, ranges, settings.precision, seed, result, settings.validate, int8=int8 is not None)
         if result.status == "passed":
             entry = _install(tmp, out, gm.spec.file, location, key)
             if precision != settings.precision.value:  # an SDXL VAE kept fp32 (force_upcast)

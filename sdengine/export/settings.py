@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..config import ModelConfig
 from ..errors import InvalidInputError
-from ..specs import ALL_GRAPHS, CACHE_GRAPHS, DENOISE_STEP, MAX_BATCH, STATE_SLOTS, UNET, Precision, Range, ShapeRanges
+from ..specs import (ALL_GRAPHS, CACHE_GRAPHS, DENOISE_STEP, MAX_BATCH, STATE_SLOTS, UNET, VALIDATE_QUICK,
+                     VALIDATION_MODES, Precision, Range, ShapeRanges)
 
 DEFAULT_OPSET = 17
 OPSETS = range(17, 21)  # LayerNormalization needs 17; the TorchScript exporter stops at 20
@@ -62,6 +63,7 @@ class ExportSettings:
     max_prompt_chunks: int | None = None  # prompt chunks the step graph reads (None: 8, or 1 when static)
     step_cache: int | None = None  # step caching's branch: also export the full and shallow step graphs (README)
     int8: str | None = None  # a key of INT8_OPS: the U-Net graphs quantized to int8 for the CPU (README, "int8")
+    validate: str = VALIDATE_QUICK  # shape points checked (specs.validation_points); not part of a graph's key
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision(self.precision))
@@ -85,6 +87,8 @@ class ExportSettings:
             raise InvalidInputError(f"--step-cache takes step caching's branch, an integer >= 0 (0: the shallowest, "
                                     f"deepcache's default), got {self.step_cache!r}")
 
+        if self.validate not in VALIDATION_MODES:
+            raise InvalidInputError(f"--validate takes {' or '.join(VALIDATION_MODES)}, got {self.validate!r}")
         if self.int8 is not None and self.int8 not in INT8_OPS:
             raise InvalidInputError(f"--int8 takes one of {', '.join(INT8_OPS)}, got {self.int8!r}")
         if self.int8 is not None and self.precision is not Precision.FP32:

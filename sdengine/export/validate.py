@@ -1,5 +1,6 @@
 """Checks every graph passes before it is written: onnx.checker, strict shape inference, the declared IO
-against sdengine.specs, and ONNX Runtime outputs against the PyTorch reference at two shapes."""
+against sdengine.specs, and ONNX Runtime outputs against the PyTorch reference at the shape points of
+sdengine.specs.validation_points (two cheap ones by default; `full` adds the opt and the largest shape)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import numpy as np
 import onnx
 
 from ..config import ModelConfig
-from ..specs import INT8_TOLERANCE, MIN_PSNR_DB, TOLERANCE, GraphSpec, Precision, ShapeRanges, fixed_dims, \
-    sample_inputs, validation_points
+from ..specs import INT8_TOLERANCE, MIN_PSNR_DB, TOLERANCE, VALIDATE_QUICK, GraphSpec, Precision, ShapeRanges, \
+    fixed_dims, sample_inputs, trace_point, validation_points
 from .wrappers import GraphModule
 
 _SHOWN_DIMS = ("batch", "rows", "latent_height", "latent_width")
@@ -27,6 +28,7 @@ class GraphResult:
     graph: str
     precision: str
     status: str = "failed"                       # passed | failed | up to date
+    validation: str = VALIDATE_QUICK             # which shape points (sdengine.specs.validation_points)
     checks: dict[str, str] = field(default_factory=dict)
     points: list[dict[str, Any]] = field(default_factory=list)
     max_rel_l2: float | None = None
@@ -104,16 +106,16 @@ def structural_checks(path: Path, spec: GraphSpec, config: ModelConfig, ranges: 
                                                data_prop=True)
         inferred = onnx.load(str(out), load_external_data=False)
     checks["shape_inference"] = "ok"
-    check_io(inferred, spec, config, validation_points(config, ranges)[0] if ranges.static else None, ranges.slots,
+    check_io(inferred, spec, config, trace_point(config, ranges) if ranges.static else None, ranges.slots,
              ranges.cache_branch)
     checks["io_matches_spec"] = "ok"
     return checks
 
 
 def compare(path: Path, gm: GraphModule, config: ModelConfig, ranges: ShapeRanges, precision: Precision,
-            seed: int, result: GraphResult, int8: bool = False) -> None:
-    """ORT (CPU) against the fp32 reference on fresh random inputs at two shapes; fills `result` (`int8`: a
-    graph quantized by --int8, held to INT8_TOLERANCE)."""
+            seed: int, result: GraphResult, mode: str = VALIDATE_QUICK, int8: bool = False) -> None:
+    """ORT (CPU) against the fp32 reference on fresh random inputs at the `mode` shape points; fills `result`
+    (`int8`: a graph quantized by --int8, held to INT8_TOLERANCE)."""
     import onnxruntime as ort
 
     spec = gm.spec
@@ -122,7 +124,8 @@ def compare(path: Path, gm: GraphModule, config: ModelConfig, ranges: ShapeRange
     result.tolerance, result.psnr_floor_db = (INT8_TOLERANCE, None) if int8 else \
         (TOLERANCE[precision], MIN_PSNR_DB[precision])
     errors, psnrs = [], []
-    for dims in validation_points(config, ranges):
+    result.validation = mode
+    for dims in validation_points(config, ranges, mode):
         inputs = sample_inputs(spec, config, dims, rng)
         got = dict(zip(spec.output_names, session.run(spec.output_names, inputs)))
         ref = gm.reference(inputs)
