@@ -286,8 +286,12 @@ def test_cli_generate_with_loras(tiny_model_dir, tmp_path, kohya_file, peft_file
     assert [(x["name"], x["scale"]) for x in __import__("json").loads(image.text["loras"])] == [
         ("style", 0.8), ("detail", 1.0)]
     pipe = sdengine.load_pipeline(tiny_model_dir, loras={kohya_file: 0.8, peft_file: 1.0})
-    same = np.asarray(pipe("a cat", num_inference_steps=3, seed=5).images[0])
-    assert np.array_equal(np.asarray(image.convert("RGB")), same)
+    same = np.asarray(pipe("a cat", num_inference_steps=3, seed=5).images[0]).astype(np.int16)
+    base = np.asarray(sdengine.load_pipeline(tiny_model_dir)("a cat", num_inference_steps=3, seed=5).images[0])
+    got = np.asarray(image.convert("RGB")).astype(np.int16)
+    # The command line runs at its default thread count (usable cores less one), this process at torch's: CPU
+    # kernels round differently across thread counts (at most 1/255, README "Batch against alone").
+    assert np.abs(got - same).max() <= 1 and np.abs(got - base.astype(np.int16)).max() > 1
     for extra, message in ((["--lora", str(tmp_path / "none.safetensors")], "no such file"),
                            (["--lora", f"{kohya_file}:nan"], "finite number"),
                            (["--lora", str(tmp_path / "x.ckpt")], "pickle checkpoint")):
