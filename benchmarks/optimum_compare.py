@@ -3,6 +3,7 @@
 Subjects (--subjects, any of):
   sdengine-ort       sdengine's onnxruntime backend on an `sdengine export` folder (fp32; the reference)
   sdengine-ort-fp16  the same on an fp16 export
+  sdengine-ort-int8  the same on an `--int8 matmul` export (the U-Net's MatMul weights int8, the rest fp32)
   optimum-ort        optimum's ORTStableDiffusionPipeline, exported from the same diffusers folder; it runs with
                      --optimum-python (its own venv: optimum-onnx cannot be installed beside diffusers 0.42;
                      make it with benchmarks/optimum_env.sh)
@@ -49,8 +50,8 @@ from typing import Any, Sequence
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
 REFERENCE = "sdengine-ort"
-SUBJECTS = ("sdengine-ort", "sdengine-ort-fp16", "optimum-ort", "diffusers", "sdengine-torch")
-EXPORTED = {"sdengine-ort": "fp32", "sdengine-ort-fp16": "fp16", "optimum-ort": "fp32"}
+SUBJECTS = ("sdengine-ort", "sdengine-ort-fp16", "sdengine-ort-int8", "optimum-ort", "diffusers", "sdengine-torch")
+EXPORTED = {"sdengine-ort": "fp32", "sdengine-ort-fp16": "fp16", "sdengine-ort-int8": "int8", "optimum-ort": "fp32"}
 OPTIMUM_SUBJECTS = ("optimum-ort",)
 PACKAGES = ("numpy", "torch", "onnx", "onnxruntime", "diffusers", "transformers", "optimum", "optimum-onnx",
             "sdengine", "safetensors", "huggingface-hub")
@@ -183,8 +184,9 @@ def export_subject(subject: str, source: str, out: str, height: int, width: int)
         from sdengine.export import export_model
         from sdengine.export.settings import ExportSettings
 
-        settings = ExportSettings(precision=EXPORTED[subject], batch=(1,), height=(height,), width=(width,),
-                                  static=True)
+        kind = EXPORTED[subject]
+        settings = ExportSettings(precision="fp32" if kind == "int8" else kind, batch=(1,), height=(height,),
+                                  width=(width,), static=True, int8="matmul" if kind == "int8" else None)
         export_model(source, out, settings, log=lambda m: print(m, file=sys.stderr))
     elif subject == "optimum-ort":
         from optimum.onnxruntime import ORTStableDiffusionPipeline
@@ -527,7 +529,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      help="random weights of this shape, written with sdengine's writer")
     p.add_argument("--subjects", nargs="+", choices=SUBJECTS,
                    default=["sdengine-ort", "optimum-ort", "diffusers", "sdengine-torch"],
-                   help="add sdengine-ort-fp16 (or --fp16) for the fp16 export")
+                   help="add sdengine-ort-fp16 (or --fp16) for the fp16 export, sdengine-ort-int8 for --int8 matmul")
     p.add_argument("--fp16", action="store_true", help="add sdengine-ort-fp16 to --subjects")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--size", type=int, default=None, help="height and width (default 128; 64 for tiny)")
