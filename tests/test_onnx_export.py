@@ -331,3 +331,40 @@ def test_detach_reads_external_and_inline_tensors_and_save_streams_them(tmp_path
                            for t in onnx.load(str(dst / "g.onnx"), load_external_data=False).graph.initializer
                            if t.external_data]
                 assert len(offsets) == len(held) and all(o % onnx_io.ALIGN == 0 for o in offsets)
+
+
+def test_each_network_is_freed_before_its_last_graphs_session(tiny_model_dir, tmp_path, monkeypatch):
+    """The export's peak memory (issue 18): the torch reference outputs are computed first, and a network no later
+    graph needs is freed before ONNX Runtime opens the session of its last graph, so the two are never held at once."""
+    import weakref
+    from pathlib import Path
+
+    import onnxruntime
+
+    from sdengine.export import run
+
+    alive: dict[str, weakref.ref] = {}
+    seen: dict[str, dict[str, bool]] = {}
+    real_load, real_session = run.load_components, onnxruntime.InferenceSession
+
+    def load(*args, **kwargs):
+        components = real_load(*args, **kwargs)
+        alive.update({part: weakref.ref(getattr(components, part)) for part in ("text_encoder", "unet", "vae")})
+        return components  # no reference kept here: only the weak ones
+
+    def session(path, *args, **kwargs):
+        seen[Path(path).name] = {part: ref() is not None for part, ref in alive.items()}  # no gc.collect(): as it runs
+        return real_session(path, *args, **kwargs)
+
+    monkeypatch.setattr(run, "load_components", load)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    graphs = ("text_encoder", "denoise_step", "unet", "vae_decoder", "vae_encoder")
+    results = export_model(tiny_model_dir, tmp_path / "out", ExportSettings(graphs=graphs), log=lambda line: None)
+    assert [(r.graph, r.status) for r in results] == [(g, "passed") for g in graphs]
+    assert seen == {
+        "text_encoder.onnx": {"text_encoder": False, "unet": True, "vae": True},
+        "denoise_step.onnx": {"text_encoder": False, "unet": True, "vae": True},  # the plain U-Net graph follows
+        "unet.onnx": {"text_encoder": False, "unet": False, "vae": True},
+        "vae_decoder.onnx": {"text_encoder": False, "unet": False, "vae": True},
+        "vae_encoder.onnx": {"text_encoder": False, "unet": False, "vae": False},
+    }

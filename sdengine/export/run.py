@@ -12,7 +12,9 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -22,11 +24,11 @@ from ..errors import SDEngineError
 from ..files import umask_mode, write_json_atomic
 from ..manifest import (FORMAT, FORMAT_VERSION, MANIFEST, META_GRAPH, META_INT8, META_KEY, META_SOURCE, REPORT,
                         TOKENIZER_2_DIR, file_record, sha256_file)
-from ..models.loading import Components, load_components
+from ..models.loading import load_components
 from ..specs import VAE_DECODER, VAE_ENCODER, ShapeRanges, graph_specs, profile, spec_of, trace_point
 from .settings import CACHE_GRAPH_ORDER, GRAPH_ORDER, INT8_OPS, ExportSettings
 from .tokenizer_files import write_tokenizer
-from .validate import GraphResult, compare, format_table, structural_checks
+from .validate import GraphResult, compare, format_table, references, structural_checks
 
 
 def tool_versions() -> dict[str, str]:
@@ -109,11 +111,14 @@ def _install(tmp: Path, out: Path, file: str, location: str | None, key: str) ->
     return entry
 
 
-def export_graph(name: str, c: Components, settings: ExportSettings, ranges: ShapeRanges, out: Path,
-                  source: str, key: str, seed: int) -> tuple[GraphResult, dict[str, Any] | None]:
+def export_graph(name: str, c: Any, settings: ExportSettings, ranges: ShapeRanges, out: Path, source: str,
+                 key: str, seed: int, release: Callable[[], None] | None = None) -> tuple[GraphResult, dict[str, Any] | None]:
     """Trace, convert, validate and install one graph; failures are reported, not raised.
 
     `c` needs `config` and the modules the graph is built from (a Components, or any object with them).
+    `release`, if given, is called once the torch reference outputs are computed, before any ONNX Runtime session
+    is opened: it drops the caller's hold on the graph's torch module (no later graph needs it), so the module
+    and the session are never in memory together.
     """
     from .fp16 import to_fp16
     from .int8 import WEIGHT_TYPE, quantize, quantized_ops
@@ -128,34 +133,38 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
     try:
         gm = build(name, c, ranges.cache_branch)
+        spec = gm.spec
         traced = trace(gm, trace_point(c.config, ranges), settings.opset, ranges.static)
         if precision == "fp16":
-            traced = to_fp16(traced, gm.spec, gm.body, gm.fp32_attention)
+            traced = to_fp16(traced, spec, gm.body, gm.fp32_attention)
         set_metadata(traced.model, {META_GRAPH: name, META_SOURCE: source, META_KEY: key,
                                     "sdengine.precision": precision, "sdengine.version": __version__,
                                     **({META_INT8: int8} if int8 else {})})
-        component = gm.spec.component
+        component = spec.component
         params = parameter_map(traced, component, getattr(c, component)) if component in LORA_COMPONENTS else None
-        path = tmp / gm.spec.file
+        points = references(gm, c.config, ranges, seed, settings.validate)
+        del gm  # with `release`, the torch module is freed here
+        if release is not None:
+            release()
+        path = tmp / spec.file
         if int8:  # the fp32 graph passes first, then goes through the quantizer (its weights get other names)
             (tmp / "fp32").mkdir()
-            save(traced, tmp / "fp32" / gm.spec.file)
+            save(traced, tmp / "fp32" / spec.file)
             del traced
-            compare(tmp / "fp32" / gm.spec.file, gm, c.config, ranges, settings.precision, seed, result,
-                    settings.validate)
+            compare(tmp / "fp32" / spec.file, spec, points, settings.precision, result, settings.validate)
             if result.status != "passed":
                 raise RuntimeError(f"the fp32 graph before quantization: {result.error}")
             result.checks["fp32_before_int8"] = f"max rel L2 {result.max_rel_l2:.2e}"
             result.points.clear()
-            location, params = quantize(tmp / "fp32" / gm.spec.file, path, int8), None
+            location, params = quantize(tmp / "fp32" / spec.file, path, int8), None
             shutil.rmtree(tmp / "fp32")
         else:
             location = save(traced, path)
             del traced
-        result.checks.update(structural_checks(path, gm.spec, c.config, ranges))
-        compare(path, gm, c.config, ranges, settings.precision, seed, result, settings.validate, int8=int8 is not None)
+        result.checks.update(structural_checks(path, spec, c.config, ranges))
+        compare(path, spec, points, settings.precision, result, settings.validate, int8=int8 is not None)
         if result.status == "passed":
-            entry = _install(tmp, out, gm.spec.file, location, key)
+            entry = _install(tmp, out, spec.file, location, key)
             if precision != settings.precision.value:  # an SDXL VAE kept fp32 (force_upcast)
                 entry["precision"] = precision
             if params is not None:  # where LoRA merges go (sdengine.lora, the onnxruntime backend)
@@ -163,7 +172,7 @@ def export_graph(name: str, c: Components, settings: ExportSettings, ranges: Sha
             if int8:  # the backend reads it (no LoRA on int8 weights); quantized_ops is what the graph holds
                 entry["int8"] = {"ops": int8, "op_types": list(INT8_OPS[int8]), "weight_type": WEIGHT_TYPE,
                                  "method": "onnxruntime.quantization.quantize_dynamic",
-                                 "integer_ops": quantized_ops(out / gm.spec.file)}
+                                 "integer_ops": quantized_ops(out / spec.file)}
     except Exception as exc:  # any failure of one graph is reported, and the others still export
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
@@ -179,7 +188,10 @@ def export_model(model: str | Path, out: str | Path, settings: ExportSettings,
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise SDEngineError(f"--out {out} is a file; give a folder")
-    c = load_components(model)
+    # The loaded networks, held where each can be dropped after the last graph built from it (export_graph's release)
+    loaded = load_components(model)
+    c = SimpleNamespace(**{f.name: getattr(loaded, f.name) for f in fields(loaded)})
+    del loaded
     ranges = settings.ranges(c.config)
     tools = tool_versions()
     weights = {"text_encoder": state_sha256(c.text_encoder), "unet": state_sha256(c.unet),
@@ -192,7 +204,9 @@ def export_model(model: str | Path, out: str | Path, settings: ExportSettings,
     old, previous = _old_manifest(out), _previous_results(out)
     entries: dict[str, Any] = {}
     results: list[GraphResult] = []
-    for name in (n for n in GRAPH_ORDER + CACHE_GRAPH_ORDER if n in specs or n in CACHE_GRAPH_ORDER):
+    todo: list[tuple[str, str, bool]] = []  # (graph, key, up to date): the graphs to export, in order
+    order = [n for n in GRAPH_ORDER + CACHE_GRAPH_ORDER if n in specs or n in CACHE_GRAPH_ORDER]
+    for name in order:
         key = settings.key(name, ranges, weights[spec_of(name, c.config).component], tools)
         if graph_precision(name, c.config, settings) != settings.precision.value:
             key = hashlib.sha256(f"{key}|vae fp32 (force_upcast)".encode()).hexdigest()
@@ -205,12 +219,18 @@ def export_model(model: str | Path, out: str | Path, settings: ExportSettings,
         if not current:
             _remove_stale(out, old, name)
         if wanted:
-            int8 = settings.quantized(name)
-            log(f"exporting {name} ({settings.precision.value if int8 is None else f'int8, {int8}'}) ...")
-            result, entry = export_graph(name, c, settings, ranges, out, source, key, seed)
-            results.append(result)
-            if entry is not None or current:  # a forced re-export that fails leaves the valid graph
-                entries[name] = entry or old["graphs"][name]
+            todo.append((name, key, current))
+    for i, (name, key, current) in enumerate(todo):
+        component = spec_of(name, c.config).component
+        last = component not in {spec_of(n, c.config).component for n, _, _ in todo[i + 1:]}
+        int8 = settings.quantized(name)
+        log(f"exporting {name} ({settings.precision.value if int8 is None else f'int8, {int8}'}) ...")
+        result, entry = export_graph(name, c, settings, ranges, out, source, key, seed,
+                                     release=(lambda part=component: setattr(c, part, None)) if last else None)
+        results.append(result)
+        if entry is not None or current:  # a forced re-export that fails leaves the valid graph
+            entries[name] = entry or old["graphs"][name]
+    results.sort(key=lambda r: order.index(r.graph))
     write_tokenizer(out, c)
     if c.config.sdxl:
         write_tokenizer(out, c, TOKENIZER_2_DIR)
@@ -235,7 +255,7 @@ def graph_precision(name: str, config: Any, settings: ExportSettings) -> str:
     return precision
 
 
-def _manifest(c: Components, settings: ExportSettings, ranges: ShapeRanges, tools: dict[str, str],
+def _manifest(c: Any, settings: ExportSettings, ranges: ShapeRanges, tools: dict[str, str],
               weights: dict[str, str], source: str, entries: dict[str, Any]) -> dict[str, Any]:
     """The manifest.json contents (sdengine.manifest reads it)."""
     return {

@@ -112,23 +112,43 @@ def structural_checks(path: Path, spec: GraphSpec, config: ModelConfig, ranges: 
     return checks
 
 
-def compare(path: Path, gm: GraphModule, config: ModelConfig, ranges: ShapeRanges, precision: Precision,
-            seed: int, result: GraphResult, mode: str = VALIDATE_QUICK, int8: bool = False) -> None:
-    """ORT (CPU) against the fp32 reference on fresh random inputs at the `mode` shape points; fills `result`
+@dataclass(frozen=True)
+class Reference:
+    """One validation point: its shape, the random inputs drawn for it and the fp32 torch outputs."""
+
+    dims: dict[str, int]
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+def references(gm: GraphModule, config: ModelConfig, ranges: ShapeRanges, seed: int,
+               mode: str = VALIDATE_QUICK) -> list[Reference]:
+    """The torch reference at every `mode` shape point (sdengine.specs.validation_points), on fresh random inputs.
+
+    Computed before ONNX Runtime's session is opened, so the caller can free the torch module first: the session
+    of a large graph and the module it came from are then never held at once (the export's peak memory)."""
+    rng = np.random.default_rng(seed)
+    points = []
+    for dims in validation_points(config, ranges, mode):
+        inputs = sample_inputs(gm.spec, config, dims, rng)
+        points.append(Reference(dict(dims), inputs, gm.reference(inputs)))
+    return points
+
+
+def compare(path: Path, spec: GraphSpec, points: list[Reference], precision: Precision, result: GraphResult,
+            mode: str = VALIDATE_QUICK, int8: bool = False) -> None:
+    """ORT (CPU) against the fp32 references `points` (taken at the `mode` shape points); fills `result`
     (`int8`: a graph quantized by --int8, held to INT8_TOLERANCE)."""
     import onnxruntime as ort
 
-    spec = gm.spec
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
     result.tolerance, result.psnr_floor_db = (INT8_TOLERANCE, None) if int8 else \
         (TOLERANCE[precision], MIN_PSNR_DB[precision])
     errors, psnrs = [], []
     result.validation = mode
-    for dims in validation_points(config, ranges, mode):
-        inputs = sample_inputs(spec, config, dims, rng)
-        got = dict(zip(spec.output_names, session.run(spec.output_names, inputs)))
-        ref = gm.reference(inputs)
+    for point in points:
+        got = dict(zip(spec.output_names, session.run(spec.output_names, point.inputs)))
+        ref = point.outputs
         outputs = {}
         for name in spec.output_names:
             entry = {"rel_l2": rel_l2(got[name], ref[name])}
@@ -137,7 +157,7 @@ def compare(path: Path, gm: GraphModule, config: ModelConfig, ranges: ShapeRange
                 entry["psnr_db"] = psnr_db(got[name], ref[name])
                 psnrs.append(entry["psnr_db"])
             outputs[name] = entry
-        shown = {k: dims[k] for k in _SHOWN_DIMS if any(k in t.dims for t in spec.inputs)}
+        shown = {k: point.dims[k] for k in _SHOWN_DIMS if any(k in t.dims for t in spec.inputs)}
         result.points.append({"dims": shown, "outputs": outputs})
     result.max_rel_l2 = max(errors, key=lambda e: math.inf if math.isnan(e) else e)
     result.min_psnr_db = min(psnrs, key=lambda p: -math.inf if math.isnan(p) else p) if psnrs else None
