@@ -40,8 +40,10 @@ def test_full_size_sdxl_unet_exports_validated_and_loads(tmp_path):
     settings = ExportSettings(precision="fp16", static=True, batch=(1,), height=(256,), width=(256,), graphs=(UNET,))
     ranges = settings.ranges(config)
     start = time.perf_counter()
-    result, entry = export_graph(UNET, SimpleNamespace(config=config, unet=unet), settings, ranges, tmp_path,
-                                 "random-sdxl-unet", "slow-test", seed=0)
+    held = SimpleNamespace(config=config, unet=unet)
+    del unet  # `held` is the only reference: export_graph's release frees the module before ONNX Runtime's session
+    result, entry = export_graph(UNET, held, settings, ranges, tmp_path, "random-sdxl-unet", "slow-test", seed=0,
+                                 release=lambda: setattr(held, "unet", None))
     seconds = time.perf_counter() - start
     assert result.status == "passed", result.error
     assert entry["external_data"], "an fp16 SDXL U-Net is over 2 GB: its tensors go to one external data file"
