@@ -29,6 +29,19 @@ def rel_l2(a, b, label: str = "") -> float:
     return value
 
 
+def vae_distances(ours, ref, z, image, label: str) -> list[float]:
+    """Relative L2 of sdengine's VAE against diffusers' `ref`: decoder at `z`, encoder mean and log-variance at
+    `image` (each printed as a parity line)."""
+    import torch
+
+    with torch.no_grad():
+        dist = ref.encode(image).latent_dist
+        mean, logvar = ours.encode(image)
+        return [rel_l2(ours.decode(z), ref.decode(z).sample, f"{label} VAE decoder"),
+                rel_l2(mean, dist.mean, f"{label} VAE encoder mean"),
+                rel_l2(logvar, dist.logvar, f"{label} VAE encoder logvar")]
+
+
 def perturbed(module, seed: int):
     """Random weights everywhere, including diffusers' zero-initialised output projections; eval mode."""
     import torch
