@@ -88,3 +88,24 @@ def test_ray_cli_serves_and_sigterm_leaves_no_ray_process(start_server):
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(timeout=180) == 0, s.log()
     wait_for(lambda: not alive(pids), 60, "every Ray process the command started to exit")
+
+
+def test_ray_proxy_port_is_free_and_outside_the_ephemeral_range(monkeypatch):
+    """`--ray --port 0`: the proxy's port is bound only after ray.init, whose processes and connections draw ports
+    from the kernel's ephemeral range (a CI run lost the proxy's port that way: "Address already in use"). So it is
+    picked between Ray's worker ports and that range, free when picked; a taken port is skipped."""
+    from sdengine.serve import cli
+
+    low = cli.ephemeral_low()
+    for _ in range(5):
+        port = cli.proxy_port(HOST)
+        assert cli.RAY_WORKER_PORTS_END < port < low
+        cli.bind(HOST, port).close()  # free
+    monkeypatch.setattr(cli, "ephemeral_low", lambda: cli.RAY_WORKER_PORTS_END + 3)  # two candidates
+    first, second = cli.RAY_WORKER_PORTS_END + 1, cli.RAY_WORKER_PORTS_END + 2
+    with socket.socket() as taken:
+        taken.bind((HOST, first))
+        taken.listen(1)
+        assert {cli.proxy_port(HOST) for _ in range(10)} == {second}
+    monkeypatch.setattr(cli, "ephemeral_low", lambda: cli.RAY_WORKER_PORTS_END + 1)  # no candidate: a port-0 pick
+    assert cli.proxy_port(HOST) >= low

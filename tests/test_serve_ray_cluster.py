@@ -30,20 +30,13 @@ from serve_support import (HOST, RAY_ENV, alive, decode_png, descendants, genera
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed: pip install 'sdengine[ray]'")
 serve = pytest.importorskip("ray.serve")
 
+from sdengine.serve.cli import proxy_port  # noqa: E402
 from sdengine.serve.proxy import ENV, IMPORT_PATH  # noqa: E402
 
 MB = 1024 * 1024
 NODE = dict(num_cpus=1, object_store_memory=80 * MB)
 APP = dict(num_replicas=2, cpus_per_replica=1, threads=1, max_steps=500, warmup_steps=1, timeout_s=120,
            health_check_period_s=2)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,7 @@ def cluster():
     try:
         c.worker = c.add_node(**NODE)
         ray.init(address=c.address, logging_level="warning")
-        c.port = _free_port()
+        c.port = proxy_port(HOST)  # not from the ephemeral range Ray's own processes draw from
         serve.start(proxy_location="HeadOnly", http_options={"host": HOST, "port": c.port})
         yield c
     finally:

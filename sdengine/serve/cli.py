@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import random
 import signal
 import socket
 import sys
@@ -172,6 +173,37 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+RAY_WORKER_PORTS_END = 19999  # Ray's default max_worker_port: its workers listen on 10002-19999
+
+
+def ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections and port-0 binds (Linux: ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default (macOS and Windows start at 49152)
+
+
+def proxy_port(host: str, tries: int = 64) -> int:
+    """A free port for Ray Serve's proxy, which binds it only after ray.init has started the cluster's processes.
+
+    A port-0 pick comes from the kernel's ephemeral range, where every connection and port-0 listener Ray opens in
+    between draws too, so one of them can take it first ("Address already in use"). So: a free port between Ray's
+    worker ports and the ephemeral range; a port-0 pick only when that range is empty or full."""
+    ports = list(range(RAY_WORKER_PORTS_END + 1, ephemeral_low()))
+    random.shuffle(ports)
+    for port in ports[:tries]:
+        try:
+            bind(host, port).close()
+        except SDEngineError:
+            continue
+        return port
+    probe = bind(host, 0)
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a graceful drain. Start-up errors raise SDEngineError."""
     settings = settings_from_args(args)
@@ -245,9 +277,7 @@ def run_ray(args: argparse.Namespace, settings: ServeSettings) -> int:
                                                         "max_steps", "warmup_steps", "loras", "embeddings")})
     port = settings.port
     if port == 0:  # Ray's proxy takes a fixed port: pick a free one now
-        probe = bind(settings.host, 0)
-        port = probe.getsockname()[1]
-        probe.close()
+        port = proxy_port(settings.host)
     import ray
     from ray import serve
 
